@@ -1,0 +1,151 @@
+"""`subcache` commands. Each parses options, calls the library, and renders; the library raises, only this layer
+turns errors into one clean line and a non-zero exit."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import subcache
+from subcache.errors import SubcacheError
+
+console = Console(stderr=True)  # human output; stdout is kept for --json
+
+
+def friendly(fn):
+    """Library errors (and a few predictable OS ones) → `Error: <one line>`, exit 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SubcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (PermissionError, OSError) as exc:
+            raise click.ClickException(f"{exc.__class__.__name__}: {exc}") from None
+
+    return wrapper
+
+
+def emit_json(obj: dict) -> None:
+    click.echo(json.dumps(obj, default=str))
+
+
+def fmt_int(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(subcache.__version__, prog_name="subcache")
+def main() -> None:
+    """SubTuning from a cache: run the frozen prefix once, train chosen blocks + a head from its activations."""
+
+
+# -- blocks ------------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model")
+@click.option("--weights", default="none", show_default=True, help="imagenet | none | PATH (shapes only need none)")
+@click.option("--image-size", type=click.IntRange(min=8), help="input side in pixels [default: the model's]")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@friendly
+def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> None:
+    """List MODEL's blocks: index, name, parameters, input shape and forward FLOPs (per image)."""
+    backbone = subcache.load_backbone(model, weights, image_size=image_size)
+    infos = subcache.describe_blocks(backbone)
+    if as_json:
+        emit_json({"model": model, "image_size": backbone.preprocess.image_size, "num_blocks": len(infos),
+                   "blocks": [vars(i) for i in infos]})
+        return
+    table = Table(title=f"{model} at {backbone.preprocess.image_size}px — `--layer L` caches block L's input")
+    for col in ("index", "name", "params", "input shape", "FLOPs"):
+        table.add_column(col, justify="right" if col != "name" else "left")
+    for i in infos:
+        table.add_row(str(i.index), i.name, fmt_int(i.params), "×".join(map(str, i.input_shape)), fmt_int(i.flops))
+    console.print(table)
+
+
+# -- build -------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="see `subcache blocks`")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet | torchvision enum | PATH | none")
+@click.option("--data", default="fashion-mnist", show_default=True,
+              help="fashion-mnist | cifar10 | cifar100 | flowers102 | ImageFolder dir | file.npz")
+@click.option("--split", "splits", multiple=True, default=("train", "test"), show_default=True)
+@click.option("--limit", type=int, help="first N images of each split")
+@click.option("--image-size", type=click.IntRange(min=8), help="pixels [default: the weights' native size]")
+@click.option("--layer", "layers", multiple=True, required=True,
+              help="first block to train (index or name); repeat for several caches in one pass")
+@click.option("--from", "source_cache", help="derive from an existing cache instead of images")
+@click.option("--out", required=True, help="store path (one layer) or folder of blockNN.zarr stores")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--download", is_flag=True, help="let torchvision download named datasets (online only)")
+@click.option("--resume", is_flag=True, help="finish an interrupted build (keeps whole chunks)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views, batch_size,
+          device, download, resume, overwrite, as_json) -> None:
+    """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
+    if source_cache:
+        from subcache.derive import DeriveConfig, derive_cache
+
+        result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), batch_size=batch_size,
+                                           device=device, overwrite=overwrite), progress=not as_json)
+    else:
+        config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
+                                      splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
+                                      flip_views=flip_views, batch_size=batch_size, device=device,
+                                      download=download, resume=resume, overwrite=overwrite)
+        result = subcache.build_cache(config, progress=not as_json)
+    summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
+               "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
+               "resumed_units": result.skipped_units}
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(f"[green]complete[/]: {', '.join(result.paths)} — {result.images} images in "
+                      f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
+
+
+# -- info --------------------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def info(path: str, as_json: bool) -> None:
+    """Describe a cache: backbone, weights, layer, splits, chunking, codec, size on disk, status."""
+    d = subcache.cache_info(path)
+    if as_json:
+        emit_json(d)
+        return
+    b, layer = d["backbone"], d["layer"]
+    status = "[green]complete[/]" if d["status"] == "complete" else f"[red]{d['status']}[/] (resume with --resume)"
+    console.print(f"[bold]{path}[/] {status}\n"
+                  f"backbone {b['model']}  weights {b['weights']}  sha256 {b['weights_sha256'][:16]}…\n"
+                  f"layer    input of block {layer['index']} ({layer['name']}) of {layer['num_blocks']}\n"
+                  f"data     {d['data']}, {d['classes']} classes, {d['preprocess']['image_size']}px, {d['dtype']}\n"
+                  f"codec    {' → '.join(c['name'] for c in d['codecs'])} "
+                  f"{d['codecs'][-1].get('configuration', '')}\n"
+                  f"size     {fmt_int(d['bytes_on_disk'])}B on disk, {fmt_int(d['bytes_float32'])}B as float32 "
+                  f"(×{d['compression_ratio'] or 0:.2f})")
+    table = Table()
+    for col in ("split", "array", "shape", "chunks", "dtype"):
+        table.add_column(col)
+    for split, arrays in d["splits"].items():
+        for name, a in arrays.items():
+            table.add_row(split, name, "×".join(map(str, a["shape"])), "×".join(map(str, a["chunks"])), a["dtype"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,17 @@
+"""subcache: SubTuning from a cache of frozen-prefix activations.
+
+Run the frozen part of a pretrained backbone once, store the activations at the input of the first tuned block as
+a chunked, compressed Zarr array, and train only the chosen blocks plus a new head from there.
+"""
+__version__ = "0.1.0"
+
+from .backbones import Backbone, BlockInfo, Preprocess, describe_blocks, load_backbone, parse_block_spec  # noqa: E402
+from .build import BuildConfig, BuildResult, build_cache  # noqa: E402
+from .data import ImageSource, open_source  # noqa: E402
+from .errors import *  # noqa: E402,F401,F403
+from .store import Cache, open_cache  # noqa: E402
+from .info import cache_info  # noqa: E402
+
+__all__ = ["Backbone", "BlockInfo", "BuildConfig", "BuildResult", "Cache", "ImageSource", "Preprocess",
+           "build_cache", "cache_info", "describe_blocks", "load_backbone", "open_cache", "open_source",
+           "parse_block_spec"]

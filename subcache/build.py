@@ -1,0 +1,284 @@
+"""`build`: push a dataset once through the frozen prefix and write the activations at the input of block L.
+
+One pass serves several layers. Work proceeds in *units* of whole chunks (the longest chunk among the layers; all
+chunk lengths are powers of two, so every store's chunks tile a unit exactly). A unit is the unit of resume: after
+a kill, units whose chunks are all on disk are kept and the rest recomputed with the same batches, so a resumed
+store is bit-identical to an uninterrupted one. Image loading runs ahead in a thread and chunk writing (with its
+compression, which releases the GIL) behind in another, so both hide behind the forward pass.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import Backbone, load_backbone
+from .data import ImageSource, open_source, to_input
+from .errors import ForeignStoreError, StoreError
+from .progress import progress_bar
+from .store import (DTYPES, FORMAT, FORMAT_VERSION, Cache, check_writable, chunk_length, create_cache, exists,
+                    open_cache, remove, sweep_partials, to_storage, written_chunks)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `subcache build` needs. One field per CLI option."""
+
+    out: str  # store path (one layer) or folder of `blockNN.zarr` stores (several layers)
+    layers: tuple[str, ...] = ("13",)  # first block(s) to be trained: the cache stores each one's input
+    model: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    data: str = "fashion-mnist"
+    splits: tuple[str, ...] = ("train", "test")
+    limit: int | None = None  # first N images of each split
+    image_size: int | None = None  # pixels; default: the weights' native size
+    dtype: str = "float16"  # float16 | bfloat16 | float32
+    flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
+    batch_size: int = 128
+    device: str = "auto"  # auto | cpu | cuda
+    download: bool = False  # allow torchvision to download named datasets
+    data_root: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    def recorded(self) -> dict:
+        """The options a resumed build must share with the original (anything that changes the bits)."""
+        d = asdict(self)
+        for k in ("out", "resume", "overwrite", "download", "data_root", "device"):
+            d.pop(k)
+        d["layers"], d["splits"] = list(self.layers), list(self.splits)
+        return d
+
+
+@dataclass
+class BuildResult:
+    paths: list[str]
+    images: int  # images pushed through the prefix in this run (resumed units excluded)
+    seconds: float
+    skipped_units: int = 0
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise StoreError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StoreError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def out_paths(out: str, layers: list[int]) -> list[str]:
+    """One layer: the store is ``out``. Several: ``out/blockNN.zarr`` each."""
+    if len(layers) == 1:
+        return [out]
+    return [str(Path(out) / f"block{layer:02d}.zarr") for layer in layers]
+
+
+def sample_shape(backbone: Backbone, layer: int) -> tuple[int, ...]:
+    size = backbone.preprocess.image_size
+    with torch.inference_mode():
+        return tuple(backbone.prefix(torch.zeros(1, 3, size, size), layer).shape[1:])
+
+
+def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:
+    """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput."""
+    if config.dtype not in DTYPES:
+        raise StoreError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if config.batch_size <= 0:
+        raise StoreError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.resume and config.overwrite:
+        raise StoreError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
+                         "discards them")
+    if not config.splits:
+        raise StoreError("no --split given; e.g. --split train --split test")
+    device = resolve_device(config.device)
+    backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
+    layers = sorted({backbone.resolve(layer) for layer in config.layers})
+    sources = {s: open_source(config.data, s, limit=config.limit, download=config.download, root=config.data_root)
+               for s in dict.fromkeys(config.splits)}
+    paths = out_paths(config.out, layers)
+    for path in [config.out, *paths] if len(paths) > 1 else paths:
+        check_writable(path, overwrite=config.overwrite, resume=config.resume)
+    backbone.to(device)
+    shapes = {layer: sample_shape(backbone, layer) for layer in layers}
+    itemsize = np.dtype(DTYPES[config.dtype]).itemsize
+    chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src)) for s, src in sources.items()}
+              for layer in layers}
+    stores = [_open_or_create(path, config, backbone, layer, shapes[layer], chunks[layer], sources)
+              for path, layer in zip(paths, layers)]
+
+    start, images, skipped = time.perf_counter(), 0, 0
+    with _Writer() as writer, progress_bar(progress) as bar:
+        for split, source in sources.items():
+            unit = max(chunks[layer][split] for layer in layers)
+            todo = _units_to_do(stores, split, unit, len(source))
+            skipped += -(-len(source) // unit) - len(todo)
+            task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=len(source),
+                                completed=len(source) - sum(b - a for a, b in todo))
+            for (a, b), x in _prefetch(source, todo, backbone.preprocess, device):
+                acts = _forward_unit(backbone, layers, x, config)
+                writer.submit(lambda a=a, b=b, acts=acts, split=split, source=source:
+                              _write_unit(stores, split, a, b, acts, source, config))
+                images += b - a
+                bar.update(task, advance=b - a)
+    for cache in stores:
+        _finish(cache)
+    return BuildResult(paths, images, time.perf_counter() - start, skipped, layers)
+
+
+# -- store set-up and resume -------------------------------------------------------------------------------------
+def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],
+           sources: dict[str, ImageSource]) -> dict:
+    import zarr
+
+    first = next(iter(sources.values()))
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "backbone": backbone.identity(),
+        "layer": {"index": layer, "name": backbone.block_names[layer - 1], "num_blocks": backbone.num_blocks},
+        "sample_shape": list(shape),
+        "preprocess": backbone.preprocess.to_dict(),
+        "dtype": config.dtype,
+        "data": config.data, "splits": list(sources), "classes": first.classes,
+        "flip_views": config.flip_views,
+        "build": config.recorded(),
+        "versions": {"subcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _open_or_create(path: str, config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],
+                    chunk_len: dict[str, int], sources: dict[str, ImageSource]) -> Cache:
+    if config.resume and exists(path):
+        cache = open_cache(path, require_complete=False)
+        if cache.attrs.get("build") != config.recorded() or cache.backbone != backbone.identity():
+            raise ForeignStoreError(f"cannot resume {path}: it was built with other options "
+                                    f"({cache.attrs.get('build')}); rerun the original command or use --overwrite")
+        sweep_partials(path)
+        return cache
+    if exists(path):
+        remove(path)
+    layout = {s: (len(src), shape) for s, src in sources.items()}
+    return create_cache(path, _attrs(config, backbone, layer, shape, sources), layout, chunk_len,
+                        flip_views=config.flip_views)
+
+
+def _arrays(cache: Cache, split: str) -> list:
+    s = cache.split(split)
+    return [a for a in (s.x, s.x_flip, s.y, s.id) if a is not None]
+
+
+def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tuple[int, int]]:
+    """Units [a, b) not yet fully on disk in every store (the last unit may be short)."""
+    present = [(a.chunks[0], written_chunks(a)) for c in stores for a in _arrays(c, split)]
+    todo = []
+    for a in range(0, n, unit):
+        b = min(a + unit, n)
+        needed = ((clen, range(a // clen, -(-b // clen))) for clen, _ in present)
+        if not all(set(idx) <= have for (_, idx), (_, have) in zip(needed, present)):
+            todo.append((a, b))
+    return todo
+
+
+# -- the pipeline --------------------------------------------------------------------------------------------------
+def _prefetch(source: ImageSource, units: list[tuple[int, int]], pre, device: torch.device,
+              depth: int = 2) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """Yield ((a, b), uint8 images) per unit, loaded ahead in a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work() -> None:
+        try:
+            for a, b in units:
+                q.put(((a, b), source.load(a, b, pre)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+        q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item[0], item[1].to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def _forward_unit(backbone: Backbone, layers: list[int], images: torch.Tensor,
+                  config: BuildConfig) -> dict[int, dict[str, np.ndarray]]:
+    """Activations at each layer's input for one unit, in fixed batches from the unit's start (→ same bits)."""
+    views = {"x": False, "x_flip": True} if config.flip_views else {"x": False}
+    out: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
+    for i in range(0, len(images), config.batch_size):
+        for view, flip in views.items():
+            h = backbone.stem(to_input(images[i:i + config.batch_size], backbone.preprocess, flip=flip))
+            for index in range(1, layers[-1] + 1):
+                if index in out:
+                    out[index][view].append(to_storage(h, config.dtype))
+                if index < layers[-1]:
+                    h = backbone.block(index)(h)
+    return {layer: {v: np.concatenate(parts) for v, parts in d.items()} for layer, d in out.items()}
+
+
+def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int, dict[str, np.ndarray]],
+                source: ImageSource, config: BuildConfig) -> None:
+    for cache in stores:
+        s = cache.split(split)
+        for view, arr in acts[cache.layer].items():
+            getattr(s, view)[a:b] = arr
+        s.y[a:b] = source.labels[a:b]
+        s.id[a:b] = source.ids[a:b]
+
+
+class _Writer:
+    """Writes units in a background thread, at most ``depth`` behind; re-raises the first failure."""
+
+    def __init__(self, depth: int = 2):
+        self.pool = ThreadPoolExecutor(1)
+        self.pending: list[Future] = []
+        self.depth = depth
+
+    def submit(self, fn) -> None:
+        self.pending.append(self.pool.submit(fn))
+        while len(self.pending) > self.depth:
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                for f in self.pending:
+                    f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _finish(cache: Cache) -> None:
+    """Verify every chunk of every array is on disk, then mark the store complete."""
+    for split in cache.splits:
+        for arr in _arrays(cache, split):
+            n_chunks = -(-arr.shape[0] // arr.chunks[0])
+            missing = set(range(n_chunks)) - written_chunks(arr)
+            if missing:
+                raise StoreError(f"{cache.path}: {arr.path} is missing chunks {sorted(missing)[:5]} after the build;"
+                                 f" rerun with --resume")
+    import zarr
+
+    group = zarr.open_group(cache.path, mode="r+")
+    group.attrs.update({"status": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    cache.attrs = dict(group.attrs)
+
