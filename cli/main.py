@@ -87,6 +87,8 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="target uncompressed chunk size in MiB")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--download", is_flag=True, help="let torchvision download named datasets (online only)")
 @click.option("--resume", is_flag=True, help="finish an interrupted build (keeps whole chunks)")
@@ -94,7 +96,7 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views, batch_size,
-          device, download, resume, overwrite, as_json) -> None:
+          chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
@@ -104,7 +106,7 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
-                                      flip_views=flip_views, batch_size=batch_size, device=device,
+                                      flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=not as_json)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
@@ -145,6 +147,79 @@ def info(path: str, as_json: bool) -> None:
         for name, a in arrays.items():
             table.add_row(split, name, "×".join(map(str, a["shape"])), "×".join(map(str, a["chunks"])), a["dtype"])
     console.print(table)
+
+
+# -- train / evaluate ----------------------------------------------------------------------------------------------
+def train_options(fn):
+    """Options shared by every command that trains (train, profile, greedy, al)."""
+    for decorator in reversed([
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True),
+        click.option("--augment", default="none", show_default=True, help="flip, crop, flip,crop or none"),
+        click.option("--limit", type=int, help="seeded class-balanced subset of N training examples"),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
+        click.option("--loader", type=click.Choice(["auto", "memory", "stream"]), default="auto",
+                     show_default=True, help="resident on the device, or streamed by chunks"),
+        click.option("--labels", help="train on the cache's extra label set labels/NAME"),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def train_config(**kw) -> "subcache.TrainConfig":
+    return subcache.TrainConfig(**{k: v for k, v in kw.items() if k in subcache.TrainConfig.__dataclass_fields__})
+
+
+def history_table(history: list[dict]) -> Table:
+    table = Table(title="training")
+    cols = ["epoch", "loss", "train_accuracy", "seconds"] + (["test_accuracy"] if any("test_accuracy" in h for h in
+                                                                                     history) else [])
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    for h in history:
+        table.add_row(*[f"{h[c]:.4f}" if isinstance(h.get(c), float) else str(h.get(c, "")) for c in cols])
+    return table
+
+
+@main.command()
+@click.option("--cache", required=True, help="a complete cache from `subcache build`")
+@click.option("--blocks", required=True, help="13 | 13-14 | 13,15 | layer3.5 | none (linear probe)")
+@train_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="evaluate on the test split every k epochs (0: at the end)")
+@click.option("--siamese", is_flag=True, help="head sees original + tuned features")
+@click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def train(cache, out, as_json, **kw) -> None:
+    """Train the selected blocks + a new linear head from a cache (never touching images)."""
+    result = subcache.train(cache, train_config(**kw), out=out, progress=not as_json)
+    if as_json:
+        emit_json({**result.metrics(), "task": out})
+        return
+    console.print(history_table(result.history))
+    acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    console.print(f"blocks {kw['blocks']}: test accuracy [bold]{acc}[/], {fmt_int(result.trainable_params)} "
+                  f"trainable params, {result.samples_per_second:,.0f} samples/s ({result.loader} loader) → {out}")
+
+
+@main.command()
+@click.option("--task", "task_dir", required=True)
+@click.option("--cache", required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def evaluate(task_dir, cache, split, device, as_json) -> None:
+    """Re-score a saved task on a cached split."""
+    accuracy = subcache.evaluate_task(task_dir, cache, split=split, device=device)
+    if as_json:
+        emit_json({"task": task_dir, "split": split, "accuracy": accuracy})
+    else:
+        console.print(f"{task_dir} on {cache} ({split}): accuracy [bold]{accuracy:.4f}[/]")
 
 
 if __name__ == "__main__":

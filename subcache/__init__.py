@@ -11,7 +11,11 @@ from .data import ImageSource, open_source  # noqa: E402
 from .errors import *  # noqa: E402,F401,F403
 from .store import Cache, open_cache  # noqa: E402
 from .info import cache_info  # noqa: E402
+from .task import Task, load_task, save_task  # noqa: E402
+from .train import TrainConfig, TrainResult, evaluate, evaluate_task, train  # noqa: E402
+from .tuned import TunedModel  # noqa: E402
 
 __all__ = ["Backbone", "BlockInfo", "BuildConfig", "BuildResult", "Cache", "ImageSource", "Preprocess",
-           "build_cache", "cache_info", "describe_blocks", "load_backbone", "open_cache", "open_source",
+           "Task", "TrainConfig", "TrainResult", "TunedModel", "build_cache", "cache_info", "evaluate", "evaluate_task", "load_task",
+           "save_task", "train", "describe_blocks", "load_backbone", "open_cache", "open_source",
            "parse_block_spec"]

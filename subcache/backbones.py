@@ -160,7 +160,14 @@ def load_backbone(model: str, weights: str | os.PathLike | None = "imagenet", *,
         image_size: input side in pixels (default: the weights' native size).
     """
     weights = "none" if weights is None else str(weights)
-    torch.manual_seed(seed)  # random init (weights none, or heads replaced) is reproducible across processes
+    with torch.random.fork_rng(devices=[]):  # random init is reproducible and leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        backbone = _build(model, weights, image_size)
+    backbone.eval().requires_grad_(False)
+    return backbone
+
+
+def _build(model: str, weights: str, image_size: int | None) -> Backbone:
     if model in LITE_MODELS:
         backbone = _load_lite(model, weights, image_size)
     elif model in TORCHVISION_RESNETS or model in TORCHVISION_VITS:
@@ -169,7 +176,6 @@ def load_backbone(model: str, weights: str | os.PathLike | None = "imagenet", *,
         backbone = _load_timm(model, weights, image_size)
     else:
         raise UnknownModelError(f"unknown model {model!r}; known: {known_models()}")
-    backbone.eval().requires_grad_(False)
     return backbone
 
 

@@ -43,6 +43,7 @@ class BuildConfig:
     dtype: str = "float16"  # float16 | bfloat16 | float32
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
     batch_size: int = 128
+    chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
     device: str = "auto"  # auto | cpu | cuda
     download: bool = False  # allow torchvision to download named datasets
     data_root: str | None = None
@@ -98,6 +99,8 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput."""
     if config.dtype not in DTYPES:
         raise StoreError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if config.chunk_mb <= 0:
+        raise StoreError(f"--chunk-mb must be positive, got {config.chunk_mb}")
     if config.batch_size <= 0:
         raise StoreError(f"--batch-size must be positive, got {config.batch_size}")
     if config.resume and config.overwrite:
@@ -116,7 +119,8 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     backbone.to(device)
     shapes = {layer: sample_shape(backbone, layer) for layer in layers}
     itemsize = np.dtype(DTYPES[config.dtype]).itemsize
-    chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src)) for s, src in sources.items()}
+    chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src), config.chunk_mb)
+                      for s, src in sources.items()}
               for layer in layers}
     stores = [_open_or_create(path, config, backbone, layer, shapes[layer], chunks[layer], sources)
               for path, layer in zip(paths, layers)]
@@ -148,7 +152,8 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
     first = next(iter(sources.values()))
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "backbone": backbone.identity(),
+        "backbone": {**backbone.identity(), "weights_spec": config.weights,
+                     "image_size": backbone.preprocess.image_size},
         "layer": {"index": layer, "name": backbone.block_names[layer - 1], "num_blocks": backbone.num_blocks},
         "sample_shape": list(shape),
         "preprocess": backbone.preprocess.to_dict(),
@@ -164,8 +169,9 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
 def _open_or_create(path: str, config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],
                     chunk_len: dict[str, int], sources: dict[str, ImageSource]) -> Cache:
     if config.resume and exists(path):
-        cache = open_cache(path, require_complete=False)
-        if cache.attrs.get("build") != config.recorded() or cache.backbone != backbone.identity():
+        cache = open_cache(path, require_complete=False, mode="r+")
+        same_weights = cache.backbone["weights_sha256"] == backbone.weights_sha256
+        if cache.attrs.get("build") != config.recorded() or not same_weights:
             raise ForeignStoreError(f"cannot resume {path}: it was built with other options "
                                     f"({cache.attrs.get('build')}); rerun the original command or use --overwrite")
         sweep_partials(path)

@@ -64,6 +64,14 @@ class ImageSource:
         return torch.stack(images)
 
 
+    def take(self, positions: np.ndarray, pre: Preprocess) -> torch.Tensor:
+        """uint8 images at arbitrary positions, as (B, C, H, W)."""
+        if self.array is not None:
+            x = torch.from_numpy(self.array[np.asarray(positions)])
+            return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return torch.stack([_read_photo(self.files[int(i)], pre) for i in positions])
+
+
 def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
     from PIL import Image
 

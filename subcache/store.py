@@ -26,7 +26,6 @@ from .errors import ForeignStoreError, IncompleteStoreError, StoreError, StoreEx
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 1
-CHUNK_BYTES = 1 << 20  # target compressed-input size of one chunk: big enough for fast codecs and object stores
 MAX_CHUNK_SAMPLES = 16384
 DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bfloat16 kept as its raw bits
 
@@ -36,10 +35,11 @@ def codec() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
 
 
-def chunk_length(sample_shape: tuple[int, ...], itemsize: int, num_items: int) -> int:
-    """Samples per chunk: the power of two reaching CHUNK_BYTES, no longer than needed for ``num_items``."""
+def chunk_length(sample_shape: tuple[int, ...], itemsize: int, num_items: int, chunk_mb: float = 1.0) -> int:
+    """Samples per chunk: the power of two reaching ``chunk_mb`` MiB (≥ 1 MiB by default: big enough for fast
+    codecs and object stores), no longer than needed for ``num_items``."""
     per_sample = max(1, math.prod(sample_shape) * itemsize)
-    want = 1 << max(0, math.ceil(math.log2(max(1, CHUNK_BYTES / per_sample))))
+    want = 1 << max(0, math.ceil(math.log2(max(1.0, chunk_mb * (1 << 20) / per_sample))))
     need = 1 << max(0, math.ceil(math.log2(max(1, num_items))))
     return min(want, need, MAX_CHUNK_SAMPLES)
 
@@ -152,13 +152,13 @@ def exists(path: str) -> bool:
         return False
 
 
-def open_cache(path: str | os.PathLike, *, require_complete: bool = True) -> Cache:
+def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: str = "r") -> Cache:
     """Open a cache; refuse foreign stores and (unless asked) incomplete ones with a message saying how to resume."""
     path = str(path)
     if is_local(path) and not local_path(path).exists():
         raise StoreError(f"cache {path} does not exist; create it with `subcache build ... --out {path}`")
     try:
-        group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(path, mode=mode)
     except Exception:  # noqa: BLE001 - a missing or unreadable zarr.json means "not a cache" for the user
         raise ForeignStoreError(f"{path} is not a subcache cache (no readable Zarr group)") from None
     cache = Cache(group, path)

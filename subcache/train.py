@@ -1,0 +1,316 @@
+"""`train`: SubTuning from a cache — the selected blocks + a new linear head, never touching images.
+
+Defaults follow the paper's Table 2: AdamW, lr 1e-3, weight decay 0.01, cosine annealing, batch 256, 10 epochs.
+Without augmentation the frozen blocks between the cached layer and the first tuned block are run once over the
+split (an in-memory derived cache), not every epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .augment import apply as apply_augment, default_pad, parse_augment
+from .backbones import Backbone, parse_block_spec
+from .build import resolve_device
+from .errors import BlockError, DataError, SubcacheError, TrainingError
+from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, split_nbytes
+from .progress import progress_bar
+from .store import Cache, from_storage, open_cache
+from .task import backbone_for, save_task
+from .tuned import TunedModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One SubTuning run. One field per `subcache train` option."""
+
+    blocks: str = "none"  # `13`, `13-14`, `13,15`, `layer3.5`, or `none` (linear probe)
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    augment: str = "none"  # flip, crop, flip,crop or none — in feature space, on the device
+    seed: int = 0
+    limit: int | None = None  # seeded class-balanced subset of the training split (the low-data regime)
+    eval_every: int = 0  # evaluate on the test split every k epochs (0: only at the end)
+    device: str = "auto"  # auto | cpu | cuda
+    loader: str = "auto"  # auto | memory | stream: stream when the split exceeds the memory budget
+    labels: str | None = None  # an extra label set of the cache (labels/NAME) instead of y
+    siamese: bool = False  # head sees original + tuned features (paper §5.1)
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+@dataclass
+class TrainResult:
+    model: TunedModel
+    test_accuracy: float | None
+    train_accuracy: float
+    train_seconds: float
+    trainable_params: int
+    samples_per_second: float
+    blocks: tuple[int, ...]
+    num_samples: int
+    history: list[dict] = field(default_factory=list)
+    loader: str = "memory"
+
+    def metrics(self) -> dict:
+        return {"test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
+                "train_seconds": round(self.train_seconds, 4), "trainable_params": self.trainable_params,
+                "samples_per_second": round(self.samples_per_second, 1), "num_samples": self.num_samples,
+                "blocks": list(self.blocks), "loader": self.loader}
+
+
+def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded, class-balanced subset of ``limit`` items (None: all)."""
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise DataError(f"--limit must be at least 1 training example, got {limit}")
+    if limit >= len(y):
+        return None
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(y == c)) for c in np.unique(y)]
+    chosen, quota = [], limit
+    for i, members in enumerate(sorted(by_class, key=len)):  # small classes first, leftovers flow onward
+        take = min(len(members), quota // (len(by_class) - i))
+        chosen.append(members[:take])
+        quota -= take
+    return np.sort(np.concatenate(chosen))
+
+
+def check_blocks(tuned: tuple[int, ...], cache: Cache, backbone: Backbone) -> None:
+    early = [b for b in tuned if b < cache.layer]
+    if early:
+        raise BlockError(f"block {early[0]} comes before this cache's layer: the earliest block this cache can "
+                         f"train is {cache.layer} ({cache.layer_name}); rebuild with --layer {early[0]}")
+
+
+def labels_for(cache: Cache, split: str, name: str | None) -> tuple[torch.Tensor, int]:
+    """Labels of a split (y, or labels/NAME) and the number of classes."""
+    if name is None:
+        return cache.read_y(split), len(cache.classes)
+    from .labels import read_labels
+
+    return read_labels(cache, split, name)
+
+
+def open_for_training(cache: Cache | str, backbone: Backbone | None) -> tuple[Cache, Backbone]:
+    cache = open_cache(cache) if isinstance(cache, str) else cache
+    if backbone is None:
+        backbone = backbone_for(cache.backbone)
+    cache.check_backbone(backbone.identity())
+    return cache, backbone
+
+
+def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: np.ndarray | None,
+                labels: torch.Tensor, device: torch.device, augments: tuple[str, ...]) -> tuple[Loader, bool]:
+    """The training loader, and whether its tensors are already past the frozen bridge (precomputed)."""
+    flip_views = "flip" in augments and cache.split(config.train_split).x_flip is not None
+    count = len(labels)
+    mode = config.loader
+    if mode not in ("auto", "memory", "stream"):
+        raise SubcacheError(f"unknown loader {mode!r}; allowed: auto, memory, stream")
+    if mode == "auto":
+        mode = "memory" if split_nbytes(cache, config.train_split, count) * 2 <= memory_budget(device) else "stream"
+    if mode == "stream":
+        return StreamLoader(cache, config.train_split, indices, labels, config.batch_size, config.seed, device,
+                            flip_views), False
+    loader = DeviceLoader.from_cache(cache, config.train_split, indices, labels, config.batch_size, config.seed,
+                                     device, flip_views)
+    if augments or model.start == model.first_trainable:
+        return loader, False
+    loader.x = run_frozen(model, loader.x)  # frozen bridge once, not every epoch
+    return loader, True
+
+
+@torch.inference_mode()
+def run_frozen(model: TunedModel, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([model.frozen_part(x[i:i + batch].float()) for i in range(0, len(x), batch)])
+
+
+@torch.inference_mode()
+def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch.Tensor | None = None,
+             device: torch.device | None = None, batch: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on a cached split (eval mode; tuned BatchNorms use their running stats)."""
+    device = device or next(model.head.parameters()).device
+    y = cache.read_y(split) if labels is None else labels
+    was_training = model.training
+    model.eval()
+    correct, s = 0, cache.split(split)
+    step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
+    for a in range(0, len(s), step):
+        x = from_storage(s.x[a:a + step], cache.dtype).to(device)
+        logits = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
+        correct += (logits.argmax(1).cpu() == y[a:a + step]).sum().item()
+    model.train(was_training)
+    return correct / len(y)
+
+
+def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *, precomputed: bool,
+        augments: tuple[str, ...] = (), pad: int = 1, on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = False) -> tuple[list[dict], float]:
+    """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=cuda or None)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
+    forward = model.trainable_part if precomputed else model
+    gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
+    history, seconds = [], 0.0
+    with progress_bar(progress, "steps/s") as bar:
+        task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
+        for epoch in range(config.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for x, x_flip, y in loader.epoch(epoch):
+                x = apply_augment(x.float(), augments, gen, None if x_flip is None else x_flip.float(), pad)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    logits = forward(x)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                bar.advance(task)
+            if cuda:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            mean_loss = loss_sum.item() / max(seen, 1)  # one host sync per epoch
+            if not math.isfinite(mean_loss):
+                raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr "
+                                    f"(now {config.lr})")
+            row = {"epoch": epoch + 1, "loss": mean_loss, "train_accuracy": correct.item() / max(seen, 1),
+                   "seconds": round(seconds, 3)}
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+    return history, seconds
+
+
+def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
+          backbone: Backbone | None = None, progress: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``config.blocks`` + a new head from a cache; evaluate on its test split; save the task to ``out``."""
+    if config.epochs <= 0 or config.batch_size <= 1:
+        raise SubcacheError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
+    cache, backbone = open_for_training(cache, backbone)
+    device = resolve_device(config.device)
+    tuned = parse_block_spec(config.blocks, backbone)
+    check_blocks(tuned, cache, backbone)
+    augments = parse_augment(config.augment)
+    labels, num_classes = labels_for(cache, config.train_split, config.labels)
+    indices = balanced_subset(labels.numpy(), config.limit, config.seed)
+    subset = labels if indices is None else labels[torch.from_numpy(indices)]
+
+    backbone.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the head's init is part of the run's identity
+        model = TunedModel(backbone, cache.layer, tuned, num_classes, tuple(cache.attrs["sample_shape"]),
+                           config.siamese).to(device)
+    loader, precomputed = make_loader(cache, config, model, indices, subset, device, augments)
+    pad = default_pad(tuple(cache.attrs["sample_shape"]))
+    test_labels = (labels_for(cache, config.test_split, config.labels)[0]
+                   if config.test_split in cache.splits else None)
+
+    def epoch_hook(row: dict) -> None:
+        if test_labels is not None and config.eval_every and row["epoch"] % config.eval_every == 0:
+            row["test_accuracy"] = evaluate(model, cache, config.test_split, test_labels, device)
+        if on_epoch:
+            on_epoch(row)
+
+    last_good = {k: v.clone() for k, v in model.task_state().items()}
+
+    def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on
+        last_good.update({k: v.clone() for k, v in model.task_state().items()})
+        epoch_hook(row)
+
+    try:
+        history, seconds = fit(model, loader, config, device, precomputed=precomputed, augments=augments, pad=pad,
+                               on_epoch=keep_good, progress=progress)
+    except TrainingError as exc:
+        if out:
+            model.load_state_dict(last_good, strict=False)
+            save_task(out, model, _meta(cache, backbone, model, config, {}, complete=False, stopped=str(exc)))
+            raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
+        raise
+    test_acc = evaluate(model, cache, config.test_split, test_labels, device) if test_labels is not None else None
+    result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
+                         config.epochs * loader.num_samples / max(seconds, 1e-9), tuned, loader.num_samples,
+                         history, type(loader).__name__.removesuffix("Loader").lower())
+    if out:
+        save_task(out, model, _meta(cache, backbone, model, config, result.metrics(), complete=True,
+                                    history=history))
+    return result
+
+
+def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,
+          complete: bool, **extra) -> dict:
+    import zarr
+
+    return {
+        "complete": complete,
+        "backbone": cache.backbone,
+        "cache": cache.path, "cache_layer": cache.layer, "cache_layer_name": cache.layer_name,
+        "sample_shape": cache.attrs["sample_shape"], "preprocess": cache.attrs["preprocess"],
+        "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
+        "classes": cache.classes if config.labels is None else [str(i) for i in range(model.head.out_features)],
+        "labels": config.labels, "siamese": config.siamese,
+        "config": asdict(config), "metrics": metrics,
+        "versions": {"subcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__},
+        **extra,
+    }
+
+
+def evaluate_task(task_dir: str, cache: Cache | str, *, split: str = "test", device: str = "auto",
+                  backbone: Backbone | None = None) -> float:
+    """Accuracy of a saved task on a cached split. The cache must come from the task's backbone."""
+    from .task import load_task
+
+    task = load_task(task_dir)
+    cache = open_cache(cache) if isinstance(cache, str) else cache
+    cache.check_backbone(task.meta["backbone"])
+    backbone = backbone or backbone_for(cache.backbone)
+    dev = resolve_device(device)
+    model = task.model(backbone.to(dev), start=cache.layer).to(dev)
+    labels = labels_for(cache, split, task.meta.get("labels"))[0]
+    return evaluate(model, cache, split, labels, dev)
+
+
+def train_reference(source, backbone: Backbone, layer: int, config: TrainConfig, num_classes: int,
+                    device: str = "cpu", round_to: torch.dtype | None = None) -> tuple[TunedModel, list[dict], float]:
+    """The same run done the slow way: every batch's images go through the live frozen prefix.
+
+    Same head init, batch order and optimiser as `train` with augmentation off, so the two must agree to float
+    tolerance (`round_to` rounds the live activations like a float16 cache would). Used by the exactness tests
+    and by `bench train`.
+    """
+    from .loader import ImageLoader
+
+    dev = resolve_device(device)
+    tuned = parse_block_spec(config.blocks, backbone)
+    labels = torch.from_numpy(source.labels)
+    indices = balanced_subset(source.labels, config.limit, config.seed)
+    subset = labels if indices is None else labels[torch.from_numpy(indices)]
+    backbone.to(dev)
+    shape = tuple(backbone.prefix(torch.zeros(1, 3, backbone.preprocess.image_size,
+                                              backbone.preprocess.image_size, device=dev), layer).shape[1:])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = TunedModel(backbone, layer, tuned, num_classes, shape, config.siamese).to(dev)
+    loader = ImageLoader(source, backbone, layer, indices, subset, config.batch_size, config.seed, dev, round_to)
+    history, seconds = fit(model, loader, config, dev, precomputed=False)
+    return model, history, seconds

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny, seeded, offline datasets and caches (random-init backbones at 32 px)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import subcache
+
+
+def make_npz(path, n_train=192, n_test=96, size=32, classes=4, seed=0, channels=3):
+    """Images whose class decides which quadrant is bright: learnable from any reasonable features."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        y = rng.integers(0, classes, n)
+        x = rng.integers(0, 90, (n, size, size, channels), dtype=np.uint8)
+        h = size // 2
+        for i, c in enumerate(y):
+            r, q = divmod(int(c), 2)
+            x[i, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+        return x, y
+
+    x_train, y_train = split(n_train)
+    x_test, y_test = split(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def npz_path(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp("data") / "quadrants.npz")
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    return subcache.load_backbone("resnet18", "none", image_size=32)
+
+
+@pytest.fixture(scope="session")
+def resnet_cache(tmp_path_factory, npz_path, resnet18):
+    """resnet18 (random init, 32 px) cache at block 6's input, float32 so tests can compare exactly."""
+    out = str(tmp_path_factory.mktemp("caches") / "r18.zarr")
+    config = subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none", data=npz_path,
+                                  image_size=32, dtype="float32", batch_size=32)
+    subcache.build_cache(config, backbone=resnet18)
+    return out
