@@ -222,5 +222,40 @@ def evaluate(task_dir, cache, split, device, as_json) -> None:
         console.print(f"{task_dir} on {cache} ({split}): accuracy [bold]{accuracy:.4f}[/]")
 
 
+# -- bench -------------------------------------------------------------------------------------------------------
+BENCHES = ("build", "train")
+
+
+@main.command()
+@click.argument("what", type=click.Choice(BENCHES))
+@click.option("--model", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True)
+@click.option("--data", default="fashion-mnist", show_default=True)
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=2), default=2000, show_default=True, help="training images used")
+@click.option("--layer", default="13", show_default=True, help="cached layer")
+@click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train)")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def bench(what, as_json, **kw) -> None:
+    """Measure a capability against its baseline in one run and print the ratio."""
+    from subcache import bench as benches
+
+    result = getattr(benches, f"bench_{what}")(benches.BenchConfig(**kw), progress=not as_json)
+    if as_json:
+        emit_json(result)
+        return
+    table = Table(title=f"subcache bench {what}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

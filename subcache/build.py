@@ -8,13 +8,14 @@ compression, which releases the GIL) behind in another, so both hide behind the 
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -122,26 +123,49 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src), config.chunk_mb)
                       for s, src in sources.items()}
               for layer in layers}
-    stores = [_open_or_create(path, config, backbone, layer, shapes[layer], chunks[layer], sources)
-              for path, layer in zip(paths, layers)]
+    sizes = {s: len(src) for s, src in sources.items()}
+    stores = [open_or_create(path, _attrs(config, backbone, layer, shapes[layer], sources), sizes, chunks[layer],
+                             resume=config.resume) for path, layer in zip(paths, layers)]
 
-    start, images, skipped = time.perf_counter(), 0, 0
-    with _Writer() as writer, progress_bar(progress) as bar:
-        for split, source in sources.items():
-            unit = max(chunks[layer][split] for layer in layers)
-            todo = _units_to_do(stores, split, unit, len(source))
-            skipped += -(-len(source) // unit) - len(todo)
-            task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=len(source),
-                                completed=len(source) - sum(b - a for a, b in todo))
-            for (a, b), x in _prefetch(source, todo, backbone.preprocess, device):
-                acts = _forward_unit(backbone, layers, x, config)
-                writer.submit(lambda a=a, b=b, acts=acts, split=split, source=source:
-                              _write_unit(stores, split, a, b, acts, source, config))
-                images += b - a
-                bar.update(task, advance=b - a)
+    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids)
+            for split, src in sources.items()}
+    start = time.perf_counter()
+    images, skipped = run_units(stores, layers, jobs, chunks,
+                                lambda x: _forward_unit(backbone, layers, x, config), device, progress)
     for cache in stores:
-        _finish(cache)
+        finish(cache)
     return BuildResult(paths, images, time.perf_counter() - start, skipped, layers)
+
+
+@dataclass
+class Job:
+    """One split's work: how many items, how to load items [a, b) (any thread), and their labels/ids."""
+
+    n: int
+    load: Callable[[int, int], Any]
+    labels: np.ndarray
+    ids: np.ndarray
+
+
+def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
+              forward: Callable[[Any], dict], device: torch.device, progress: bool) -> tuple[int, int]:
+    """The pipeline shared by `build` and `build --from`: load ahead → forward → write behind, unit by unit.
+
+    Returns (items computed, units skipped because a previous run finished them)."""
+    done, skipped = 0, 0
+    with _Writer() as writer, progress_bar(progress) as bar:
+        for split, job in jobs.items():
+            unit = max(chunks[layer][split] for layer in layers)
+            todo = _units_to_do(stores, split, unit, job.n)
+            skipped += -(-job.n // unit) - len(todo)
+            task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
+                                completed=job.n - sum(b - a for a, b in todo))
+            for (a, b), x in _prefetch(job.load, todo, device):
+                acts = forward(x)
+                writer.submit(functools.partial(_write_unit, stores, split, a, b, acts, job))
+                done += b - a
+                bar.update(task, advance=b - a)
+    return done, skipped
 
 
 # -- store set-up and resume -------------------------------------------------------------------------------------
@@ -166,21 +190,23 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
     }
 
 
-def _open_or_create(path: str, config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],
-                    chunk_len: dict[str, int], sources: dict[str, ImageSource]) -> Cache:
-    if config.resume and exists(path):
+def open_or_create(path: str, attrs: dict, sizes: dict[str, int], chunk_len: dict[str, int], *,
+                   resume: bool) -> Cache:
+    """A new store (status building) — or, with ``resume``, the existing one if it was started with the same
+    options and weights (``attrs['build']`` and the weights sha256), its `.partial` litter swept."""
+    if resume and exists(path):
         cache = open_cache(path, require_complete=False, mode="r+")
-        same_weights = cache.backbone["weights_sha256"] == backbone.weights_sha256
-        if cache.attrs.get("build") != config.recorded() or not same_weights:
+        same_weights = cache.backbone["weights_sha256"] == attrs["backbone"]["weights_sha256"]
+        if cache.attrs.get("build") != attrs["build"] or not same_weights:
             raise ForeignStoreError(f"cannot resume {path}: it was built with other options "
                                     f"({cache.attrs.get('build')}); rerun the original command or use --overwrite")
         sweep_partials(path)
         return cache
     if exists(path):
         remove(path)
-    layout = {s: (len(src), shape) for s, src in sources.items()}
-    return create_cache(path, _attrs(config, backbone, layer, shape, sources), layout, chunk_len,
-                        flip_views=config.flip_views)
+    shape = tuple(attrs["sample_shape"])
+    return create_cache(path, attrs, {s: (n, shape) for s, n in sizes.items()}, chunk_len,
+                        flip_views=attrs["flip_views"])
 
 
 def _arrays(cache: Cache, split: str) -> list:
@@ -201,15 +227,15 @@ def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tup
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------
-def _prefetch(source: ImageSource, units: list[tuple[int, int]], pre, device: torch.device,
-              depth: int = 2) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-    """Yield ((a, b), uint8 images) per unit, loaded ahead in a background thread."""
+def _prefetch(load: Callable[[int, int], Any], units: list[tuple[int, int]], device: torch.device,
+              depth: int = 2) -> Iterator[tuple[tuple[int, int], Any]]:
+    """Yield ((a, b), inputs) per unit, loaded ahead in a background thread and moved to the device."""
     q: queue.Queue = queue.Queue(maxsize=depth)
 
     def work() -> None:
         try:
             for a, b in units:
-                q.put(((a, b), source.load(a, b, pre)))
+                q.put(((a, b), load(a, b)))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
             q.put(exc)
         q.put(None)
@@ -218,7 +244,11 @@ def _prefetch(source: ImageSource, units: list[tuple[int, int]], pre, device: to
     while (item := q.get()) is not None:
         if isinstance(item, BaseException):
             raise item
-        yield item[0], item[1].to(device, non_blocking=True)
+        inputs = item[1]
+        if isinstance(inputs, dict):
+            yield item[0], {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        else:
+            yield item[0], inputs.to(device, non_blocking=True)
 
 
 @torch.inference_mode()
@@ -239,13 +269,13 @@ def _forward_unit(backbone: Backbone, layers: list[int], images: torch.Tensor,
 
 
 def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int, dict[str, np.ndarray]],
-                source: ImageSource, config: BuildConfig) -> None:
+                job: Job) -> None:
     for cache in stores:
         s = cache.split(split)
         for view, arr in acts[cache.layer].items():
             getattr(s, view)[a:b] = arr
-        s.y[a:b] = source.labels[a:b]
-        s.id[a:b] = source.ids[a:b]
+        s.y[a:b] = job.labels[a:b]
+        s.id[a:b] = job.ids[a:b]
 
 
 class _Writer:
@@ -273,7 +303,7 @@ class _Writer:
             self.pool.shutdown(wait=True)
 
 
-def _finish(cache: Cache) -> None:
+def finish(cache: Cache) -> None:
     """Verify every chunk of every array is on disk, then mark the store complete."""
     for split in cache.splits:
         for arr in _arrays(cache, split):

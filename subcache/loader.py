@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .store import Cache, from_storage
+from .store import Cache, from_storage, read
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # x, exact mirrored x or None, y
 
@@ -58,7 +58,7 @@ def read_rows(cache: Cache, split: str, indices: np.ndarray | None, flip: bool =
     """Rows of x (or x_flip) in storage dtype; whole split when ``indices`` is None."""
     s = cache.split(split)
     arr = s.x_flip if flip else s.x
-    data = arr[:] if indices is None else arr.oindex[indices]
+    data = read(arr, slice(None)) if indices is None else read(arr, indices, orthogonal=True)
     return from_storage(data, cache.dtype)
 
 
@@ -109,8 +109,8 @@ class StreamLoader:
         try:
             for c in order:
                 a, b, keep = self.chunks[c]
-                x = from_storage(split.x[a:b][keep], self.cache.dtype)
-                xf = from_storage(split.x_flip[a:b][keep], self.cache.dtype) if self.flip_views else None
+                x = from_storage(read(split.x, slice(a, b))[keep], self.cache.dtype)
+                xf = from_storage(read(split.x_flip, slice(a, b))[keep], self.cache.dtype) if self.flip_views else None
                 q.put((x, xf, self.labels[a:b][torch.from_numpy(keep)]))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
             q.put(exc)
@@ -175,4 +175,6 @@ class ImageLoader:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch):
-            yield self.activations(idx).clone(), None, self.y[idx.to(self.device)]
+            # a standard-layout copy: the live prefix may hand back channels_last, and a different memory layout
+            # picks a different conv kernel (float-level differences that Adam then amplifies)
+            yield self.activations(idx).contiguous().clone(), None, self.y[idx.to(self.device)]

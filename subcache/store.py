@@ -56,6 +56,16 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def read(array: zarr.Array, selection, *, orthogonal: bool = False) -> np.ndarray:
+    """Read from a cache array; a chunk that fails to decode becomes one clear StoreError."""
+    try:
+        return array.oindex[selection] if orthogonal else array[selection]
+    except Exception as exc:  # noqa: BLE001 - codecs raise many types for damaged bytes
+        raise StoreError(f"cache array {array.path} in {array.store} is corrupt or unreadable "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rebuild it "
+                         f"with `subcache build ... --overwrite`") from None
+
+
 @dataclass
 class Split:
     """The arrays of one split."""
@@ -118,10 +128,10 @@ class Cache:
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
         s = self.split(split)
         arr = s.x_flip if flip else s.x
-        return from_storage(arr[start:stop], self.dtype)
+        return from_storage(read(arr, slice(start, stop)), self.dtype)
 
     def read_y(self, split: str) -> torch.Tensor:
-        return torch.from_numpy(self.split(split).y[:].astype(np.int64))
+        return torch.from_numpy(read(self.split(split).y, slice(None)).astype(np.int64))
 
     def check_backbone(self, identity: dict) -> None:
         """Refuse a backbone (or a task's record of one) other than the one that built this cache."""

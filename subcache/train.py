@@ -22,7 +22,7 @@ from .build import resolve_device
 from .errors import BlockError, DataError, SubcacheError, TrainingError
 from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, split_nbytes
 from .progress import progress_bar
-from .store import Cache, from_storage, open_cache
+from .store import Cache, from_storage, open_cache, read
 from .task import backbone_for, save_task
 from .tuned import TunedModel
 
@@ -147,7 +147,7 @@ def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch
     correct, s = 0, cache.split(split)
     step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
     for a in range(0, len(s), step):
-        x = from_storage(s.x[a:a + step], cache.dtype).to(device)
+        x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device)
         logits = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
         correct += (logits.argmax(1).cpu() == y[a:a + step]).sum().item()
     model.train(was_training)

@@ -23,8 +23,10 @@ class TunedModel(nn.Module):
         self.backbone, self.start, self.tuned, self.siamese = backbone, start, tuple(tuned), siamese
         self.tuned_blocks = nn.ModuleDict({str(i): copy.deepcopy(backbone.block(i)).requires_grad_(True)
                                            for i in self.tuned})
-        with torch.no_grad():
+        with torch.no_grad():  # in eval mode: a dummy pass must not touch the tuned copies' BatchNorm statistics
+            self.tuned_blocks.eval()
             dim = self._features(torch.zeros(2, *sample_shape), self.start).shape[-1]
+            self.tuned_blocks.train()
         self.head = nn.Linear(dim * (2 if siamese else 1), num_classes)
 
     @property

@@ -68,12 +68,12 @@ KILLER = textwrap.dedent("""
     import subcache.build as b
     calls, kill_at = [0], int(sys.argv[1])
     original = b._write_unit
-    def write_then_die(stores, split, a, bb, acts, source, config):
+    def write_then_die(stores, split, a, bb, acts, job):
         calls[0] += 1
         if calls[0] == kill_at:  # die half-way through a unit: x written, y/id not
             stores[0].split(split).x[a:bb] = acts[stores[0].layer]["x"]
             os.kill(os.getpid(), signal.SIGKILL)
-        original(stores, split, a, bb, acts, source, config)
+        original(stores, split, a, bb, acts, job)
     b._write_unit = write_then_die
     from cli.main import main
     main(sys.argv[2:])

@@ -1,0 +1,25 @@
+"""The README's promises: its test command is what CI runs; every example runs (in tiny mode)."""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands():
+    return re.findall(r"```bash\n(.+?)\n```", (ROOT / "README.md").read_text())
+
+
+def test_ci_runs_the_readme_test_command():
+    main_job, tests = readme_commands()[:2]
+    assert "examples/quickstart.sh" in main_job
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_quickstart_example_runs_in_tiny_mode(tmp_path):
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "linear probe" in done.stdout and "SubTuning" in done.stdout
