@@ -101,8 +101,9 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
-        result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), batch_size=batch_size,
-                                           device=device, overwrite=overwrite), progress=not as_json)
+        result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
+                                           batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
+                                           overwrite=overwrite), progress=not as_json)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
@@ -220,6 +221,82 @@ def evaluate(task_dir, cache, split, device, as_json) -> None:
         emit_json({"task": task_dir, "split": split, "accuracy": accuracy})
     else:
         console.print(f"{task_dir} on {cache} ({split}): accuracy [bold]{accuracy:.4f}[/]")
+
+
+# -- profile / greedy ------------------------------------------------------------------------------------------
+def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of widths, e.g. 1,2") from None
+    if any(w < 1 for w in widths):
+        raise click.BadParameter("widths must be at least 1")
+    return widths
+
+
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--blocks", help="range LOW-HIGH of blocks to profile [default: cached layer to last block]")
+@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
+              help="window widths, e.g. 1,2,3")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="runs per window")
+@click.option("--no-probe", is_flag=True, help="skip the linear-probe baseline")
+@train_options
+@click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
+    """The finetuning profile: train every window of consecutive blocks from one cache."""
+    from subcache.profiling import ProfileConfig, profile_blocks
+
+    config = ProfileConfig(blocks=blocks, widths=widths, seeds=seeds, probe=not no_probe, train=train_config(**kw))
+    result = profile_blocks(cache, config, out=out, progress=not as_json)
+    best = result.best()
+    if as_json:
+        emit_json({"summary": result.summary(), "best": best, "out": out})
+        return
+    table = Table(title=f"finetuning profile ({seeds} seed{'s' if seeds > 1 else ''} per window)")
+    for col in ("blocks", "width", "test accuracy", "± std", "trainable params"):
+        table.add_column(col, justify="right")
+    for s in result.summary():
+        mark = " ★" if best and s["blocks"] == best["blocks"] else ""
+        table.add_row(s["blocks"] + mark, str(s["width"]) if s["width"] else "probe", f"{s['mean']:.4f}",
+                      f"{s['std']:.4f}", fmt_int(s["trainable_params"]))
+    console.print(table)
+    console.print(f"wrote {out}/profile.csv, profile.json, profile.png")
+
+
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--blocks", help="candidate range LOW-HIGH [default: cached layer to last block]")
+@click.option("--epsilon", type=float, default=0.01, show_default=True, help="stop when the gain is below this")
+@click.option("--start", type=click.Choice(["empty", "full"]), default="empty", show_default=True)
+@click.option("--consecutive", is_flag=True, help="keep the chosen set a window of consecutive blocks")
+@click.option("--max-blocks", type=click.IntRange(min=1))
+@click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="choose by k-fold CV on the training split (0: by test accuracy)")
+@train_options
+@click.option("--out", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
+    """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
+    from subcache.profiling import GreedyConfig, greedy_select
+
+    config = GreedyConfig(blocks=blocks, epsilon=epsilon, start=start, consecutive=consecutive,
+                          max_blocks=max_blocks, folds=folds, train=train_config(**kw))
+    result = greedy_select(cache, config, out=out, progress=not as_json)
+    if as_json:
+        emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
+                   "path": result.path, "out": out})
+        return
+    table = Table(title="greedy selection")
+    for col in ("step", "change", "blocks", "score"):
+        table.add_column(col, justify="right")
+    for p in result.path:
+        table.add_row(str(p["step"]), p["change"], p["blocks"], f"{p['score']:.4f}")
+    console.print(table)
+    console.print(f"chosen blocks {result.blocks or 'none'}: test accuracy {result.test_accuracy:.4f} → {out}")
 
 
 # -- bench -------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -20,11 +20,14 @@ from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, parse_block_spec
 from .build import resolve_device
 from .errors import BlockError, DataError, SubcacheError, TrainingError
-from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, split_nbytes
+from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
 from .progress import progress_bar
 from .store import Cache, from_storage, open_cache, read
 from .task import backbone_for, save_task
 from .tuned import TunedModel
+
+if TYPE_CHECKING:
+    from .bank import ActivationBank
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,14 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
 
 def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
           backbone: Backbone | None = None, progress: bool = False,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``config.blocks`` + a new head from a cache; evaluate on its test split; save the task to ``out``."""
+          on_epoch: Callable[[dict], None] | None = None, bank: "ActivationBank | None" = None,
+          train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None) -> TrainResult:
+    """Train ``config.blocks`` + a new head from a cache; evaluate on its test split; save the task to ``out``.
+
+    ``bank`` shares frozen-block activations between runs (profiles, greedy, active learning; augmentation off).
+    ``train_indices`` replaces the ``limit`` subset with explicit positions in the training split;
+    ``eval_indices`` scores on those positions of the *training* split instead of the test split (k-fold CV).
+    """
     if config.epochs <= 0 or config.batch_size <= 1:
         raise SubcacheError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
     cache, backbone = open_for_training(cache, backbone)
@@ -213,7 +222,7 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
     labels, num_classes = labels_for(cache, config.train_split, config.labels)
-    indices = balanced_subset(labels.numpy(), config.limit, config.seed)
+    indices = balanced_subset(labels.numpy(), config.limit, config.seed) if train_indices is None else train_indices
     subset = labels if indices is None else labels[torch.from_numpy(indices)]
 
     backbone.to(device)
@@ -221,14 +230,18 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
         torch.manual_seed(config.seed)  # the head's init is part of the run's identity
         model = TunedModel(backbone, cache.layer, tuned, num_classes, tuple(cache.attrs["sample_shape"]),
                            config.siamese).to(device)
-    loader, precomputed = make_loader(cache, config, model, indices, subset, device, augments)
+    if bank is not None and not augments:
+        x = bank.input_of(config.train_split, model.first_trainable)
+        x = x if indices is None else x[torch.from_numpy(indices).to(device)]
+        loader, precomputed = DeviceLoader(x, subset.to(device), config.batch_size, config.seed), True
+    else:
+        loader, precomputed = make_loader(cache, config, model, indices, subset, device, augments)
     pad = default_pad(tuple(cache.attrs["sample_shape"]))
-    test_labels = (labels_for(cache, config.test_split, config.labels)[0]
-                   if config.test_split in cache.splits else None)
+    score = _scorer(model, cache, config, labels, bank, eval_indices, device)
 
     def epoch_hook(row: dict) -> None:
-        if test_labels is not None and config.eval_every and row["epoch"] % config.eval_every == 0:
-            row["test_accuracy"] = evaluate(model, cache, config.test_split, test_labels, device)
+        if score is not None and config.eval_every and row["epoch"] % config.eval_every == 0:
+            row["test_accuracy"] = score()
         if on_epoch:
             on_epoch(row)
 
@@ -247,7 +260,7 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
             save_task(out, model, _meta(cache, backbone, model, config, {}, complete=False, stopped=str(exc)))
             raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
         raise
-    test_acc = evaluate(model, cache, config.test_split, test_labels, device) if test_labels is not None else None
+    test_acc = score() if score is not None else None
     result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
                          config.epochs * loader.num_samples / max(seconds, 1e-9), tuned, loader.num_samples,
                          history, type(loader).__name__.removesuffix("Loader").lower())
@@ -255,6 +268,39 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
         save_task(out, model, _meta(cache, backbone, model, config, result.metrics(), complete=True,
                                     history=history))
     return result
+
+
+def _scorer(model: TunedModel, cache: Cache, config: TrainConfig, train_labels: torch.Tensor,
+            bank: "ActivationBank | None", eval_indices: np.ndarray | None,
+            device: torch.device) -> Callable[[], float] | None:
+    """How this run is scored: the test split (from the bank when there is one), or held-out training positions."""
+    if eval_indices is not None:
+        split, labels, rows = config.train_split, train_labels, torch.from_numpy(np.asarray(eval_indices))
+    elif config.test_split in cache.splits:
+        split, rows = config.test_split, None
+        labels = labels_for(cache, split, config.labels)[0]
+    else:
+        return None
+    y = labels if rows is None else labels[rows]
+    if bank is None and rows is None:
+        return lambda: evaluate(model, cache, split, y, device)
+    if bank is None:
+        return lambda: accuracy(model, read_rows(cache, split, np.sort(rows.numpy())).to(device).float(),
+                                labels[torch.from_numpy(np.sort(rows.numpy()))])
+    x = lambda: bank.input_of(split, model.first_trainable)  # noqa: E731 - evaluated lazily, memoised by the bank
+    return lambda: accuracy(model.trainable_part, x() if rows is None else x()[rows.to(device)], y, model)
+
+
+@torch.inference_mode()
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             model: TunedModel | None = None, batch: int = 1024) -> float:
+    """Top-1 accuracy of ``forward`` over tensors already on the device (eval mode for the duration)."""
+    model = model if model is not None else forward
+    was_training = model.training
+    model.eval()
+    pred = torch.cat([forward(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    model.train(was_training)
+    return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
 
 def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,

@@ -1,0 +1,332 @@
+"""Finetuning profiles and greedy block selection, all from one cache (paper §2, the talk's greedy procedure).
+
+(Not named `profile.py`: that would shadow the standard library's profiler.)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backbones import Backbone
+from .bank import ActivationBank
+from .build import resolve_device
+from .errors import BlockError
+from .loader import memory_budget, split_nbytes
+from .progress import progress_bar
+from .store import Cache
+from .train import TrainConfig, balanced_subset, labels_for, open_for_training, train
+
+
+# -- windows -------------------------------------------------------------------------------------------------------
+def parse_range(spec: str | None, cache: Cache, backbone: Backbone) -> tuple[int, int]:
+    """``8-16`` (or None: the cached layer to the last block) → (lo, hi), checked against the cache."""
+    if spec is None:
+        return cache.layer, backbone.num_blocks
+    parts = spec.split("-")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise BlockError(f"block range {spec!r} must be LOW-HIGH, e.g. {cache.layer}-{backbone.num_blocks}")
+    lo, hi = (backbone.resolve(p) for p in parts)
+    if hi < lo:
+        raise BlockError(f"block range {spec!r} is reversed; write {hi}-{lo}")
+    if lo < cache.layer:
+        raise BlockError(f"block range {spec!r} starts before this cache's layer: the earliest block it can train "
+                         f"is {cache.layer} ({cache.layer_name})")
+    return lo, hi
+
+
+def windows(lo: int, hi: int, width: int) -> list[tuple[int, ...]]:
+    """Every run of ``width`` consecutive blocks inside [lo, hi]."""
+    if width < 1:
+        raise BlockError(f"window width must be at least 1, got {width}")
+    if width > hi - lo + 1:
+        raise BlockError(f"width {width} is larger than the range {lo}-{hi} ({hi - lo + 1} blocks)")
+    return [tuple(range(s, s + width)) for s in range(lo, hi - width + 2)]
+
+
+def spec_of(blocks: Sequence[int]) -> str:
+    if not blocks:
+        return "none"
+    blocks = sorted(blocks)
+    if blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) > 1:
+        return f"{blocks[0]}-{blocks[-1]}"
+    return ",".join(map(str, blocks))
+
+
+def shared_bank(cache: Cache, backbone: Backbone, config: TrainConfig) -> ActivationBank | None:
+    """A bank when runs can share frozen activations: no augmentation, and the splits fit comfortably."""
+    if config.augment not in ("none", "", None):
+        return None
+    device = resolve_device(config.device)
+    need = sum(split_nbytes(cache, s, len(cache.split(s))) * 4 for s in cache.splits)  # float32, a few layers
+    return ActivationBank(cache, backbone, device) if need * 4 <= memory_budget(device) else None
+
+
+# -- profile -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileConfig:
+    blocks: str | None = None  # range LOW-HIGH; default: the cached layer to the last block
+    widths: tuple[int, ...] = (1,)
+    seeds: int = 1  # runs per window (seeds 0..K-1): mean ± std
+    probe: bool = True  # also the linear probe, the baseline line
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+FIELDS = ("blocks", "first", "width", "seed", "test_accuracy", "trainable_params", "seconds")
+
+
+@dataclass
+class ProfileResult:
+    rows: list[dict]
+    out: str | None = None
+
+    def summary(self) -> list[dict]:
+        """Mean ± std over seeds per window, sorted by width then first block."""
+        groups: dict[tuple, list[dict]] = {}
+        for r in self.rows:
+            groups.setdefault((r["width"], r["first"], r["blocks"]), []).append(r)
+        out = []
+        for (width, first, blocks), rs in sorted(groups.items()):
+            accs = [r["test_accuracy"] for r in rs]
+            out.append({"blocks": blocks, "first": first, "width": width, "runs": len(rs),
+                        "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "trainable_params": rs[0]["trainable_params"]})
+        return out
+
+    def best(self) -> dict | None:
+        windows_only = [s for s in self.summary() if s["width"] > 0]
+        return max(windows_only, key=lambda s: s["mean"]) if windows_only else None
+
+
+def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), *, out: str | None = None,
+                   backbone: Backbone | None = None, progress: bool = False,
+                   on_run: Callable[[dict], None] | None = None) -> ProfileResult:
+    """Train every window of each width in the range (and the probe) from one cache. Resumable through ``out``:
+    finished runs are read back from ``profile.json`` and skipped."""
+    cache, backbone = open_for_training(cache, backbone)
+    lo, hi = parse_range(config.blocks, cache, backbone)
+    if config.seeds < 1:
+        raise BlockError(f"--seeds must be at least 1, got {config.seeds}")
+    plan = [(w, win) for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
+    if config.probe:
+        plan.insert(0, (0, ()))
+    rows = _load_rows(out)
+    done = {(r["blocks"], r["seed"]) for r in rows}
+    todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
+    bank = shared_bank(cache, backbone, config.train)
+    with progress_bar(progress, "runs/s") as bar:
+        task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
+        for width, win, seed in todo:
+            run = train(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone=backbone, bank=bank)
+            row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed,
+                   "test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
+                   "seconds": round(run.train_seconds, 3)}
+            rows.append(row)
+            if out:
+                _save(out, rows, config, cache)
+            if on_run:
+                on_run(row)
+            bar.advance(task)
+    result = ProfileResult(rows, out)
+    if out:
+        plot_profile(result, Path(out) / "profile.png", cache)
+    return result
+
+
+def _load_rows(out: str | None) -> list[dict]:
+    if out and (Path(out) / "profile.json").is_file():
+        return list(json.loads((Path(out) / "profile.json").read_text())["runs"])
+    return []
+
+
+def _save(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"cache": cache.path, "backbone": cache.backbone, "layer": cache.layer,
+            "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows}
+    tmp = folder / "profile.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(folder / "profile.json")  # atomic: a killed profile keeps every finished run
+    with open(folder / "profile.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_profile(result: ProfileResult, path: Path, cache: Cache) -> None:
+    """Accuracy vs first block of the window, one line per width, mean ± std bands, the probe as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result.summary()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for width in sorted({s["width"] for s in summary if s["width"] > 0}):
+        pts = [s for s in summary if s["width"] == width]
+        x = np.array([p["first"] for p in pts])
+        m, sd = np.array([p["mean"] for p in pts]), np.array([p["std"] for p in pts])
+        ax.plot(x, m, marker="o", label=f"{width} block{'s' if width > 1 else ''}")
+        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+    probe = [s for s in summary if s["width"] == 0]
+    if probe:
+        ax.axhline(probe[0]["mean"], color="gray", linestyle="--", label="linear probe")
+    ax.set_xlabel("first block of the tuned window")
+    ax.set_ylabel("test accuracy")
+    b = cache.backbone
+    ax.set_title(f"Finetuning profile: {b['model']} on {Path(str(cache.attrs['data'])).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- greedy ----------------------------------------------------------------------------------------------------------
+@dataclass
+class GreedyResult:
+    path: list[dict]  # one row per step: blocks, score, change
+    blocks: tuple[int, ...]
+    score: float
+    test_accuracy: float | None = None
+
+
+def greedy_search(score: Callable[[tuple[int, ...]], float], candidates: Sequence[int], *, epsilon: float = 0.01,
+                  start: str = "empty", consecutive: bool = False, max_blocks: int | None = None,
+                  on_step: Callable[[dict], None] | None = None) -> GreedyResult:
+    """The talk's greedy selection over any scorer.
+
+    ``empty``: repeatedly add the block that helps most; stop when the best gain is below ``epsilon``.
+    ``full``: start from all candidates and repeatedly drop the block whose removal hurts least; stop when every
+    removal costs ``epsilon`` or more. ``consecutive`` keeps the set a window.
+    """
+    if start not in ("empty", "full"):
+        raise BlockError(f"--start must be empty or full, got {start!r}")
+    current = () if start == "empty" else tuple(sorted(candidates))
+    best = score(current)
+    path = [{"step": 0, "blocks": spec_of(current), "score": best, "change": "start"}]
+    if on_step:
+        on_step(path[-1])
+    while True:
+        moves = _moves(current, candidates, start, consecutive, max_blocks)
+        if not moves:
+            break
+        scored = [(score(m), m) for m in moves]
+        value, move = max(scored, key=lambda t: (t[0], [-b for b in t[1]]))  # ties: the earlier blocks
+        gain = value - best
+        if (start == "empty" and gain < epsilon) or (start == "full" and gain <= -epsilon):
+            break
+        changed = sorted(set(move) ^ set(current))
+        current, best = move, value
+        path.append({"step": len(path), "blocks": spec_of(current), "score": best,
+                     "change": ("+" if start == "empty" else "-") + ",".join(map(str, changed))})
+        if on_step:
+            on_step(path[-1])
+    return GreedyResult(path, current, best)
+
+
+def _moves(current: tuple[int, ...], candidates: Sequence[int], start: str, consecutive: bool,
+           max_blocks: int | None) -> list[tuple[int, ...]]:
+    if start == "empty":
+        if max_blocks is not None and len(current) >= max_blocks:
+            return []
+        free = [b for b in candidates if b not in current]
+        if consecutive and current:
+            free = [b for b in free if b in (current[0] - 1, current[-1] + 1)]
+        return [tuple(sorted((*current, b))) for b in free]
+    if len(current) <= 1:
+        return []
+    drops = [b for b in current if not consecutive or b in (current[0], current[-1])]
+    return [tuple(b2 for b2 in current if b2 != b) for b in drops]
+
+
+@dataclass(frozen=True)
+class GreedyConfig:
+    blocks: str | None = None  # candidate range; default: the cached layer to the last block
+    epsilon: float = 0.01
+    start: str = "empty"
+    consecutive: bool = False
+    max_blocks: int | None = None
+    folds: int = 0  # ≥ 2: choose by k-fold cross-validation on the training split; 0: by test accuracy
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, out: str | None = None,
+                  backbone: Backbone | None = None, progress: bool = False) -> GreedyResult:
+    """Greedy block selection on a cache; the test split scores the final choice (or every step when folds=0)."""
+    cache, backbone = open_for_training(cache, backbone)
+    lo, hi = parse_range(config.blocks, cache, backbone)
+    if config.folds == 1 or config.folds < 0:
+        raise BlockError(f"--folds must be 0 (choose by test accuracy) or at least 2, got {config.folds}")
+    bank = shared_bank(cache, backbone, config.train)
+    tcfg = config.train
+    memo: dict[tuple[int, ...], float] = {}
+    folds = _folds(cache, tcfg, config.folds) if config.folds else None
+
+    with progress_bar(progress, "runs/s") as bar:
+        task = bar.add_task("greedy", total=None)
+
+        def score(blocks: tuple[int, ...]) -> float:
+            if blocks not in memo:
+                cfg = replace(tcfg, blocks=spec_of(blocks))
+                if folds is None:
+                    memo[blocks] = train(cache, cfg, backbone=backbone, bank=bank).test_accuracy
+                else:
+                    memo[blocks] = statistics.fmean(
+                        train(cache, cfg, backbone=backbone, bank=bank, train_indices=fit_idx,
+                              eval_indices=val_idx).test_accuracy for fit_idx, val_idx in folds)
+                bar.advance(task)
+            return memo[blocks]
+
+        result = greedy_search(score, list(range(lo, hi + 1)), epsilon=config.epsilon, start=config.start,
+                               consecutive=config.consecutive, max_blocks=config.max_blocks)
+    final = train(cache, replace(tcfg, blocks=spec_of(result.blocks)), backbone=backbone, bank=bank)
+    result.test_accuracy = final.test_accuracy
+    if out:
+        _save_greedy(out, result, config, cache)
+    return result
+
+
+def _folds(cache: Cache, config: TrainConfig, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k stratified-by-shuffle folds over the (limited) training subset: (fit positions, held-out positions)."""
+    labels = labels_for(cache, config.train_split, config.labels)[0].numpy()
+    pool = balanced_subset(labels, config.limit, config.seed)
+    pool = np.arange(len(labels)) if pool is None else pool
+    pool = np.random.default_rng(config.seed).permutation(pool)
+    parts = np.array_split(pool, k)
+    return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i])) for i in range(k)]
+
+
+def _save_greedy(out: str, result: GreedyResult, config: GreedyConfig, cache: Cache) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "greedy.json").write_text(json.dumps(
+        {"cache": cache.path, "config": {**asdict(config), "train": asdict(config.train)}, "path": result.path,
+         "blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy}, indent=1))
+    with open(folder / "greedy.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=("step", "blocks", "change", "score"))
+        writer.writeheader()
+        writer.writerows(result.path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot([p["step"] for p in result.path], [p["score"] for p in result.path], marker="o")
+    for p in result.path:
+        ax.annotate(p["blocks"], (p["step"], p["score"]), textcoords="offset points", xytext=(0, 6), fontsize=8,
+                    ha="center")
+    ax.set_xlabel("greedy step")
+    ax.set_ylabel("validation accuracy" if config.folds else "test accuracy")
+    ax.set_title(f"Greedy selection (ε = {config.epsilon})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "greedy.png")
+    plt.close(fig)
+
