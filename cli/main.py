@@ -300,7 +300,7 @@ def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, a
 
 
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train")
+BENCHES = ("build", "train", "profile")
 
 
 @main.command()
@@ -311,7 +311,8 @@ BENCHES = ("build", "train")
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=2), default=2000, show_default=True, help="training images used")
 @click.option("--layer", default="13", show_default=True, help="cached layer")
-@click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train)")
+@click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train), profiled range (profile)")
+@click.option("--width", type=click.IntRange(min=1), default=1, show_default=True, help="window width (profile)")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -3,13 +3,16 @@
 * build:  build throughput ÷ bare prefix-forward throughput on the same images; bytes on disk ÷ raw float32.
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
+* profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
+          through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
+          (prefix forward + window/tail forward and backward) ÷ FLOPs of the same step from the cache.
 """
 from __future__ import annotations
 
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +34,8 @@ class BenchConfig:
     image_size: int = 64
     limit: int = 2000  # images of the train split used
     layer: str = "13"  # cached layer (`build`), first tuned block (`train`)
-    blocks: str = "13-16"  # tuned blocks (`train`)
+    blocks: str = "13-16"  # tuned blocks (`train`); the profiled range (`profile`)
+    width: int = 1  # window width (`profile`)
     epochs: int = 2
     batch_size: int = 256
     device: str = "auto"
@@ -136,6 +140,81 @@ def bench_train(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
               "device_resident_samples_per_second": n / device_s, "streaming_samples_per_second": n / stream_s,
               "images_samples_per_second": n / images_s, "device_resident_ratio": memory_s / device_s,
               "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s}
+    if tmp:
+        tmp.cleanup()
+    return result
+
+
+@torch.inference_mode()
+def _forward_flops(backbone: Backbone) -> tuple[int, list[int], int]:
+    """Forward FLOPs per image of the stem, of each block, and of the neck (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .backbones import describe_blocks
+
+    size = backbone.preprocess.image_size
+    x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
+    with FlopCounterMode(display=False) as stem:
+        h = backbone.stem(x)
+    h = backbone.run_blocks(h, 1, backbone.num_blocks)
+    with FlopCounterMode(display=False) as neck:
+        backbone.neck(h)
+    return stem.get_total_flops(), [b.flops for b in describe_blocks(backbone)], neck.get_total_flops()
+
+
+def training_flops(backbone: Backbone, window: tuple[int, ...]) -> tuple[int, int]:
+    """FLOPs of one training step per image for a window: (from images, from the cache).
+
+    Backward ≈ 2× forward for the tuned blocks (input and weight gradients) and 1× for the frozen blocks after
+    them (input gradients only); the prefix runs forward only. (FlopCounterMode itself counts a grouped conv's
+    backward as dense, so it cannot be used on the backward of depthwise blocks.)"""
+    stem, blocks, neck = _forward_flops(backbone)
+    first, last = window[0], window[-1]
+    prefix = stem + sum(blocks[:first - 1])
+    tuned = sum(blocks[first - 1:last])
+    rest = sum(blocks[last:]) + neck
+    from_cache = 3 * tuned + 2 * rest
+    return prefix + from_cache, from_cache
+
+
+def bench_profile(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+    """A profile over K windows with subcache (one cache build + every run from it) vs the reference way (every
+    run pushes every epoch's images through the whole frozen network), same epochs, same run; and the FLOP bound."""
+    from .backbones import parse_block_spec
+    from .profiling import ProfileConfig, profile_blocks, spec_of, windows
+    from .train import train_reference
+
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
+    blocks = parse_block_spec(config.blocks, backbone)
+    lo, hi = blocks[0], blocks[-1]
+    wins = windows(lo, hi, config.width)
+    tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device)
+    root, tmp = _workdir(config)
+    out = str(root / "bench-profile.zarr")
+    t0 = time.perf_counter()
+    build_cache(BuildConfig(out=out, layers=(str(lo),), model=config.model, weights=config.weights,
+                            data=config.data, limit=config.limit, image_size=config.image_size,
+                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
+    cache_build_s = time.perf_counter() - t0
+    profile_blocks(out, ProfileConfig(blocks=f"{lo}-{hi}", widths=(config.width,), probe=False, train=tcfg),
+                   backbone=backbone)
+    cached_s = time.perf_counter() - t0
+
+    source = open_source(config.data, "train", limit=config.limit)
+    classes = len(open_cache(out).classes)
+    t0 = time.perf_counter()
+    for win in wins:
+        train_reference(source, backbone, win[0], replace(tcfg, blocks=spec_of(win)), classes, config.device)
+    reference_s = time.perf_counter() - t0
+
+    flops = [training_flops(backbone, win) for win in wins]
+    bound = sum(f[0] for f in flops) / sum(f[1] for f in flops)
+    speedup = reference_s / cached_s
+    result = {"windows": [spec_of(w) for w in wins], "epochs": config.epochs, "images": len(source),
+              "device": str(device), "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
+              "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
+              "bound_fraction": speedup / bound}
     if tmp:
         tmp.cleanup()
     return result

@@ -16,7 +16,7 @@ import numpy as np
 from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
-from .errors import BlockError
+from .errors import BlockError, SubcacheError
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
 from .store import Cache
@@ -115,7 +115,7 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     plan = [(w, win) for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     if config.probe:
         plan.insert(0, (0, ()))
-    rows = _load_rows(out)
+    rows = _load_rows(out, config.train)
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train)
@@ -138,10 +138,18 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     return result
 
 
-def _load_rows(out: str | None) -> list[dict]:
-    if out and (Path(out) / "profile.json").is_file():
-        return list(json.loads((Path(out) / "profile.json").read_text())["runs"])
-    return []
+def _load_rows(out: str | None, train_config: TrainConfig) -> list[dict]:
+    """Finished runs of an earlier (interrupted) profile in ``out`` — refused if they were trained otherwise."""
+    if not (out and (Path(out) / "profile.json").is_file()):
+        return []
+    saved = json.loads((Path(out) / "profile.json").read_text())
+    before = {k: v for k, v in saved["config"]["train"].items() if k not in ("blocks", "seed")}
+    now = {k: v for k, v in asdict(train_config).items() if k not in ("blocks", "seed")}
+    if before != now:
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        raise SubcacheError(f"{out} holds a profile trained with other settings ({', '.join(changed)} differ); "
+                         f"use another --out or the same options")
+    return list(saved["runs"])
 
 
 def _save(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:
@@ -161,6 +169,7 @@ def _save(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> No
 def plot_profile(result: ProfileResult, path: Path, cache: Cache) -> None:
     """Accuracy vs first block of the window, one line per width, mean ± std bands, the probe as a line."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,6 +185,7 @@ def plot_profile(result: ProfileResult, path: Path, cache: Cache) -> None:
     probe = [s for s in summary if s["width"] == 0]
     if probe:
         ax.axhline(probe[0]["mean"], color="gray", linestyle="--", label="linear probe")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("first block of the tuned window")
     ax.set_ylabel("test accuracy")
     b = cache.backbone

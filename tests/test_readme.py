@@ -23,3 +23,11 @@ def test_quickstart_example_runs_in_tiny_mode(tmp_path):
                           env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "linear probe" in done.stdout and "SubTuning" in done.stdout
+
+
+def test_profile_example_runs_in_tiny_mode(tmp_path):
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "profile.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "profile" / "profile.png").is_file() and (tmp_path / "greedy" / "greedy.csv").is_file()
