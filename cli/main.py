@@ -299,8 +299,113 @@ def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, a
     console.print(f"chosen blocks {result.blocks or 'none'}: test accuracy {result.test_accuracy:.4f} → {out}")
 
 
+# -- score / al / labels ----------------------------------------------------------------------------------------
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--task", "task_dir", required=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--metric", type=click.Choice(["margin", "entropy", "least-confidence"]), default="margin",
+              show_default=True)
+@click.option("--top", type=click.IntRange(min=1), help="print the K most uncertain items")
+@click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False),
+              help="file of ids to leave out (one per line, or a CSV with an id column)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, help="scores as .csv or .npz (id, score, pred, prob)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
+    """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
+    exclude = read_ids(exclude_file) if exclude_file else None
+    scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device)
+    scores.save(out)
+    picked = scores.top(top) if top else []
+    if as_json:
+        emit_json({"out": out, "items": len(scores.ids), "metric": metric,
+                   "top": [{"id": int(scores.ids[i]), "score": float(scores.score[i]), "pred": int(scores.pred[i])}
+                           for i in picked]})
+        return
+    console.print(f"scored {len(scores.ids)} items of {split} by {metric} → {out}")
+    if top:
+        table = Table(title=f"{top} most uncertain")
+        for col in ("id", metric, "predicted", "probability"):
+            table.add_column(col, justify="right")
+        for i in picked:
+            table.add_row(str(scores.ids[i]), f"{scores.score[i]:.4f}", str(scores.pred[i]), f"{scores.prob[i]:.4f}")
+        console.print(table)
+
+
+def read_ids(path: str) -> "np.ndarray":
+    import numpy as np
+
+    lines = [line.split(",")[0].strip() for line in open(path) if line.strip()]
+    lines = lines[1:] if lines and not lines[0].lstrip("-").isdigit() else lines
+    try:
+        return np.array([int(x) for x in lines], dtype=np.int64)
+    except ValueError:
+        raise click.ClickException(f"{path}: ids must be integers, one per line (or an id column)") from None
+
+
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--blocks", required=True)
+@click.option("--budgets", required=True, help="labelled-set sizes per round, e.g. 100,500,1000")
+@click.option("--strategy", default="margin", show_default=True,
+              help="margin | entropy | least-confidence | random, or several: margin,random")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--oracle", type=click.Path(dir_okay=False),
+              help="CSV id,label filled in by a person; the run stops at each round with OUT/STRATEGY/to_label.csv")
+@train_options
+@click.option("--out", required=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
+    """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
+    try:
+        budget_list = tuple(int(b) for b in budgets.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{budgets!r} is not a comma-separated list of sizes", param_hint="--budgets")
+    strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
+    config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
+                               oracle=oracle, train=train_config(**kw))
+    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=not as_json)
+    waiting = {s: r.waiting for s, r in results.items() if r.waiting}
+    if as_json:
+        emit_json({"curves": {s: r.curve for s, r in results.items()}, "waiting": waiting, "out": out})
+        return
+    for s, path in waiting.items():
+        console.print(f"[yellow]{s}: waiting for labels[/]: fill in {path}, add the rows to {oracle}, rerun")
+    table = Table(title="active learning: test accuracy (mean over seeds)")
+    table.add_column("budget", justify="right")
+    for s in results:
+        table.add_column(s, justify="right")
+    for b in budget_list:
+        cells = []
+        for r in results.values():
+            accs = [c["accuracy"] for c in r.curve if c["budget"] == b]
+            cells.append(f"{sum(accs) / len(accs):.4f}" if accs else "–")
+        table.add_row(str(b), *cells)
+    console.print(table)
+
+
+@main.group()
+def labels() -> None:
+    """Extra label sets on a cache, so one cache serves several tasks."""
+
+
+@labels.command("add")
+@click.argument("cache")
+@click.option("--name", required=True)
+@click.option("--file", "file", required=True, help="CSV with columns id,label, every item of the split once")
+@click.option("--split", default="train", show_default=True)
+@friendly
+def labels_add(cache, name, file, split) -> None:
+    """Attach labels/NAME to a split of CACHE (use with --labels NAME in train and al)."""
+    summary = subcache.add_labels(cache, name, file, split)
+    console.print(f"added {summary['name']} to {split}: {summary['items']} items, {len(summary['classes'])} classes")
+
+
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train", "profile")
+BENCHES = ("build", "train", "profile", "score")
 
 
 @main.command()

@@ -3,6 +3,7 @@
 * build:  build throughput ÷ bare prefix-forward throughput on the same images; bytes on disk ÷ raw float32.
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
+* score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
           through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
           (prefix forward + window/tail forward and backward) ÷ FLOPs of the same step from the cache.
@@ -215,6 +216,44 @@ def bench_profile(config: BenchConfig = BenchConfig(), progress: bool = False) -
               "device": str(device), "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
               "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
               "bound_fraction": speedup / bound}
+    if tmp:
+        tmp.cleanup()
+    return result
+
+
+def bench_score(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+    """Scoring a pool from the cache vs through the full frozen network from images (same model, same run)."""
+    from .active import pool_logits
+    from .backbones import parse_block_spec
+
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
+    layer = backbone.resolve(config.layer)
+    root, tmp = _workdir(config)
+    out = str(root / "bench-score.zarr")
+    build_cache(BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
+                            data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
+                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
+    cache = open_cache(out)
+    model = TunedModel(backbone, layer, parse_block_spec(config.blocks, backbone), len(cache.classes),
+                       tuple(cache.attrs["sample_shape"])).to(device).eval()
+    source = open_source(config.data, "train", limit=config.limit)
+
+    @torch.inference_mode()
+    def from_images() -> torch.Tensor:
+        out = []
+        for a in range(0, len(source), 512):
+            x = to_input(source.load(a, min(a + 512, len(source)), backbone.preprocess).to(device),
+                         backbone.preprocess)
+            out.append(model(backbone.prefix(x, layer)).cpu())
+        return torch.cat(out)
+
+    pool_logits(model, cache, "train", device)  # warm-up
+    cache_s = _timed(lambda: pool_logits(model, cache, "train", device), device)
+    images_s = _timed(from_images, device)
+    result = {"items": len(source), "layer": layer, "device": str(device),
+              "cache_items_per_second": len(source) / cache_s, "images_items_per_second": len(source) / images_s,
+              "speedup": images_s / cache_s}
     if tmp:
         tmp.cleanup()
     return result

@@ -207,12 +207,14 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
 def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
           backbone: Backbone | None = None, progress: bool = False,
           on_epoch: Callable[[dict], None] | None = None, bank: "ActivationBank | None" = None,
-          train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None) -> TrainResult:
+          train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None,
+          labels_override: torch.Tensor | None = None) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache; evaluate on its test split; save the task to ``out``.
 
     ``bank`` shares frozen-block activations between runs (profiles, greedy, active learning; augmentation off).
     ``train_indices`` replaces the ``limit`` subset with explicit positions in the training split;
     ``eval_indices`` scores on those positions of the *training* split instead of the test split (k-fold CV).
+    ``labels_override`` supplies the training split's labels (e.g. from a person, in active learning).
     """
     if config.epochs <= 0 or config.batch_size <= 1:
         raise SubcacheError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
@@ -222,6 +224,7 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
     labels, num_classes = labels_for(cache, config.train_split, config.labels)
+    labels = labels if labels_override is None else labels_override
     indices = balanced_subset(labels.numpy(), config.limit, config.seed) if train_indices is None else train_indices
     subset = labels if indices is None else labels[torch.from_numpy(indices)]
 
@@ -303,6 +306,12 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
 
+def label_classes(cache: Cache, split: str, name: str) -> list[str]:
+    from .labels import label_classes as classes
+
+    return classes(cache, split, name)
+
+
 def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,
           complete: bool, **extra) -> dict:
     import zarr
@@ -313,7 +322,7 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
         "cache": cache.path, "cache_layer": cache.layer, "cache_layer_name": cache.layer_name,
         "sample_shape": cache.attrs["sample_shape"], "preprocess": cache.attrs["preprocess"],
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
-        "classes": cache.classes if config.labels is None else [str(i) for i in range(model.head.out_features)],
+        "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,
         "config": asdict(config), "metrics": metrics,
         "versions": {"subcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__},

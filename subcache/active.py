@@ -1,0 +1,311 @@
+"""Offline uncertainty scoring over a cached pool and pool-based active learning (paper §4.2).
+
+Each round retrains the tuned blocks from the pretrained weights on the labelled set, scores the unlabelled pool
+from the cache (no images), and labels the most uncertain items — by default the smallest classification margin
+(top-1 minus top-2 probability).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .bank import ActivationBank
+from .build import resolve_device
+from .errors import DataError, SubcacheError
+from .progress import progress_bar
+from .store import Cache, from_storage, open_cache, read
+from .task import backbone_for, load_task
+from .train import TrainConfig, labels_for, open_for_training, train
+from .tuned import TunedModel
+
+METRICS = ("margin", "entropy", "least-confidence")
+STRATEGIES = (*METRICS, "random")
+
+
+# -- scores --------------------------------------------------------------------------------------------------------
+def uncertainty(logits: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw score, uncertainty) per row; higher uncertainty = more worth labelling.
+
+    margin: top-1 minus top-2 probability (uncertainty = -margin); entropy: -Σ p log p; least-confidence:
+    1 - max p."""
+    probs = logits.float().softmax(-1)
+    if metric == "margin":
+        top = probs.topk(2, dim=-1).values if probs.shape[-1] > 1 else torch.cat([probs, 0 * probs], -1)
+        score = top[:, 0] - top[:, 1]
+        return score, -score
+    if metric == "entropy":
+        score = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return score, score
+    if metric == "least-confidence":
+        score = 1 - probs.max(-1).values
+        return score, score
+    raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+
+
+def most_uncertain(values: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` candidates (positions) with the highest uncertainty; ties go to the smaller position."""
+    if k > len(candidates):
+        raise DataError(f"asked for {k} items but only {len(candidates)} remain unlabelled")
+    order = np.lexsort((candidates, -values[candidates]))
+    return candidates[order[:k]]
+
+
+@dataclass
+class PoolScores:
+    ids: np.ndarray  # (N,) the cache's ids
+    positions: np.ndarray  # (N,) positions in the split
+    score: np.ndarray  # raw metric value
+    uncertainty: np.ndarray  # higher = more uncertain
+    pred: np.ndarray  # predicted class
+    prob: np.ndarray  # its probability
+    metric: str
+
+    def top(self, k: int) -> np.ndarray:
+        """Indices (into these arrays) of the k most uncertain items."""
+        return np.lexsort((self.positions, -self.uncertainty))[:k]
+
+    def save(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        cols = {"id": self.ids, "score": self.score, "pred": self.pred, "prob": self.prob}
+        if p.suffix == ".npz":
+            np.savez(p, **cols)
+        elif p.suffix == ".csv":
+            with open(p, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(cols)
+                w.writerows(zip(*(c.tolist() for c in cols.values())))
+        else:
+            raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
+
+
+@torch.inference_mode()
+def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.device,
+                bank: ActivationBank | None = None, batch: int = 1024) -> torch.Tensor:
+    """Logits of every item of a cached split (from the bank's activations when given)."""
+    model.eval()
+    if bank is not None:
+        x = bank.input_of(split, model.first_trainable)
+        return torch.cat([model.trainable_part(x[i:i + batch]) for i in range(0, len(x), batch)]).float().cpu()
+    s = cache.split(split)
+    step = max(batch // s.chunk_len, 1) * s.chunk_len
+    out = []
+    for a in range(0, len(s), step):
+        x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device).float()
+        out += [model(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",
+               exclude: np.ndarray | None = None, device: str = "auto",
+               backbone: Backbone | None = None) -> PoolScores:
+    """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
+    if metric not in METRICS:
+        raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    cache = open_cache(cache) if isinstance(cache, str) else cache
+    saved = load_task(task)
+    cache.check_backbone(saved.meta["backbone"])
+    backbone = backbone or backbone_for(cache.backbone)
+    dev = resolve_device(device)
+    model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
+    logits = pool_logits(model, cache, split, dev)
+    ids = read(cache.split(split).id, slice(None))
+    keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude)
+    score, unc = uncertainty(logits, metric)
+    probs = logits.softmax(-1).max(-1)
+    return PoolScores(ids[keep], np.flatnonzero(keep), score.numpy()[keep], unc.numpy()[keep],
+                      probs.indices.numpy()[keep], probs.values.numpy()[keep], metric)
+
+
+# -- active learning -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ALConfig:
+    blocks: str = "none"
+    budgets: tuple[int, ...] = (100, 500, 1000)  # labelled-set sizes after each round
+    strategy: str = "margin"  # margin | entropy | least-confidence | random
+    seeds: int = 1  # repetitions with different initial sets (and training seeds)
+    oracle: str | None = None  # CSV id,label supplied by a person; None: labels come from the cache (simulation)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ALResult:
+    curve: list[dict]  # budget, accuracy, strategy, seed
+    waiting: str | None = None  # path of to_label.csv when the run stopped for labels
+
+
+def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone: Backbone | None = None,
+                    progress: bool = False) -> ALResult:
+    """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
+    _check(config)
+    cache, backbone = open_for_training(cache, backbone)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _load_state(folder, config)
+    truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
+    ids = read(cache.split(config.train.train_split).id, slice(None))
+    if config.budgets[-1] > len(ids):
+        raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
+    bank = ActivationBank(cache, backbone, resolve_device(config.train.device))
+    total = config.seeds * len(config.budgets)
+    with progress_bar(progress, "rounds/s") as bar:
+        task = bar.add_task(f"active learning ({config.strategy})", total=total,
+                            completed=sum(len(s["curve"]) for s in state["seeds"].values()))
+        for seed in range(config.seeds):
+            run = state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
+            while len(run["curve"]) < len(config.budgets):
+                r = len(run["curve"])
+                if not run["labelled"]:
+                    rng = np.random.default_rng(seed)
+                    run["labelled"] = np.sort(rng.choice(len(ids), config.budgets[0], replace=False)).tolist()
+                    _save_state(folder, state)
+                labelled = np.asarray(run["labelled"])
+                labels = truth
+                if config.oracle:
+                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth)
+                    if len(missing):
+                        waiting = _ask(folder, ids[missing], config.oracle)
+                        return ALResult(_curve(state, config), waiting)
+                result = train(cache, replace(config.train, blocks=config.blocks, seed=seed), backbone=backbone,
+                               bank=None if config.train.augment not in ("none", "") else bank,
+                               train_indices=labelled, labels_override=labels)
+                run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
+                if r + 1 < len(config.budgets):
+                    extra = config.budgets[r + 1] - len(labelled)
+                    run["labelled"] = np.sort(np.concatenate(
+                        [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
+                _save_state(folder, state)  # atomic: a killed run resumes at this round
+                bar.advance(task)
+    curve = _curve(state, config)
+    _write_curve(folder, curve, config)
+    return ALResult(curve)
+
+
+def _check(config: ALConfig) -> None:
+    if config.strategy not in STRATEGIES:
+        raise SubcacheError(f"unknown strategy {config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    b = config.budgets
+    if not b or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
+        raise DataError(f"--budgets must be increasing labelled-set sizes starting at 2 or more, got "
+                        f"{','.join(map(str, b))}")
+
+
+def _select(model: TunedModel, cache: Cache, config: ALConfig, seed: int, round_: int, labelled: np.ndarray,
+            k: int, bank: ActivationBank) -> np.ndarray:
+    pool = np.setdiff1d(np.arange(len(cache.split(config.train.train_split))), labelled)
+    if config.strategy == "random":
+        rng = np.random.default_rng([seed, round_])
+        return np.sort(rng.choice(pool, k, replace=False))
+    logits = pool_logits(model, cache, config.train.train_split, next(model.head.parameters()).device, bank)
+    values = uncertainty(logits, config.strategy)[1].numpy()
+    return most_uncertain(values, pool, k)
+
+
+def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray,
+                   truth: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """Labels supplied so far (CSV id,label with integer class labels); positions of labelled items still missing."""
+    from .labels import read_label_file
+
+    given = {}
+    if Path(path).is_file():
+        file_ids, values = read_label_file(path)
+        try:
+            given = {int(i): int(v) for i, v in zip(file_ids, values)}
+        except ValueError:
+            raise DataError(f"{path}: oracle labels must be class indices (integers)") from None
+    labels = torch.full_like(truth, -1)
+    have = np.array([int(ids[p]) in given for p in labelled], bool)
+    for p in labelled[have]:
+        labels[p] = given[int(ids[p])]
+    return labels, labelled[~have]
+
+
+def _ask(folder: Path, ids: np.ndarray, oracle: str) -> str:
+    path = folder / "to_label.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label"])
+        w.writerows([[int(i), ""] for i in ids])
+    return str(path)
+
+
+def _load_state(folder: Path, config: ALConfig) -> dict:
+    path = folder / "state.json"
+    if not path.is_file():
+        return {"config": _config_dict(config), "seeds": {}}
+    state = json.loads(path.read_text())
+    if state["config"] != _config_dict(config):
+        raise SubcacheError(f"{folder} holds an active-learning run with other settings; use another --out or the "
+                            f"same options")
+    return state
+
+
+def _config_dict(config: ALConfig) -> dict:
+    d = asdict(config)
+    d["budgets"] = list(config.budgets)
+    d.pop("seeds")  # more seeds extend a finished run
+    return d
+
+
+def _save_state(folder: Path, state: dict) -> None:
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(folder / "state.json")
+
+
+def _curve(state: dict, config: ALConfig) -> list[dict]:
+    return [{"budget": c["budget"], "accuracy": c["accuracy"], "strategy": config.strategy, "seed": int(seed)}
+            for seed, run in state["seeds"].items() for c in run["curve"]]
+
+
+def _write_curve(folder: Path, curve: list[dict], config: ALConfig) -> None:
+    (folder / "curve.json").write_text(json.dumps(curve, indent=1))
+    with open(folder / "curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=("budget", "accuracy", "strategy", "seed"))
+        w.writeheader()
+        w.writerows(curve)
+
+
+def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> None:
+    """Accuracy vs labelled budget, one line per strategy, mean ± std over seeds (the paper's Figure 5 shape)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for name, curve in runs.items():
+        budgets = sorted({c["budget"] for c in curve})
+        accs = [[c["accuracy"] for c in curve if c["budget"] == b] for b in budgets]
+        m, s = np.array([np.mean(a) for a in accs]), np.array([np.std(a) for a in accs])
+        ax.plot(budgets, m, marker="o", label=name)
+        ax.fill_between(budgets, m - s, m + s, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled examples")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "Active learning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[str, ...], *, out: str,
+                       backbone: Backbone | None = None, progress: bool = False) -> dict[str, ALResult]:
+    """Run the same budgets with several strategies (``out/STRATEGY``) and plot them together (``out/al.png``)."""
+    cache, backbone = open_for_training(cache, backbone)
+    results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
+                                  progress=progress) for s in strategies}
+    if not any(r.waiting for r in results.values()):
+        b = cache.backbone
+        plot_curves({s: r.curve for s, r in results.items()}, Path(out) / "al.png",
+                    f"Active learning: SubTuning {config.blocks}, {b['model']}")
+    return results

@@ -1,0 +1,91 @@
+"""Extra label sets on one cache (`SPLIT/labels/NAME`): the same activations serve several tasks."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from .errors import DataError
+from .store import Cache, open_cache, read
+
+
+def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """A CSV with columns ``id,label`` (header required) → (ids, label strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"label file {p} does not exist")
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{p} needs a header with columns id,label; it has {reader.fieldnames}")
+        rows = list(reader)
+    try:
+        ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"{p}: every id must be an integer (the cache's `id` column)") from None
+    return ids, [str(r["label"]) for r in rows]
+
+
+def add_labels(cache_path: str, name: str, file: str, split: str = "train") -> dict:
+    """Attach a label set to a split; every item of the split labelled once, by its id. Returns a summary."""
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise DataError(f"label set name {name!r} must be letters, digits, - or _")
+    cache = open_cache(cache_path)
+    s = cache.split(split)
+    ids, labels = read_label_file(file)
+    cache_ids = read(s.id, slice(None))
+    position = {int(i): p for p, i in enumerate(cache_ids)}
+    unknown = [int(i) for i in ids if int(i) not in position]
+    if unknown:
+        raise DataError(f"{file}: {len(unknown)} ids are not in split {split} of {cache_path} (e.g. {unknown[:3]})")
+    if len(set(ids.tolist())) != len(ids):
+        raise DataError(f"{file}: some ids appear more than once")
+    if len(ids) != len(cache_ids):
+        raise DataError(f"{file} labels {len(ids)} items; split {split} has {len(cache_ids)}: label every item")
+    classes = _classes(cache, name, labels)
+    index = {c: i for i, c in enumerate(classes)}
+    values = np.empty(len(cache_ids), dtype=np.int64)
+    values[[position[int(i)] for i in ids]] = [index[label] for label in labels]
+    group = zarr.open_group(cache.path, mode="r+")
+    target = group.require_group(f"{split}/labels")
+    arr = target.create_array(name, shape=values.shape, chunks=(s.chunk_len,), dtype=np.int64, overwrite=True,
+                              attributes={"classes": classes})
+    arr[:] = values
+    return {"name": name, "split": split, "items": len(values), "classes": classes}
+
+
+def _classes(cache: Cache, name: str, labels: list[str]) -> list[str]:
+    """Class list of the label set: the one other splits already use, extended by new labels (sorted)."""
+    known: list[str] = []
+    for split in cache.splits:
+        group = cache.group[split]
+        if "labels" in group and name in group["labels"]:
+            known = list(group["labels"][name].attrs["classes"])
+            break
+    return known + sorted(set(labels) - set(known), key=_natural)
+
+
+def _natural(label: str) -> tuple:
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def label_sets(cache: Cache, split: str) -> list[str]:
+    group = cache.group[split]
+    return sorted(group["labels"].array_keys()) if "labels" in group else []
+
+
+def read_labels(cache: Cache, split: str, name: str) -> tuple[torch.Tensor, int]:
+    """Labels of ``split`` from label set ``name`` and its number of classes."""
+    available = label_sets(cache, split)
+    if name not in available:
+        raise DataError(f"cache {cache.path} has no label set {name!r} for split {split}; it has "
+                        f"{', '.join(available) or 'none'} (add one with `subcache labels add`)")
+    arr = cache.group[split]["labels"][name]
+    return torch.from_numpy(read(arr, slice(None))), len(arr.attrs["classes"])
+
+
+def label_classes(cache: Cache, split: str, name: str) -> list[str]:
+    return list(cache.group[split]["labels"][name].attrs["classes"])
