@@ -192,6 +192,10 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="evaluate on the test split every k epochs (0: at the end)")
 @click.option("--siamese", is_flag=True, help="head sees original + tuned features")
+@click.option("--prune", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="channel-prune this fraction of the tuned blocks before training")
+@click.option("--prune-norm", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--prune-scope", type=click.Choice(["local", "global"]), default="local", show_default=True)
 @click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
@@ -203,8 +207,10 @@ def train(cache, out, as_json, **kw) -> None:
         return
     console.print(history_table(result.history))
     acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    pruned = f" ({result.param_fraction:.0%} of the blocks' params after pruning)" if kw["prune"] else ""
     console.print(f"blocks {kw['blocks']}: test accuracy [bold]{acc}[/], {fmt_int(result.trainable_params)} "
-                  f"trainable params, {result.samples_per_second:,.0f} samples/s ({result.loader} loader) → {out}")
+                  f"trainable params{pruned}, {result.samples_per_second:,.0f} samples/s ({result.loader} loader) "
+                  f"→ {out}")
 
 
 @main.command()
@@ -404,8 +410,38 @@ def labels_add(cache, name, file, split) -> None:
     console.print(f"added {summary['name']} to {split}: {summary['items']} items, {len(summary['classes'])} classes")
 
 
+# -- predict ---------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
+@click.option("--data", required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", help="write per-task predictions (CSV: id, label, one column per task)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def predict(tasks, data, split, limit, batch_size, device, out, as_json) -> None:
+    """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block."""
+    result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
+                              progress=not as_json)
+    if out:
+        result.save(out)
+    if as_json:
+        emit_json({"items": len(result.ids), "accuracy": result.accuracy, "tasks": list(result.preds),
+                   "images_per_second": round(result.images_per_second, 1), "out": out})
+        return
+    table = Table(title=f"predictions on {data} ({split}, {len(result.ids)} images)")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for name in result.preds:
+        acc = result.accuracy.get(name)
+        table.add_row(name, "–" if acc is None else f"{acc:.4f}")
+    console.print(table)
+
+
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train", "profile", "score")
+BENCHES = ("build", "train", "profile", "score", "multitask")
 
 
 @main.command()

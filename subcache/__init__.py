@@ -17,9 +17,10 @@ from .tuned import TunedModel  # noqa: E402
 from .derive import DeriveConfig, derive_cache  # noqa: E402
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
+from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
 from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select, profile_blocks  # noqa: E402
 
-__all__ = ["ALConfig", "ALResult", "PoolScores", "active_learning", "add_labels", "compare_strategies",
+__all__ = ["MultiTaskModel", "Predictions", "predict", "ALConfig", "ALResult", "PoolScores", "active_learning", "add_labels", "compare_strategies",
            "score_pool", "DeriveConfig", "GreedyConfig", "ProfileConfig", "derive_cache", "greedy_search", "greedy_select",
            "profile_blocks", "Backbone", "BlockInfo", "BuildConfig", "BuildResult", "Cache", "ImageSource", "Preprocess",
            "Task", "TrainConfig", "TrainResult", "TunedModel", "build_cache", "cache_info", "evaluate", "evaluate_task", "load_task",

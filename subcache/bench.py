@@ -3,6 +3,7 @@
 * build:  build throughput ÷ bare prefix-forward throughput on the same images; bytes on disk ÷ raw float32.
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
+* multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64.
 * score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
           through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
@@ -256,4 +257,61 @@ def bench_score(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
               "speedup": images_s / cache_s}
     if tmp:
         tmp.cleanup()
+    return result
+
+
+def _latency(fn, x: torch.Tensor, device: torch.device, reps: int) -> float:
+    """Median seconds per call after warm-up (CUDA events on a GPU, wall clock on the CPU)."""
+    import statistics
+
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(x)
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(x)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False, tasks: int = 3,
+                    reps: int = 10) -> dict:
+    """Latency of the backbone alone, backbone + k SubTuned tasks (MultiTaskModel), backbone + k full copies;
+    the added latency per task as a ratio to a second full model, at batch 1 and 64."""
+    import copy
+
+    from torch import nn
+
+    from .backbones import parse_block_spec
+    from .multitask import MultiTaskModel, TaskBranch
+
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
+    window = parse_block_spec(config.blocks, backbone)
+    size = backbone.preprocess.image_size
+    dim = backbone.features(backbone.stem(torch.zeros(1, 3, size, size, device=device)), 0).shape[-1]
+    branches = {f"task{k}": TaskBranch({i: copy.deepcopy(backbone.block(i)) for i in window}, nn.Linear(dim, 10),
+                                       False) for k in range(tasks)}
+    multi = MultiTaskModel(backbone, branches).to(device).eval()
+    copies = [copy.deepcopy(backbone).to(device) for _ in range(tasks)]
+    result = {"model": config.model, "image_size": size, "tasks": tasks, "window": list(window),
+              "device": str(device)}
+    for batch in (1, 64):
+        x = torch.randn(batch, 3, size, size, device=device)
+        alone = _latency(backbone, x, device, reps)
+        shared = _latency(multi, x, device, reps)
+        full = _latency(lambda x: [backbone(x)] + [c(x) for c in copies], x, device, reps)
+        result[f"backbone_ms_b{batch}"] = alone * 1e3
+        result[f"multitask_ms_b{batch}"] = shared * 1e3
+        result[f"full_copies_ms_b{batch}"] = full * 1e3
+        result[f"added_latency_ratio_b{batch}"] = ((shared - alone) / tasks) / ((full - alone) / tasks)
     return result

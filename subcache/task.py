@@ -48,8 +48,15 @@ class Task:
         first = self.start if start is None else start
         if self.blocks and first > min(self.blocks):
             raise TaskError(f"task {self.path} tunes block {min(self.blocks)}, before block {first}")
-        model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), tuple(self.meta["sample_shape"])
-                           if first == self.start else _shape_at(backbone, first), self.meta.get("siamese", False))
+        shape = tuple(self.meta["sample_shape"]) if first == self.start else _shape_at(backbone, first)
+        model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), shape,
+                           self.meta.get("siamese", False))
+        if self.meta.get("pruned_shapes"):
+            from .pruning import PruneConfig, rebuild
+
+            c = self.meta["config"]
+            rebuild(model, shape, PruneConfig(c["prune"], c["prune_norm"], c["prune_scope"]),
+                    self.meta["pruned_shapes"])
         missing, unexpected = model.load_state_dict(self.state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:

@@ -47,6 +47,9 @@ class TrainConfig:
     loader: str = "auto"  # auto | memory | stream: stream when the split exceeds the memory budget
     labels: str | None = None  # an extra label set of the cache (labels/NAME) instead of y
     siamese: bool = False  # head sees original + tuned features (paper §5.1)
+    prune: float = 0.0  # channel-prune this fraction of the tuned blocks' inner channels before training (§5.2)
+    prune_norm: str = "l1"  # l1 | l2 magnitude importance
+    prune_scope: str = "local"  # local (per layer) | global (ranked across the tuned blocks)
     train_split: str = "train"
     test_split: str = "test"
 
@@ -63,12 +66,13 @@ class TrainResult:
     num_samples: int
     history: list[dict] = field(default_factory=list)
     loader: str = "memory"
+    param_fraction: float = 1.0  # tuned-block parameters kept by pruning
 
     def metrics(self) -> dict:
         return {"test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
                 "train_seconds": round(self.train_seconds, 4), "trainable_params": self.trainable_params,
                 "samples_per_second": round(self.samples_per_second, 1), "num_samples": self.num_samples,
-                "blocks": list(self.blocks), "loader": self.loader}
+                "blocks": list(self.blocks), "loader": self.loader, "param_fraction": self.param_fraction}
 
 
 def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
@@ -233,6 +237,12 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
         torch.manual_seed(config.seed)  # the head's init is part of the run's identity
         model = TunedModel(backbone, cache.layer, tuned, num_classes, tuple(cache.attrs["sample_shape"]),
                            config.siamese).to(device)
+    param_fraction = 1.0
+    if config.prune:
+        from .pruning import PruneConfig, prune_tuned_blocks
+
+        param_fraction = prune_tuned_blocks(model, tuple(cache.attrs["sample_shape"]),
+                                            PruneConfig(config.prune, config.prune_norm, config.prune_scope))
     if bank is not None and not augments:
         x = bank.input_of(config.train_split, model.first_trainable)
         x = x if indices is None else x[torch.from_numpy(indices).to(device)]
@@ -266,7 +276,7 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
     test_acc = score() if score is not None else None
     result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
                          config.epochs * loader.num_samples / max(seconds, 1e-9), tuned, loader.num_samples,
-                         history, type(loader).__name__.removesuffix("Loader").lower())
+                         history, type(loader).__name__.removesuffix("Loader").lower(), param_fraction)
     if out:
         save_task(out, model, _meta(cache, backbone, model, config, result.metrics(), complete=True,
                                     history=history))
@@ -306,6 +316,12 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
 
+def shapes(model: TunedModel) -> dict:
+    from .pruning import shapes as pruned_shapes
+
+    return pruned_shapes(model)
+
+
 def label_classes(cache: Cache, split: str, name: str) -> list[str]:
     from .labels import label_classes as classes
 
@@ -324,6 +340,7 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
         "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,
+        "pruned_shapes": shapes(model) if config.prune else None,
         "config": asdict(config), "metrics": metrics,
         "versions": {"subcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__},
         **extra,

@@ -1,0 +1,153 @@
+"""Many tasks on one deployed backbone (paper §3.1, Figure 1).
+
+The shared prefix runs once. Each task forks from the original activations at its first tuned block and runs its
+own tuned blocks; after its last tuned block its activations join the others *along the batch axis*, so every
+frozen block of the tail runs once on the bigger batch; the neck runs once too, then the batch is split into the
+task heads. Outputs equal each task run alone (tested).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .errors import TaskError
+from .task import Task, load_task
+
+
+class TaskBranch(nn.Module):
+    """One task's own parameters: tuned block copies (by index) and its head."""
+
+    def __init__(self, blocks: dict[int, nn.Module], head: nn.Module, siamese: bool):
+        super().__init__()
+        self.tuned = tuple(sorted(blocks))
+        self.blocks = nn.ModuleDict({str(i): b for i, b in blocks.items()})
+        self.head, self.siamese = head, siamese
+
+    @property
+    def first(self) -> int:
+        return self.tuned[0]
+
+    @property
+    def last(self) -> int:
+        return self.tuned[-1]
+
+
+class MultiTaskModel(nn.Module):
+    """The original backbone's output plus every task's logits, from one pass over the shared parts.
+
+    ``forward(x)`` takes normalised images (B, 3, S, S) and returns ``{"original": logits, name: logits, …}``.
+    """
+
+    def __init__(self, backbone: Backbone, branches: dict[str, TaskBranch], include_original: bool = True):
+        super().__init__()
+        if not branches:
+            raise TaskError("MultiTaskModel needs at least one task")
+        self.backbone, self.branches, self.include_original = backbone, nn.ModuleDict(branches), include_original
+        self.names = list(branches)
+        self._keep_original_until = (backbone.num_blocks if include_original or
+                                     any(b.siamese for b in branches.values())
+                                     else max(b.first for b in branches.values()) - 1)
+
+    @classmethod
+    def from_tasks(cls, backbone: Backbone, tasks: Sequence[str | Path | Task],
+                   include_original: bool = True) -> "MultiTaskModel":
+        """Load saved tasks (dirs or `Task`s) onto ``backbone``; each must come from this backbone."""
+        branches: dict[str, TaskBranch] = {}
+        for t in tasks:
+            task = t if isinstance(t, Task) else load_task(t)
+            if not task.blocks:
+                raise TaskError(f"task {task.path} is a linear probe (no tuned blocks); MultiTaskModel forks at a "
+                                f"tuned block")
+            model = task.model(backbone)  # checks the backbone's identity
+            name = Path(task.path).name or "task"
+            while name in branches or name == "original":
+                name += "_"
+            branches[name] = TaskBranch({i: model.tuned_blocks[str(i)] for i in task.blocks}, model.head,
+                                        task.meta.get("siamese", False))
+        return cls(backbone, branches, include_original).eval()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bb = self.backbone
+        batch = x.shape[0]
+        trunk = bb.stem(x)  # the shared frozen path: segments stacked along the batch axis
+        segments = ["original"]  # which branch each batch-sized segment of the trunk belongs to
+        private: dict[str, torch.Tensor] = {}
+        for i in range(1, bb.num_blocks + 1):
+            for name in self.names:  # fork: take the original activations at this task's first tuned block
+                if self.branches[name].first == i:
+                    private[name] = trunk[:batch]
+            for name, h in private.items():
+                branch = self.branches[name]
+                block = branch.blocks[str(i)] if i in branch.tuned else bb.block(i)
+                private[name] = block(h)
+            if segments and segments[0] == "original" and i > self._keep_original_until:
+                trunk, segments = trunk[batch:], segments[1:]  # no task needs the original branch any more
+            if segments:
+                trunk = bb.block(i)(trunk)
+            for name in [n for n in self.names if self.branches[n].last == i]:  # merge along the batch axis
+                trunk = torch.cat([trunk, private.pop(name)]) if segments else private.pop(name)
+                segments.append(name)
+        features = bb.neck(trunk)
+        parts = dict(zip(segments, features.split(batch)))
+        out = {"original": bb.head(parts["original"])} if self.include_original else {}
+        for name in self.names:
+            f = parts[name]
+            if self.branches[name].siamese:
+                f = torch.cat([f, parts["original"]], dim=-1)
+            out[name] = self.branches[name].head(f)
+        return out
+
+
+@dataclass
+class Predictions:
+    ids: np.ndarray
+    labels: np.ndarray
+    preds: dict[str, np.ndarray]  # task name → predicted class per item
+    accuracy: dict[str, float]  # tasks whose classes are the dataset's
+    images_per_second: float
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "label", *self.preds])
+            w.writerows(zip(self.ids.tolist(), self.labels.tolist(), *(v.tolist() for v in self.preds.values())))
+
+
+def predict(tasks: Sequence[str | Path], data: str, *, split: str = "test", limit: int | None = None,
+            batch_size: int = 128, device: str = "auto", progress: bool = False,
+            backbone: Backbone | None = None) -> Predictions:
+    """Run several tasks over a dataset with one `MultiTaskModel`; accuracy for tasks trained on its labels."""
+    from .build import resolve_device
+    from .data import open_source, to_input
+    from .progress import progress_bar
+    from .task import backbone_for
+
+    loaded = [load_task(t) for t in tasks]
+    backbone = backbone or backbone_for(loaded[0].meta["backbone"])
+    dev = resolve_device(device)
+    model = MultiTaskModel.from_tasks(backbone.to(dev), loaded, include_original=False).to(dev)
+    source = open_source(data, split, limit=limit)
+    outputs: dict[str, list] = {name: [] for name in model.names}
+    start = time.perf_counter()
+    with progress_bar(progress) as bar, torch.inference_mode():
+        task = bar.add_task(f"predict {split}", total=len(source))
+        for a in range(0, len(source), batch_size):
+            images = source.load(a, min(a + batch_size, len(source)), backbone.preprocess).to(dev)
+            for name, logits in model(to_input(images, backbone.preprocess)).items():
+                outputs[name].append(logits.argmax(1).cpu())
+            bar.advance(task, len(images))
+    seconds = time.perf_counter() - start
+    preds = {name: torch.cat(v).numpy() for name, v in outputs.items()}
+    accuracy = {name: float((preds[name] == source.labels).mean()) for name, t in zip(model.names, loaded)
+                if t.meta.get("labels") is None and t.meta["classes"] == source.classes}
+    return Predictions(source.ids, source.labels, preds, accuracy, len(source) / seconds)
