@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -32,7 +33,13 @@ def friendly(fn):
 
 
 def emit_json(obj: dict) -> None:
-    click.echo(json.dumps(obj, default=str))
+    if is_main_process():
+        click.echo(json.dumps(obj, default=str))
+
+
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 prints."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def fmt_int(n: float) -> str:
@@ -115,7 +122,7 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
                "resumed_units": result.skipped_units}
     if as_json:
         emit_json(summary)
-    else:
+    elif is_main_process():
         console.print(f"[green]complete[/]: {', '.join(result.paths)} — {result.images} images in "
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
 
@@ -202,7 +209,7 @@ def history_table(history: list[dict]) -> Table:
 def train(cache, out, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
     result = subcache.train(cache, train_config(**kw), out=out, progress=not as_json)
-    if as_json:
+    if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
     console.print(history_table(result.history))
@@ -441,7 +448,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, as_json) -> None
 
 
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train", "profile", "score", "multitask")
+BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
 
 
 @main.command()

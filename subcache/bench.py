@@ -3,6 +3,7 @@
 * build:  build throughput ÷ bare prefix-forward throughput on the same images; bytes on disk ÷ raw float32.
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
+* distributed: 2-process torchrun build throughput ÷ 1-process build throughput.
 * multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64.
 * score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -314,4 +316,34 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
         result[f"multitask_ms_b{batch}"] = shared * 1e3
         result[f"full_copies_ms_b{batch}"] = full * 1e3
         result[f"added_latency_ratio_b{batch}"] = ((shared - alone) / tasks) / ((full - alone) / tasks)
+    return result
+
+
+def bench_distributed(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+    """Build throughput with 2 torchrun processes ÷ with 1 process, same images, this machine."""
+    import json
+    import subprocess
+    import sys
+
+    root, tmp = _workdir(config)
+    args = ["build", "--model", config.model, "--weights", config.weights, "--data", config.data, "--limit",
+            str(config.limit), "--image-size", str(config.image_size), "--layer", config.layer, "--device",
+            config.device, "--overwrite", "--json"]
+    runs = {}
+    for procs in (1, 2):
+        launcher = ([sys.executable, "-m", "cli"] if procs == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+                     "-m", "cli"])
+        done = subprocess.run(launcher + args + ["--out", str(root / f"bench-dist-{procs}.zarr")],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{procs}-process build failed: {done.stderr.strip().splitlines()[-1]}")
+        runs[procs] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {"images": runs[1]["images"], "device": config.device,
+              "build_images_per_second_1": runs[1]["images"] / runs[1]["seconds"],
+              "build_images_per_second_2": runs[2]["images"] / runs[2]["seconds"],
+              "build_scaling_2": (runs[2]["images"] / runs[2]["seconds"]) / (runs[1]["images"] / runs[1]["seconds"]),
+              "cpu_count": os.cpu_count()}
+    if tmp:
+        tmp.cleanup()
     return result

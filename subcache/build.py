@@ -9,6 +9,7 @@ compression, which releases the GIL) behind in another, so both hide behind the 
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ import torch
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .data import ImageSource, open_source, to_input
+from .distributed import Dist, WriterLock
 from .errors import ForeignStoreError, StoreError
 from .progress import progress_bar
 from .store import (DTYPES, FORMAT, FORMAT_VERSION, Cache, check_writable, chunk_length, create_cache, exists,
@@ -73,9 +75,12 @@ class BuildResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """auto | cpu | cuda | cuda:N → a device (under torchrun, cuda means this rank's GPU)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = f"cuda:{local_rank}"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise StoreError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -109,14 +114,13 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                          "discards them")
     if not config.splits:
         raise StoreError("no --split given; e.g. --split train --split test")
-    device = resolve_device(config.device)
+    ranks = Dist.from_env()
+    device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
     sources = {s: open_source(config.data, s, limit=config.limit, download=config.download, root=config.data_root)
                for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)
-    for path in [config.out, *paths] if len(paths) > 1 else paths:
-        check_writable(path, overwrite=config.overwrite, resume=config.resume)
     backbone.to(device)
     shapes = {layer: sample_shape(backbone, layer) for layer in layers}
     itemsize = np.dtype(DTYPES[config.dtype]).itemsize
@@ -124,17 +128,41 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                       for s, src in sources.items()}
               for layer in layers}
     sizes = {s: len(src) for s, src in sources.items()}
-    stores = [open_or_create(path, _attrs(config, backbone, layer, shapes[layer], sources), sizes, chunks[layer],
-                             resume=config.resume) for path, layer in zip(paths, layers)]
+
+    def create() -> list[Cache]:
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
+        return [open_or_create(path, _attrs(config, backbone, layer, shapes[layer], sources), sizes, chunks[layer],
+                               resume=config.resume) for path, layer in zip(paths, layers)]
 
     jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids)
             for split, src in sources.items()}
-    start = time.perf_counter()
-    images, skipped = run_units(stores, layers, jobs, chunks,
-                                lambda x: _forward_unit(backbone, layers, x, config), device, progress)
-    for cache in stores:
-        finish(cache)
-    return BuildResult(paths, images, time.perf_counter() - start, skipped, layers)
+    with WriterLock(config.out, enabled=ranks.main):
+        stores = open_stores(ranks, paths, create)
+        start = time.perf_counter()
+        images, skipped = run_units(stores, layers, jobs, chunks,
+                                    lambda x: _forward_unit(backbone, layers, x, config), device,
+                                    progress and ranks.main, ranks)
+        finish_all(ranks, stores)
+    return BuildResult(paths, ranks.sum(images), time.perf_counter() - start, ranks.sum(skipped), layers)
+
+
+def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool) -> None:
+    for path in [out, *paths] if len(paths) > 1 else paths:
+        check_writable(path, overwrite=overwrite, resume=resume)
+
+
+def open_stores(ranks: Dist, paths: list[str], create: Callable[[], list[Cache]]) -> list[Cache]:
+    """Rank 0 creates (or reopens for resume) the stores; then the other ranks open them for writing."""
+    return ranks.on_main(create, lambda: [open_cache(p, require_complete=False, mode="r+") for p in paths])
+
+
+def finish_all(ranks: Dist, stores: list[Cache]) -> None:
+    """After every rank has written its units, rank 0 verifies each store and marks it complete."""
+    ranks.barrier()
+    if ranks.main:
+        for cache in stores:
+            finish(cache)
+    ranks.barrier()
 
 
 @dataclass
@@ -148,16 +176,20 @@ class Job:
 
 
 def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
-              forward: Callable[[Any], dict], device: torch.device, progress: bool) -> tuple[int, int]:
+              forward: Callable[[Any], dict], device: torch.device, progress: bool,
+              ranks: Dist = Dist()) -> tuple[int, int]:
     """The pipeline shared by `build` and `build --from`: load ahead → forward → write behind, unit by unit.
+    Under torchrun each rank takes its contiguous share of every split's units.
 
     Returns (items computed, units skipped because a previous run finished them)."""
     done, skipped = 0, 0
     with _Writer() as writer, progress_bar(progress) as bar:
         for split, job in jobs.items():
             unit = max(chunks[layer][split] for layer in layers)
-            todo = _units_to_do(stores, split, unit, job.n)
-            skipped += -(-job.n // unit) - len(todo)
+            mine = ranks.shard([(a, min(a + unit, job.n)) for a in range(0, job.n, unit)])
+            todo = [u for u in _units_to_do(stores, split, unit, job.n) if u in set(mine)]
+            skipped += len(mine) - len(todo)
+            job = Job(sum(b - a for a, b in mine), job.load, job.labels, job.ids)
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
                                 completed=job.n - sum(b - a for a, b in todo))
             for (a, b), x in _prefetch(job.load, todo, device):

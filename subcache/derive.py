@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .build import BuildResult, Job, finish, open_or_create, out_paths, resolve_device, run_units
+from .build import (BuildResult, Job, check_outputs, finish_all, open_or_create, open_stores, out_paths,
+                    resolve_device, run_units)
+from .distributed import Dist, WriterLock
 from .errors import BlockError, StoreError
-from .store import DTYPES, Cache, check_writable, chunk_length, from_storage, open_cache, read, to_storage
+from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read, to_storage
 from .task import backbone_for
 
 
@@ -44,9 +46,8 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
         raise BlockError(f"--from cache {config.source} holds block {src.layer}'s input; a derived layer must come "
                          f"after it ({src.layer + 1} to {backbone.num_blocks})")
     paths = out_paths(config.out, layers)
-    for path in [config.out, *paths] if len(paths) > 1 else paths:
-        check_writable(path, overwrite=config.overwrite, resume=config.resume)
-    device = resolve_device(config.device)
+    ranks = Dist.from_env()
+    device = resolve_device(config.device, ranks.local_rank)
     backbone.to(device)
     with torch.inference_mode():
         probe = from_storage(read(src.split(src.splits[0]).x, slice(0, 1)), src.dtype).float().to(device)
@@ -55,16 +56,21 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     chunks = {layer: {s: chunk_length(shapes[layer], itemsize, n, config.chunk_mb) for s, n in sizes.items()}
               for layer in layers}
-    stores = [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), sizes,
-                             chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
+
+    def create() -> list[Cache]:
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
+        return [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), sizes,
+                               chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
+
     jobs = {s: _job(src, s) for s in src.splits}
-    start = time.perf_counter()
-    done, skipped = run_units(stores, layers, jobs, chunks,
-                              lambda views: _forward(backbone, src.layer, layers, views, dtype, config.batch_size),
-                              device, progress)
-    for cache in stores:
-        finish(cache)
-    return BuildResult(paths, done, time.perf_counter() - start, skipped, layers)
+    with WriterLock(config.out, enabled=ranks.main):
+        stores = open_stores(ranks, paths, create)
+        start = time.perf_counter()
+        done, skipped = run_units(stores, layers, jobs, chunks,
+                                  lambda views: _forward(backbone, src.layer, layers, views, dtype, config.batch_size),
+                                  device, progress and ranks.main, ranks)
+        finish_all(ranks, stores)
+    return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)
 
 
 def _attrs(src: Cache, config: DeriveConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -19,6 +19,7 @@ from . import __version__
 from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, parse_block_spec
 from .build import resolve_device
+from .distributed import Dist
 from .errors import BlockError, DataError, SubcacheError, TrainingError
 from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
 from .progress import progress_bar
@@ -163,13 +164,15 @@ def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch
 
 def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *, precomputed: bool,
         augments: tuple[str, ...] = (), pad: int = 1, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool = False) -> tuple[list[dict], float]:
-    """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded)."""
+        progress: bool = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        ) -> tuple[list[dict], float]:
+    """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded).
+    ``forward`` replaces the model's own (a DDP wrapper under torchrun)."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=cuda or None)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
-    forward = model.trainable_part if precomputed else model
+    forward = forward or (model.trainable_part if precomputed else model)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
     history, seconds = [], 0.0
     with progress_bar(progress, "steps/s") as bar:
@@ -223,7 +226,8 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
     if config.epochs <= 0 or config.batch_size <= 1:
         raise SubcacheError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
     cache, backbone = open_for_training(cache, backbone)
-    device = resolve_device(config.device)
+    ranks = Dist.from_env()
+    device = resolve_device(config.device, ranks.local_rank)
     tuned = parse_block_spec(config.blocks, backbone)
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
@@ -243,7 +247,18 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
 
         param_fraction = prune_tuned_blocks(model, tuple(cache.attrs["sample_shape"]),
                                             PruneConfig(config.prune, config.prune_norm, config.prune_scope))
-    if bank is not None and not augments:
+    step = None
+    if ranks.active:  # DDP: a static, equal-sized shard of the training positions per rank
+        positions = np.arange(len(labels)) if indices is None else indices
+        shard = np.sort(positions[ranks.rank::ranks.world][:len(positions) // ranks.world])
+        local = replace(config, batch_size=max(2, config.batch_size // ranks.world), seed=config.seed + ranks.rank)
+        loader, precomputed = make_loader(cache, local, model, shard, labels[torch.from_numpy(shard)], device,
+                                          augments)
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(_Step(model, precomputed),
+                                       device_ids=[device.index] if device.type == "cuda" else None)
+    elif bank is not None and not augments:
         x = bank.input_of(config.train_split, model.first_trainable)
         x = x if indices is None else x[torch.from_numpy(indices).to(device)]
         loader, precomputed = DeviceLoader(x, subset.to(device), config.batch_size, config.seed), True
@@ -266,21 +281,34 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
 
     try:
         history, seconds = fit(model, loader, config, device, precomputed=precomputed, augments=augments, pad=pad,
-                               on_epoch=keep_good, progress=progress)
+                               on_epoch=keep_good, progress=progress and ranks.main, forward=step)
     except TrainingError as exc:
         if out:
             model.load_state_dict(last_good, strict=False)
             save_task(out, model, _meta(cache, backbone, model, config, {}, complete=False, stopped=str(exc)))
             raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
         raise
-    test_acc = score() if score is not None else None
+    test_acc = ranks.broadcast(score() if score is not None and ranks.main else None)
+    samples = loader.num_samples * ranks.world
     result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
-                         config.epochs * loader.num_samples / max(seconds, 1e-9), tuned, loader.num_samples,
+                         config.epochs * samples / max(seconds, 1e-9), tuned, samples,
                          history, type(loader).__name__.removesuffix("Loader").lower(), param_fraction)
-    if out:
+    if out and ranks.main:
         save_task(out, model, _meta(cache, backbone, model, config, result.metrics(), complete=True,
-                                    history=history))
+                                    history=history, world_size=ranks.world))
+    ranks.barrier()
     return result
+
+
+class _Step(torch.nn.Module):
+    """What DDP wraps: one training forward (from precomputed inputs or through the frozen bridge)."""
+
+    def __init__(self, model: TunedModel, precomputed: bool):
+        super().__init__()
+        self.model, self.precomputed = model, precomputed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.trainable_part(x) if self.precomputed else self.model(x)
 
 
 def _scorer(model: TunedModel, cache: Cache, config: TrainConfig, train_labels: torch.Tensor,
