@@ -31,3 +31,12 @@ def test_profile_example_runs_in_tiny_mode(tmp_path):
                           env=env, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "profile" / "profile.png").is_file() and (tmp_path / "greedy" / "greedy.csv").is_file()
+
+
+def test_deploy_example_runs_in_tiny_mode(tmp_path):
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "examples" / "deploy.sh")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "siamese" in done.stdout and "prune-0.75" in done.stdout
+    assert (tmp_path / "deploy" / "predictions.csv").is_file()
