@@ -67,6 +67,19 @@ def _workdir(config: BenchConfig) -> tuple[Path, tempfile.TemporaryDirectory | N
     return Path(tmp.name), tmp
 
 
+def _train_split_cache(config: BenchConfig, name: str, progress: bool):
+    """Device, backbone, cached layer, and a fresh cache of the train split at that layer (+ its temp folder)."""
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
+    layer = backbone.resolve(config.layer)
+    root, tmp = _workdir(config)
+    out = str(root / f"bench-{name}.zarr")
+    build_cache(BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
+                            data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
+                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
+    return device, backbone, layer, open_cache(out), tmp
+
+
 @torch.inference_mode()
 def _bare_forward(backbone: Backbone, source, layer: int, batch: int, device: torch.device) -> None:
     for a in range(0, len(source), batch):
@@ -103,15 +116,7 @@ def bench_build(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
 
 def bench_train(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
     """Training throughput from the cache vs from tensors in memory, and vs through the frozen network."""
-    device = resolve_device(config.device)
-    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
-    layer = backbone.resolve(config.layer)
-    root, tmp = _workdir(config)
-    out = str(root / "bench-train.zarr")
-    build_cache(BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
-                            data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
-                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
-    cache = open_cache(out)
+    device, backbone, layer, cache, tmp = _train_split_cache(config, "train", progress)
     y = cache.read_y("train")
     tcfg = TrainConfig(blocks=config.blocks, epochs=config.epochs, batch_size=config.batch_size,
                        device=config.device)
@@ -229,15 +234,7 @@ def bench_score(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
     from .active import pool_logits
     from .backbones import parse_block_spec
 
-    device = resolve_device(config.device)
-    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
-    layer = backbone.resolve(config.layer)
-    root, tmp = _workdir(config)
-    out = str(root / "bench-score.zarr")
-    build_cache(BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
-                            data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
-                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
-    cache = open_cache(out)
+    device, backbone, layer, cache, tmp = _train_split_cache(config, "score", progress)
     model = TunedModel(backbone, layer, parse_block_spec(config.blocks, backbone), len(cache.classes),
                        tuple(cache.attrs["sample_shape"])).to(device).eval()
     source = open_source(config.data, "train", limit=config.limit)

@@ -17,26 +17,26 @@ def test_ci_runs_the_readme_test_command():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_quickstart_example_runs_in_tiny_mode(tmp_path):
-    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh")], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+def run_example(name, out):
+    """Run examples/NAME in its tiny mode (QUICK=1) with its outputs under ``out``."""
+    env = {**os.environ, "QUICK": "1", "OUT": str(out)}
+    done = subprocess.run(["bash", str(ROOT / "examples" / name)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_quickstart_example_runs_in_tiny_mode(tmp_path):
+    done = run_example("quickstart.sh", tmp_path)
     assert "linear probe" in done.stdout and "SubTuning" in done.stdout
 
 
 def test_profile_example_runs_in_tiny_mode(tmp_path):
-    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "examples" / "profile.sh")], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_example("profile.sh", tmp_path)
     assert (tmp_path / "profile" / "profile.png").is_file() and (tmp_path / "greedy" / "greedy.csv").is_file()
 
 
 def test_deploy_example_runs_in_tiny_mode(tmp_path):
-    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "examples" / "deploy.sh")], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_example("deploy.sh", tmp_path)
     assert "siamese" in done.stdout and "prune-0.75" in done.stdout
     assert (tmp_path / "deploy" / "predictions.csv").is_file()
