@@ -50,8 +50,10 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         if not branches:
             raise TaskError("MultiTaskModel needs at least one task")
-        self.backbone, self.branches, self.include_original = backbone, nn.ModuleDict(branches), include_original
-        self.names = list(branches)
+        self.names = list(branches)  # output keys; module keys may not hold dots (`prune-0.5` → `prune-0_5`)
+        self._keys = {name: f"{i}_{name.replace('.', '_')}" for i, name in enumerate(self.names)}
+        self.backbone, self.include_original = backbone, include_original
+        self.branches = nn.ModuleDict({self._keys[n]: b for n, b in branches.items()})
         self._keep_original_until = (backbone.num_blocks if include_original or
                                      any(b.siamese for b in branches.values())
                                      else max(b.first for b in branches.values()) - 1)
@@ -74,6 +76,9 @@ class MultiTaskModel(nn.Module):
                                         task.meta.get("siamese", False))
         return cls(backbone, branches, include_original).eval()
 
+    def branch(self, name: str) -> TaskBranch:
+        return self.branches[self._keys[name]]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         bb = self.backbone
         batch = x.shape[0]
@@ -82,17 +87,17 @@ class MultiTaskModel(nn.Module):
         private: dict[str, torch.Tensor] = {}
         for i in range(1, bb.num_blocks + 1):
             for name in self.names:  # fork: take the original activations at this task's first tuned block
-                if self.branches[name].first == i:
+                if self.branch(name).first == i:
                     private[name] = trunk[:batch]
             for name, h in private.items():
-                branch = self.branches[name]
+                branch = self.branch(name)
                 block = branch.blocks[str(i)] if i in branch.tuned else bb.block(i)
                 private[name] = block(h)
             if segments and segments[0] == "original" and i > self._keep_original_until:
                 trunk, segments = trunk[batch:], segments[1:]  # no task needs the original branch any more
             if segments:
                 trunk = bb.block(i)(trunk)
-            for name in [n for n in self.names if self.branches[n].last == i]:  # merge along the batch axis
+            for name in [n for n in self.names if self.branch(n).last == i]:  # merge along the batch axis
                 trunk = torch.cat([trunk, private.pop(name)]) if segments else private.pop(name)
                 segments.append(name)
         features = bb.neck(trunk)
@@ -100,9 +105,9 @@ class MultiTaskModel(nn.Module):
         out = {"original": bb.head(parts["original"])} if self.include_original else {}
         for name in self.names:
             f = parts[name]
-            if self.branches[name].siamese:
+            if self.branch(name).siamese:
                 f = torch.cat([f, parts["original"]], dim=-1)
-            out[name] = self.branches[name].head(f)
+            out[name] = self.branch(name).head(f)
         return out
 
 

@@ -90,7 +90,7 @@ def test_predict_cli(tasks, npz_path, tmp_path):
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_pruned_task_round_trips_and_serves_in_multitask(tasks, tmp_path, scope):
     backbone, cache, dirs = tasks
-    out = str(tmp_path / f"pruned-{scope}")
+    out = str(tmp_path / f"prune-0.5-{scope}")  # a dot in the name: module keys must not care
     blocks = subcache.open_cache(cache).layer
     window = f"{blocks + 1}-{blocks + 2}"
     result = subcache.train(cache, subcache.TrainConfig(blocks=window, epochs=1, batch_size=64, prune=0.5,
