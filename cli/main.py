@@ -347,7 +347,8 @@ def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_jso
         console.print(table)
 
 
-def read_ids(path: str) -> "np.ndarray":
+def read_ids(path: str):
+    """Ids from a file: one per line, or the first column of a CSV with a header."""
     import numpy as np
 
     lines = [line.split(",")[0].strip() for line in open(path) if line.strip()]
@@ -376,7 +377,8 @@ def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> N
     try:
         budget_list = tuple(int(b) for b in budgets.split(","))
     except ValueError:
-        raise click.BadParameter(f"{budgets!r} is not a comma-separated list of sizes", param_hint="--budgets")
+        raise click.BadParameter(f"{budgets!r} is not a comma-separated list of sizes",
+                                 param_hint="--budgets") from None
     strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
     config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
                                oracle=oracle, train=train_config(**kw))

@@ -15,14 +15,24 @@ from .task import Task, load_task, save_task  # noqa: E402
 from .train import TrainConfig, TrainResult, evaluate, evaluate_task, train  # noqa: E402
 from .tuned import TunedModel  # noqa: E402
 from .derive import DeriveConfig, derive_cache  # noqa: E402
+from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select, profile_blocks  # noqa: E402
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
 from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
-from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select, profile_blocks  # noqa: E402
 
-__all__ = ["MultiTaskModel", "Predictions", "predict", "ALConfig", "ALResult", "PoolScores", "active_learning", "add_labels", "compare_strategies",
-           "score_pool", "DeriveConfig", "GreedyConfig", "ProfileConfig", "derive_cache", "greedy_search", "greedy_select",
-           "profile_blocks", "Backbone", "BlockInfo", "BuildConfig", "BuildResult", "Cache", "ImageSource", "Preprocess",
-           "Task", "TrainConfig", "TrainResult", "TunedModel", "build_cache", "cache_info", "evaluate", "evaluate_task", "load_task",
-           "save_task", "train", "describe_blocks", "load_backbone", "open_cache", "open_source",
-           "parse_block_spec"]
+__all__ = [
+    # backbones and data
+    "Backbone", "BlockInfo", "Preprocess", "describe_blocks", "load_backbone", "parse_block_spec", "ImageSource",
+    "open_source",
+    # the cache
+    "BuildConfig", "BuildResult", "build_cache", "DeriveConfig", "derive_cache", "Cache", "open_cache",
+    "cache_info", "add_labels",
+    # training and tasks
+    "TrainConfig", "TrainResult", "train", "evaluate", "evaluate_task", "TunedModel", "Task", "load_task",
+    "save_task",
+    # many runs on one cache
+    "ProfileConfig", "profile_blocks", "GreedyConfig", "greedy_search", "greedy_select", "ALConfig", "ALResult",
+    "PoolScores", "active_learning", "compare_strategies", "score_pool",
+    # deployment
+    "MultiTaskModel", "Predictions", "predict",
+]

@@ -1,7 +1,6 @@
 """The command line: thin over the library; bad input → one line, non-zero exit, no traceback."""
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -116,8 +116,8 @@ def s3(tmp_path_factory):
     host, port = server.get_host_and_port()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                             "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="subcache-key-id", AWS_SECRET_ACCESS_KEY="subcache-secret", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    os.environ.update(AWS_ACCESS_KEY_ID="subcache-key-id", AWS_SECRET_ACCESS_KEY="subcache-secret",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="caches")
