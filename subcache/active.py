@@ -20,9 +20,9 @@ from .bank import ActivationBank
 from .build import resolve_device
 from .errors import DataError, SubcacheError
 from .progress import progress_bar
-from .store import Cache, from_storage, open_cache, read
+from .store import Cache, open_cache, read
 from .task import backbone_for, load_task
-from .train import TrainConfig, labels_for, open_for_training, train
+from .train import TrainConfig, cached_logits, labels_for, open_for_training, train
 from .tuned import TunedModel
 
 METRICS = ("margin", "entropy", "least-confidence")
@@ -90,17 +90,11 @@ class PoolScores:
 def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.device,
                 bank: ActivationBank | None = None, batch: int = 1024) -> torch.Tensor:
     """Logits of every item of a cached split (from the bank's activations when given)."""
+    if bank is None:
+        return cached_logits(model, cache, split, device, batch)
     model.eval()
-    if bank is not None:
-        x = bank.input_of(split, model.first_trainable)
-        return torch.cat([model.trainable_part(x[i:i + batch]) for i in range(0, len(x), batch)]).float().cpu()
-    s = cache.split(split)
-    step = max(batch // s.chunk_len, 1) * s.chunk_len
-    out = []
-    for a in range(0, len(s), step):
-        x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device).float()
-        out += [model(x[i:i + batch]).float().cpu() for i in range(0, len(x), batch)]
-    return torch.cat(out)
+    x = bank.input_of(split, model.first_trainable)
+    return torch.cat([model.trainable_part(x[i:i + batch]) for i in range(0, len(x), batch)]).float().cpu()
 
 
 def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",
@@ -145,6 +139,8 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                     progress: bool = False) -> ALResult:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
+    from .profiling import shared_bank
+
     cache, backbone = open_for_training(cache, backbone)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,7 +149,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
     ids = read(cache.split(config.train.train_split).id, slice(None))
     if config.budgets[-1] > len(ids):
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
-    bank = ActivationBank(cache, backbone, resolve_device(config.train.device))
+    bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
     total = config.seeds * len(config.budgets)
     with progress_bar(progress, "rounds/s") as bar:
         task = bar.add_task(f"active learning ({config.strategy})", total=total,
@@ -174,8 +170,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                         waiting = _ask(folder, ids[missing], config.oracle)
                         return ALResult(_curve(state, config), waiting)
                 result = train(cache, replace(config.train, blocks=config.blocks, seed=seed), backbone=backbone,
-                               bank=None if config.train.augment not in ("none", "") else bank,
-                               train_indices=labelled, labels_override=labels)
+                               bank=bank, train_indices=labelled, labels_override=labels)
                 run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
                 if r + 1 < len(config.budgets):
                     extra = config.budgets[r + 1] - len(labelled)
@@ -198,7 +193,7 @@ def _check(config: ALConfig) -> None:
 
 
 def _select(model: TunedModel, cache: Cache, config: ALConfig, seed: int, round_: int, labelled: np.ndarray,
-            k: int, bank: ActivationBank) -> np.ndarray:
+            k: int, bank: ActivationBank | None) -> np.ndarray:
     pool = np.setdiff1d(np.arange(len(cache.split(config.train.train_split))), labelled)
     if config.strategy == "random":
         rng = np.random.default_rng([seed, round_])

@@ -187,7 +187,8 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
         for split, job in jobs.items():
             unit = max(chunks[layer][split] for layer in layers)
             mine = ranks.shard([(a, min(a + unit, job.n)) for a in range(0, job.n, unit)])
-            todo = [u for u in _units_to_do(stores, split, unit, job.n) if u in set(mine)]
+            owned = set(mine)
+            todo = [u for u in _units_to_do(stores, split, unit, job.n) if u in owned]
             skipped += len(mine) - len(todo)
             job = Job(sum(b - a for a, b in mine), job.load, job.labels, job.ids)
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,

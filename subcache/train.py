@@ -145,21 +145,28 @@ def run_frozen(model: TunedModel, x: torch.Tensor, batch: int = 1024) -> torch.T
 
 
 @torch.inference_mode()
-def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch.Tensor | None = None,
-             device: torch.device | None = None, batch: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on a cached split (eval mode; tuned BatchNorms use their running stats)."""
+def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.device | None = None,
+                  batch: int = 1024) -> torch.Tensor:
+    """float32 logits (N, classes) on the CPU for every item of a cached split, read by whole chunks, in eval mode
+    (tuned BatchNorms use their running statistics)."""
     device = device or next(model.head.parameters()).device
-    y = cache.read_y(split) if labels is None else labels
     was_training = model.training
     model.eval()
-    correct, s = 0, cache.split(split)
+    s = cache.split(split)
     step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
+    out = []
     for a in range(0, len(s), step):
         x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device)
-        logits = torch.cat([model(x[i:i + batch].float()) for i in range(0, len(x), batch)])
-        correct += (logits.argmax(1).cpu() == y[a:a + step]).sum().item()
+        out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
     model.train(was_training)
-    return correct / len(y)
+    return torch.cat(out)
+
+
+def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch.Tensor | None = None,
+             device: torch.device | None = None, batch: int = 1024) -> float:
+    """Top-1 accuracy of ``model`` on a cached split."""
+    y = cache.read_y(split) if labels is None else labels
+    return (cached_logits(model, cache, split, device, batch).argmax(1) == y).sum().item() / len(y)
 
 
 def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *, precomputed: bool,
