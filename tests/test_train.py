@@ -137,3 +137,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_weights(resnet_cache, res
         subcache.load_task(str(out))
     state = subcache.load_task(str(out), allow_incomplete=True).state
     assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+def test_flip_uses_the_exact_mirrored_views_when_the_cache_has_them(tmp_path, npz_path, resnet18):
+    out = str(tmp_path / "f.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", flip_views=True),
+                         backbone=resnet18)
+    cache = subcache.open_cache(out)
+    y = cache.read_y("train")
+    for loader in (DeviceLoader.from_cache(cache, "train", None, y, 32, 0, torch.device("cpu"), flip_views=True),
+                   StreamLoader(cache, "train", None, y, 32, 0, torch.device("cpu"), flip_views=True)):
+        x, x_flip, _ = next(iter(loader.epoch(0)))
+        rows = [int(torch.nonzero((cache.read_x("train") == r).flatten(1).all(1))[0]) for r in x]
+        torch.testing.assert_close(x_flip, cache.read_x("train", flip=True)[rows])
+        assert not torch.allclose(x_flip, mirror(x))  # exact views, not mirrored maps
+    result = subcache.train(out, subcache.TrainConfig(blocks="7-8", epochs=1, augment="flip"), backbone=resnet18)
+    assert result.loader == "device"
