@@ -4,7 +4,8 @@
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
 * distributed: 2-process torchrun build throughput ÷ 1-process build throughput.
-* multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64.
+* multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64; on torchvision
+          ResNets also the reference code's grouped-convolution rewrite ÷ MultiTaskModel, one task.
 * score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
           through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
@@ -290,8 +291,8 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
 
     from torch import nn
 
-    from .backbones import parse_block_spec
-    from .multitask import MultiTaskModel, TaskBranch
+    from .backbones import TORCHVISION_RESNETS, parse_block_spec
+    from .multitask import GroupedPairModel, MultiTaskModel, TaskBranch
 
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
@@ -302,6 +303,11 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
                                        False) for k in range(tasks)}
     multi = MultiTaskModel(backbone, branches).to(device).eval()
     copies = [copy.deepcopy(backbone).to(device) for _ in range(tasks)]
+    grouped = single = None
+    if config.model in TORCHVISION_RESNETS and len(window) <= 2:  # the reference code's rewrite: one task only
+        first = branches["task0"]
+        grouped = GroupedPairModel(backbone, {i: first.blocks[str(i)] for i in window}, first.head).to(device).eval()
+        single = MultiTaskModel(backbone, {"task0": first}).to(device).eval()
     result = {"model": config.model, "image_size": size, "tasks": tasks, "window": list(window),
               "device": str(device)}
     for batch in (1, 64):
@@ -313,6 +319,11 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
         result[f"multitask_ms_b{batch}"] = shared * 1e3
         result[f"full_copies_ms_b{batch}"] = full * 1e3
         result[f"added_latency_ratio_b{batch}"] = ((shared - alone) / tasks) / ((full - alone) / tasks)
+        if grouped is not None:  # one task: the grouped-convolution rewrite vs forking with batch-axis merges
+            result[f"grouped_ms_b{batch}"] = _latency(grouped, x, device, reps) * 1e3
+            result[f"multitask_1task_ms_b{batch}"] = _latency(single, x, device, reps) * 1e3
+            result[f"grouped_vs_multitask_b{batch}"] = (result[f"grouped_ms_b{batch}"] /
+                                                         result[f"multitask_1task_ms_b{batch}"])
     return result
 
 

@@ -7,6 +7,7 @@ task heads. Outputs equal each task run alone (tested).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import time
 from dataclasses import dataclass
@@ -156,3 +157,51 @@ def predict(tasks: Sequence[str | Path], data: str, *, split: str = "test", limi
     accuracy = {name: float((preds[name] == source.labels).mean()) for name, t in zip(model.names, loaded)
                 if t.meta.get("labels") is None and t.meta["classes"] == source.classes}
     return Predictions(source.ids, source.labels, preds, accuracy, len(source) / seconds)
+
+
+# -- the reference SubTuning code's alternative (src/latency.py): grouped convolutions --------------------------------
+def _paired(original: nn.Module, tuned: nn.Module) -> nn.Module:
+    """One module computing both branches over a channel-doubled input: every conv becomes a conv with twice the
+    groups (weights stacked), every BatchNorm one over twice the channels. ResNet blocks only, as in the reference."""
+    if isinstance(original, nn.Conv2d):
+        conv = nn.Conv2d(original.in_channels * 2, original.out_channels * 2, original.kernel_size, original.stride,
+                         original.padding, original.dilation, original.groups * 2, original.bias is not None)
+        conv.weight.data = torch.cat([original.weight, tuned.weight]).detach().clone()
+        if original.bias is not None:
+            conv.bias.data = torch.cat([original.bias, tuned.bias]).detach().clone()
+        return conv
+    if isinstance(original, nn.BatchNorm2d):
+        bn = nn.BatchNorm2d(original.num_features * 2, original.eps, original.momentum)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, name).data = torch.cat([getattr(original, name), getattr(tuned, name)]).detach().clone()
+        return bn
+    if isinstance(original, nn.Linear) or any(True for _ in original.parameters(recurse=False)):
+        raise TaskError(f"the grouped-convolution rewrite supports ResNet blocks only, not {type(original).__name__}")
+    paired = copy.copy(original)  # same class and forward; children replaced below
+    paired._modules = {name: _paired(child, dict(tuned.named_children())[name])
+                       for name, child in original.named_children()}
+    return paired
+
+
+class GroupedPairModel(nn.Module):
+    """Backbone + one task as the reference code deploys it: the tuned window's blocks run as grouped convolutions
+    over a channel-doubled input (original ⊕ task), then the two halves go through the shared tail as one batch.
+    For comparison with `MultiTaskModel` in `bench multitask`; outputs are the same."""
+
+    def __init__(self, backbone: Backbone, blocks: dict[int, nn.Module], head: nn.Module):
+        super().__init__()
+        window = sorted(blocks)
+        if window != list(range(window[0], window[-1] + 1)) or len(window) > 2:
+            raise TaskError("the grouped-convolution rewrite handles one window of at most 2 consecutive blocks")
+        self.backbone, self.first, self.last, self.head = backbone, window[0], window[-1], head
+        self.pairs = nn.ModuleList([_paired(backbone.block(i), blocks[i]) for i in window])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        bb, batch = self.backbone, x.shape[0]
+        h = bb.prefix(x, self.first)
+        h = torch.cat([h, h], dim=1)  # (B, 2C, H, W): original channels, then the task's
+        for pair in self.pairs:
+            h = pair(h)
+        h = torch.cat(h.chunk(2, dim=1))  # halves → batch axis: (2B, C', H', W')
+        original, task = bb.neck(bb.run_blocks(h, self.last + 1, bb.num_blocks)).split(batch)
+        return {"original": bb.head(original), "task": self.head(task)}

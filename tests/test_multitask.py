@@ -104,3 +104,31 @@ def test_pruned_task_round_trips_and_serves_in_multitask(tasks, tmp_path, scope)
     with torch.no_grad():
         alone = subcache.load_task(out).model(backbone)(backbone.prefix(x, subcache.open_cache(cache).layer))
         torch.testing.assert_close(model(x)[Path(out).name], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_convolution_rewrite_equals_the_multitask_model():
+    import copy
+
+    from torch import nn
+
+    from subcache.multitask import GroupedPairModel, TaskBranch
+
+    backbone = subcache.load_backbone("resnet50", "none", image_size=64)
+    torch.manual_seed(1)
+    blocks = {i: copy.deepcopy(backbone.block(i)) for i in (15, 16)}
+    for block in blocks.values():  # a "trained" task: perturbed weights and statistics
+        for p in block.parameters():
+            p.data += 0.05 * torch.randn_like(p)
+        for m in block.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean += 0.1
+    head = nn.Linear(2048, 5)
+    grouped = GroupedPairModel(backbone, blocks, head).eval()
+    multi = MultiTaskModel(backbone, {"task": TaskBranch(blocks, head, False)}).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        a, b = grouped(x), multi(x)
+    torch.testing.assert_close(a["original"], b["original"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a["task"], b["task"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(TaskError, match="at most 2"):
+        GroupedPairModel(backbone, {i: backbone.block(i) for i in (14, 15, 16)}, head)
