@@ -19,6 +19,7 @@ from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
 from .errors import DataError, SubcacheError
+from .profiling import shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
 from .task import backbone_for, load_task
@@ -139,8 +140,6 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                     progress: bool = False) -> ALResult:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
-    from .profiling import shared_bank
-
     cache, backbone = open_for_training(cache, backbone)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -60,25 +61,31 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _workdir(config: BenchConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    if config.workdir:
-        Path(config.workdir).mkdir(parents=True, exist_ok=True)
-        return Path(config.workdir), None
-    tmp = tempfile.TemporaryDirectory(prefix="subcache-bench-")
-    return Path(tmp.name), tmp
+def _in_workdir(bench):
+    """Give a benchmark its folder for caches (``config.workdir``, or a temporary one removed afterwards, also
+    when the benchmark fails) as the keyword ``root``."""
+
+    @functools.wraps(bench)
+    def wrapper(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+        if config.workdir:
+            Path(config.workdir).mkdir(parents=True, exist_ok=True)
+            return bench(config, progress, root=Path(config.workdir))
+        with tempfile.TemporaryDirectory(prefix="subcache-bench-") as tmp:
+            return bench(config, progress, root=Path(tmp))
+
+    return wrapper
 
 
-def _train_split_cache(config: BenchConfig, name: str, progress: bool):
-    """Device, backbone, cached layer, and a fresh cache of the train split at that layer (+ its temp folder)."""
+def _train_split_cache(config: BenchConfig, name: str, progress: bool, root: Path):
+    """Device, backbone, cached layer, and a fresh cache (under ``root``) of the train split at that layer."""
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
     layer = backbone.resolve(config.layer)
-    root, tmp = _workdir(config)
     out = str(root / f"bench-{name}.zarr")
     build_cache(BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
                             data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
                             device=config.device, overwrite=True), backbone=backbone, progress=progress)
-    return device, backbone, layer, open_cache(out), tmp
+    return device, backbone, layer, open_cache(out)
 
 
 @torch.inference_mode()
@@ -88,13 +95,13 @@ def _bare_forward(backbone: Backbone, source, layer: int, batch: int, device: to
         backbone.prefix(x, layer)
 
 
-def bench_build(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+@_in_workdir
+def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """Build throughput vs the bare prefix forward over the same images, and the compression achieved."""
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
     layer = backbone.resolve(config.layer)
     source = open_source(config.data, "train", limit=config.limit)
-    root, tmp = _workdir(config)
     _bare_forward(backbone, open_source(config.data, "train", limit=256), layer, 128, device)  # warm-up
     forward_s = _timed(lambda: _bare_forward(backbone, source, layer, 128, device), device)
     out = str(root / "bench-build.zarr")
@@ -110,14 +117,13 @@ def bench_build(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
               "forward_images_per_second": len(source) / forward_s, "build_images_per_second": len(source) / build_s,
               "build_vs_forward": forward_s / build_s, "bytes_on_disk": x_bytes, "bytes_float32": raw,
               "bytes_ratio": x_bytes / raw}
-    if tmp:
-        tmp.cleanup()
     return result
 
 
-def bench_train(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+@_in_workdir
+def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """Training throughput from the cache vs from tensors in memory, and vs through the frozen network."""
-    device, backbone, layer, cache, tmp = _train_split_cache(config, "train", progress)
+    device, backbone, layer, cache = _train_split_cache(config, "train", progress, root)
     y = cache.read_y("train")
     tcfg = TrainConfig(blocks=config.blocks, epochs=config.epochs, batch_size=config.batch_size,
                        device=config.device)
@@ -150,8 +156,6 @@ def bench_train(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
               "device_resident_samples_per_second": n / device_s, "streaming_samples_per_second": n / stream_s,
               "images_samples_per_second": n / images_s, "device_resident_ratio": memory_s / device_s,
               "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s}
-    if tmp:
-        tmp.cleanup()
     return result
 
 
@@ -187,7 +191,8 @@ def training_flops(backbone: Backbone, window: tuple[int, ...]) -> tuple[int, in
     return prefix + from_cache, from_cache
 
 
-def bench_profile(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+@_in_workdir
+def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """A profile over K windows with subcache (one cache build + every run from it) vs the reference way (every
     run pushes every epoch's images through the whole frozen network), same epochs, same run; and the FLOP bound."""
     from .backbones import parse_block_spec
@@ -200,7 +205,6 @@ def bench_profile(config: BenchConfig = BenchConfig(), progress: bool = False) -
     lo, hi = blocks[0], blocks[-1]
     wins = windows(lo, hi, config.width)
     tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device)
-    root, tmp = _workdir(config)
     out = str(root / "bench-profile.zarr")
     t0 = time.perf_counter()
     build_cache(BuildConfig(out=out, layers=(str(lo),), model=config.model, weights=config.weights,
@@ -225,17 +229,16 @@ def bench_profile(config: BenchConfig = BenchConfig(), progress: bool = False) -
               "device": str(device), "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
               "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
               "bound_fraction": speedup / bound}
-    if tmp:
-        tmp.cleanup()
     return result
 
 
-def bench_score(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+@_in_workdir
+def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """Scoring a pool from the cache vs through the full frozen network from images (same model, same run)."""
     from .active import pool_logits
     from .backbones import parse_block_spec
 
-    device, backbone, layer, cache, tmp = _train_split_cache(config, "score", progress)
+    device, backbone, layer, cache = _train_split_cache(config, "score", progress, root)
     model = TunedModel(backbone, layer, parse_block_spec(config.blocks, backbone), len(cache.classes),
                        tuple(cache.attrs["sample_shape"])).to(device).eval()
     source = open_source(config.data, "train", limit=config.limit)
@@ -255,8 +258,6 @@ def bench_score(config: BenchConfig = BenchConfig(), progress: bool = False) -> 
     result = {"items": len(source), "layer": layer, "device": str(device),
               "cache_items_per_second": len(source) / cache_s, "images_items_per_second": len(source) / images_s,
               "speedup": images_s / cache_s}
-    if tmp:
-        tmp.cleanup()
     return result
 
 
@@ -327,13 +328,13 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
     return result
 
 
-def bench_distributed(config: BenchConfig = BenchConfig(), progress: bool = False) -> dict:
+@_in_workdir
+def bench_distributed(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """Build throughput with 2 torchrun processes ÷ with 1 process, same images, this machine."""
     import json
     import subprocess
     import sys
 
-    root, tmp = _workdir(config)
     args = ["build", "--model", config.model, "--weights", config.weights, "--data", config.data, "--limit",
             str(config.limit), "--image-size", str(config.image_size), "--layer", config.layer, "--device",
             config.device, "--overwrite", "--json"]
@@ -352,6 +353,4 @@ def bench_distributed(config: BenchConfig = BenchConfig(), progress: bool = Fals
               "build_images_per_second_2": runs[2]["images"] / runs[2]["seconds"],
               "build_scaling_2": (runs[2]["images"] / runs[2]["seconds"]) / (runs[1]["images"] / runs[1]["seconds"]),
               "cpu_count": os.cpu_count()}
-    if tmp:
-        tmp.cleanup()
     return result

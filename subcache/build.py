@@ -284,21 +284,35 @@ def _prefetch(load: Callable[[int, int], Any], units: list[tuple[int, int]], dev
             yield item[0], inputs.to(device, non_blocking=True)
 
 
+def capture_inputs(backbone: Backbone, h: torch.Tensor, first: int, layers: list[int],
+                   dtype: str) -> dict[int, np.ndarray]:
+    """Run blocks ``first``.. over ``h`` (the input of block ``first``), keeping the input of every block in
+    ``layers`` in the storage dtype. Shared by `build` (from the stem) and `build --from` (from a cache)."""
+    kept = {}
+    for index in range(first, layers[-1] + 1):
+        if index in layers:
+            kept[index] = to_storage(h, dtype)
+        if index < layers[-1]:
+            h = backbone.block(index)(h)
+    return kept
+
+
+def join_views(parts: dict[int, dict[str, list[np.ndarray]]]) -> dict[int, dict[str, np.ndarray]]:
+    return {layer: {view: np.concatenate(arrays) for view, arrays in d.items()} for layer, d in parts.items()}
+
+
 @torch.inference_mode()
 def _forward_unit(backbone: Backbone, layers: list[int], images: torch.Tensor,
                   config: BuildConfig) -> dict[int, dict[str, np.ndarray]]:
     """Activations at each layer's input for one unit, in fixed batches from the unit's start (→ same bits)."""
     views = {"x": False, "x_flip": True} if config.flip_views else {"x": False}
-    out: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
+    parts: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
     for i in range(0, len(images), config.batch_size):
         for view, flip in views.items():
             h = backbone.stem(to_input(images[i:i + config.batch_size], backbone.preprocess, flip=flip))
-            for index in range(1, layers[-1] + 1):
-                if index in out:
-                    out[index][view].append(to_storage(h, config.dtype))
-                if index < layers[-1]:
-                    h = backbone.block(index)(h)
-    return {layer: {v: np.concatenate(parts) for v, parts in d.items()} for layer, d in out.items()}
+            for layer, kept in capture_inputs(backbone, h, 1, layers, config.dtype).items():
+                parts[layer][view].append(kept)
+    return join_views(parts)
 
 
 def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int, dict[str, np.ndarray]],

@@ -56,8 +56,7 @@ class ImageSource:
     def load(self, start: int, stop: int, pre: Preprocess) -> torch.Tensor:
         """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size."""
         if self.array is not None:
-            x = torch.from_numpy(np.array(self.array[start:stop]))  # a writable copy
-            return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            return _bchw(np.array(self.array[start:stop]))  # a writable copy
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
         images = list(self._pool.map(lambda f: _read_photo(f, pre), list(self.files[start:stop])))
@@ -67,9 +66,14 @@ class ImageSource:
     def take(self, positions: np.ndarray, pre: Preprocess) -> torch.Tensor:
         """uint8 images at arbitrary positions, as (B, C, H, W)."""
         if self.array is not None:
-            x = torch.from_numpy(self.array[np.asarray(positions)])
-            return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+            return _bchw(self.array[np.asarray(positions)])
         return torch.stack([_read_photo(self.files[int(i)], pre) for i in positions])
+
+
+def _bchw(array: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W or N×H×W×C → (N, C, H, W)."""
+    x = torch.from_numpy(array)
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .build import (BuildResult, Job, check_outputs, finish_all, open_or_create, open_stores, out_paths,
-                    resolve_device, run_units)
+from .build import (BuildResult, Job, capture_inputs, check_outputs, finish_all, join_views, open_or_create,
+                    open_stores, out_paths, resolve_device, run_units)
 from .distributed import Dist, WriterLock
 from .errors import BlockError, StoreError
-from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read, to_storage
+from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read
 from .task import backbone_for
 
 
@@ -99,13 +99,9 @@ def _job(src: Cache, split: str) -> Job:
 @torch.inference_mode()
 def _forward(backbone: Backbone, start: int, layers: list[int], views: dict[str, torch.Tensor], dtype: str,
              batch: int) -> dict[int, dict[str, np.ndarray]]:
-    out: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
+    parts: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
     for view, x in views.items():
         for i in range(0, len(x), batch):
-            h = x[i:i + batch].float()
-            for index in range(start, layers[-1] + 1):
-                if index in out:
-                    out[index][view].append(to_storage(h, dtype))
-                if index < layers[-1]:
-                    h = backbone.block(index)(h)
-    return {layer: {v: np.concatenate(parts) for v, parts in d.items()} for layer, d in out.items()}
+            for layer, kept in capture_inputs(backbone, x[i:i + batch].float(), start, layers, dtype).items():
+                parts[layer][view].append(kept)
+    return join_views(parts)

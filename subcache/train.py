@@ -21,8 +21,11 @@ from .backbones import Backbone, parse_block_spec
 from .build import resolve_device
 from .distributed import Dist
 from .errors import BlockError, DataError, SubcacheError, TrainingError
-from .loader import DeviceLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
+from .labels import label_classes, read_labels
+from .loader import DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
 from .progress import progress_bar
+from .pruning import PruneConfig, prune_tuned_blocks
+from .pruning import shapes as pruned_shapes
 from .store import Cache, from_storage, open_cache, read
 from .task import backbone_for, save_task
 from .tuned import TunedModel
@@ -105,8 +108,6 @@ def labels_for(cache: Cache, split: str, name: str | None) -> tuple[torch.Tensor
     """Labels of a split (y, or labels/NAME) and the number of classes."""
     if name is None:
         return cache.read_y(split), len(cache.classes)
-    from .labels import read_labels
-
     return read_labels(cache, split, name)
 
 
@@ -253,8 +254,6 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
                            config.siamese).to(device)
     param_fraction = 1.0
     if config.prune:
-        from .pruning import PruneConfig, prune_tuned_blocks
-
         param_fraction = prune_tuned_blocks(model, tuple(cache.attrs["sample_shape"]),
                                             PruneConfig(config.prune, config.prune_norm, config.prune_scope))
     loader, precomputed, step = _training_loader(cache, config, model, indices, labels, device, augments, ranks,
@@ -362,18 +361,6 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
 
-def shapes(model: TunedModel) -> dict:
-    from .pruning import shapes as pruned_shapes
-
-    return pruned_shapes(model)
-
-
-def label_classes(cache: Cache, split: str, name: str) -> list[str]:
-    from .labels import label_classes as classes
-
-    return classes(cache, split, name)
-
-
 def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,
           complete: bool, **extra) -> dict:
     import zarr
@@ -386,7 +373,7 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
         "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,
-        "pruned_shapes": shapes(model) if config.prune else None,
+        "pruned_shapes": pruned_shapes(model) if config.prune else None,
         "config": asdict(config), "metrics": metrics,
         "versions": {"subcache": __version__, "torch": torch.__version__, "zarr": zarr.__version__},
         **extra,
@@ -416,8 +403,6 @@ def train_reference(source, backbone: Backbone, layer: int, config: TrainConfig,
     tolerance (`round_to` rounds the live activations like a float16 cache would). Used by the exactness tests
     and by `bench train`.
     """
-    from .loader import ImageLoader
-
     dev = resolve_device(device)
     tuned = parse_block_spec(config.blocks, backbone)
     labels = torch.from_numpy(source.labels)
