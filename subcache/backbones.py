@@ -6,10 +6,11 @@ Everything is derived from the model's module tree: block names are the module p
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +27,7 @@ LITE_MODELS = {  # name -> (timm architecture, PyPI weight package, default imag
 }
 KNOWN_MODELS = (*LITE_MODELS, *TORCHVISION_RESNETS, *TORCHVISION_VITS)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,26 @@ class Backbone(nn.Module):
         names = {id(m): n for n, m in model.named_modules()}
         self._stem, self._neck, self._head = stem, neck, head
         self._blocks = list(blocks)
-        self.block_names = [names[id(b)] for b in self._blocks]
+        self.block_names = [names[id(getattr(b, "named", b))] for b in self._blocks]
         self.model_id, self.weights_id, self.preprocess = model_id, weights_id, preprocess
         self.weights_sha256 = state_dict_sha256(model)
+
+    @classmethod
+    def from_modules(cls, stem: nn.Module, blocks: Sequence[nn.Module], neck: nn.Module, preprocess: Preprocess,
+                     head: nn.Module | None = None, *, model_id: str = "custom", weights_id: str = "custom"
+                     ) -> "Backbone":
+        """A backbone from your own pieces: ``head(neck(blocks[-1](…blocks[0](stem(x)))))``.
+
+        ``stem`` maps normalised images (B, 3, S, S) to block 1's input; ``neck`` maps the last block's output to
+        the feature vector (B, D) the new head reads; ``head`` is the original classifier (default: identity).
+        Blocks are named ``blocks.0`` … in order. The result is frozen (eval mode, no grads).
+        """
+        model = nn.Module()
+        model.stem, model.blocks, model.neck = stem, nn.ModuleList(blocks), neck
+        model.head = head if head is not None else nn.Identity()
+        backbone = cls(model, stem, list(model.blocks), neck, model.head, model_id=model_id, weights_id=weights_id,
+                       preprocess=preprocess)
+        return backbone.eval().requires_grad_(False)
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -146,7 +165,9 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def known_models() -> str:
-    return ", ".join(KNOWN_MODELS) + ", timm:NAME (any timm model with `blocks`)"
+    return (", ".join(KNOWN_MODELS) + ", other torchvision classifiers with `features` (convnext_tiny, "
+            "mobilenet_v3_small, efficientnet_b0, …), timm:NAME (any timm model with blocks or stages), "
+            "package.module:factory (your own model)")
 
 
 def load_backbone(model: str, weights: str | os.PathLike | None = "imagenet", *, image_size: int | None = None,
@@ -169,14 +190,20 @@ def load_backbone(model: str, weights: str | os.PathLike | None = "imagenet", *,
 
 def _build(model: str, weights: str, image_size: int | None) -> Backbone:
     if model in LITE_MODELS:
-        backbone = _load_lite(model, weights, image_size)
-    elif model in TORCHVISION_RESNETS or model in TORCHVISION_VITS:
-        backbone = _load_torchvision(model, weights, image_size)
-    elif model.startswith("timm:"):
-        backbone = _load_timm(model, weights, image_size)
-    else:
-        raise UnknownModelError(f"unknown model {model!r}; known: {known_models()}")
-    return backbone
+        return _load_lite(model, weights, image_size)
+    if model.startswith("timm:"):
+        return _load_timm(model, weights, image_size)
+    if model in _torchvision_names():
+        return _load_torchvision(model, weights, image_size)
+    if FACTORY.fullmatch(model):
+        return _load_factory(model, weights, image_size)
+    raise UnknownModelError(f"unknown model {model!r}; known: {known_models()}")
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _local_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -303,14 +330,82 @@ def _load_torchvision(model: str, weights: str, image_size: int | None) -> Backb
         weights_id = f"torchvision:{enum.name}"
         t = enum.transforms()
         pre = Preprocess(image_size or t.crop_size[0], tuple(t.mean), tuple(t.std), t.crop_size[0] / t.resize_size[0])
-    if model in TORCHVISION_VITS:
+    return _cut_torchvision(net, model, weights_id, pre)
+
+
+def _cut_torchvision(net: nn.Module, model_id: str, weights_id: str, pre: Preprocess) -> Backbone:
+    """ViT (encoder layers), ResNet (layer1-4) or a `features` + `classifier` model (ConvNeXt, MobileNet, …)."""
+    if hasattr(net, "encoder") and hasattr(net, "class_token"):
         return Backbone(net, _Fn(net, _tv_vit_stem, "vit stem"), list(net.encoder.layers),
                         _Fn(net, _tv_vit_neck, "ln, class token"), net.heads,
-                        model_id=model, weights_id=weights_id, preprocess=pre)
-    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
-    return Backbone(net, _Fn(net, _resnet_stem, "conv1, bn1, relu, maxpool"), blocks,
-                    _Fn(net, _resnet_neck, "avgpool, flatten"), net.fc,
-                    model_id=model, weights_id=weights_id, preprocess=pre)
+                        model_id=model_id, weights_id=weights_id, preprocess=pre)
+    if all(hasattr(net, a) for a in ("layer1", "layer4", "fc")):
+        blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        return Backbone(net, _Fn(net, _resnet_stem, "conv1, bn1, relu, maxpool"), blocks,
+                        _Fn(net, _resnet_neck, "avgpool, flatten"), net.fc,
+                        model_id=model_id, weights_id=weights_id, preprocess=pre)
+    if isinstance(getattr(net, "features", None), nn.Sequential) and isinstance(getattr(net, "classifier", None),
+                                                                               nn.Sequential):
+        return _checked(_features_backbone(net, model_id, weights_id, pre), net)
+    raise UnknownModelError(f"cannot cut {model_id} ({type(net).__name__}) into blocks: no ViT encoder, ResNet "
+                            f"layers or `features` sequence; build a subcache.Backbone.from_modules(...) instead")
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """A plain sequence of single layers (conv-norm-act, a downsample) rather than a stage of blocks."""
+    return isinstance(m, nn.Sequential) and all(not list(c.children()) for c in m)
+
+
+class _Lead(nn.Sequential):
+    """A block run after the stage transition that precedes it (a downsample); named after the block."""
+
+    def __init__(self, lead: nn.Module, block: nn.Module):
+        super().__init__(lead, block)
+        self.__dict__["named"] = block  # not a registered child: its parameters belong to index 1
+
+
+def _lead(lead: nn.Module | None, block: nn.Module) -> nn.Module:
+    return block if lead is None or isinstance(lead, nn.Identity) else _Lead(lead, block)
+
+
+def _features_backbone(net: nn.Module, model_id: str, weights_id: str, pre: Preprocess) -> Backbone:
+    """torchvision's `features` models: features[0] is the stem, a trailing conv-norm-act joins the neck, stages
+    are expanded into their blocks, and a downsample between stages runs at the start of the next block."""
+    items = list(net.features)
+    stem, items = items[0], items[1:]
+    tail = items.pop() if items and _is_layer(items[-1]) else nn.Identity()
+    blocks, lead = [], None
+    for item in items:
+        if _is_layer(item):
+            lead = item
+            continue
+        for block in (item if isinstance(item, nn.Sequential) else [item]):
+            blocks.append(_lead(lead, block))
+            lead = None
+    if not blocks:
+        raise UnknownModelError(f"{model_id} has no blocks in its `features`; build a Backbone.from_modules(...)")
+    return Backbone(net, _Fn(net, lambda m, x: stem(x), "features.0"), blocks,
+                    _Fn(net, lambda m, x: _tv_pre_logits(m, tail(x)), "last conv, avgpool, classifier[:-1]"),
+                    net.classifier[-1], model_id=model_id, weights_id=weights_id, preprocess=pre)
+
+
+def _tv_pre_logits(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = m.avgpool(x)
+    if not any(isinstance(c, nn.Flatten) for c in m.classifier):
+        x = torch.flatten(x, 1)
+    return m.classifier[:-1](x)
+
+
+@torch.inference_mode()
+def _checked(backbone: Backbone, net: nn.Module) -> Backbone:
+    """A derived cut must reproduce the model's own forward; refuse it otherwise (checked once, at ≤ 64 px)."""
+    size = min(backbone.preprocess.image_size, 64)
+    x = torch.randn(1, 3, size, size)
+    net.eval()
+    if not torch.allclose(backbone(x), net(x), rtol=1e-4, atol=1e-5):
+        raise UnknownModelError(f"{backbone.model_id}: stem + blocks + neck do not reproduce the model's forward; "
+                                f"build a subcache.Backbone.from_modules(...) for it")
+    return backbone
 
 
 def _resnet_stem(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -349,13 +444,47 @@ def _load_timm(model: str, weights: str, image_size: int | None) -> Backbone:
     else:
         net = timm.create_model(name, pretrained=False, **kwargs)
         weights_id = _apply_weights(net, weights, model)
-    if not isinstance(getattr(net, "blocks", None), nn.Sequential | nn.ModuleList):
-        raise UnknownModelError(f"timm model {name} has no `blocks` sequence; supported: EfficientNet/MobileNet "
-                                f"families and timm ViTs")
-    cfg = net.pretrained_cfg
-    pre = Preprocess(image_size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
-                     cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bilinear"))
-    return _timm_backbone(net, model, weights_id, pre)
+    return _cut_timm(net, model, weights_id, _timm_preprocess(net, image_size))
+
+
+def _timm_preprocess(net: nn.Module, image_size: int | None) -> Preprocess:
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    return Preprocess(image_size or cfg.get("input_size", (3, 224, 224))[-1], tuple(cfg.get("mean", IMAGENET_MEAN)),
+                      tuple(cfg.get("std", IMAGENET_STD)), cfg.get("crop_pct", 0.875),
+                      cfg.get("interpolation", "bilinear"))
+
+
+def _cut_timm(net: nn.Module, model_id: str, weights_id: str, pre: Preprocess) -> Backbone:
+    """A `blocks` sequence (EfficientNet, MobileNet, ViT) or, by timm's `feature_info`, stages (ResNet, ConvNeXt,
+    RegNet, …) expanded into their blocks."""
+    if isinstance(getattr(net, "blocks", None), nn.Sequential | nn.ModuleList):
+        return _timm_backbone(net, model_id, weights_id, pre)
+    names = [f["module"] for f in getattr(net, "feature_info", [])]
+    stages = [net.get_submodule(n) for n in names if n != "act1" and not n.startswith("stem")]
+    if not stages:
+        raise UnknownModelError(f"timm model {model_id} has neither `blocks` nor `feature_info` stages")
+    blocks = [b for stage in stages for b in _stage_blocks(stage)]
+    if hasattr(net, "stem"):
+        stem = _Fn(net, lambda m, x: m.stem(x), "stem")
+    elif all(hasattr(net, a) for a in ("conv1", "bn1", "act1", "maxpool")):
+        stem = _Fn(net, lambda m, x: m.maxpool(m.act1(m.bn1(m.conv1(x)))), "conv1, bn1, act1, maxpool")
+    else:
+        raise UnknownModelError(f"timm model {model_id} has an unsupported stem (no `stem` or conv1…maxpool)")
+    post = nn.Sequential(*[getattr(net, a) for a in ("final_conv", "norm_pre") if hasattr(net, a)])
+    neck = _Fn(net, lambda m, x: m.forward_head(post(x), pre_logits=True), "forward_head")
+    backbone = Backbone(net, stem, blocks, neck, net.get_classifier(), model_id=model_id, weights_id=weights_id,
+                        preprocess=pre)
+    return _checked(backbone, net)
+
+
+def _stage_blocks(stage: nn.Module) -> list[nn.Module]:
+    """A stage's blocks in forward order; what runs before its `blocks` (a downsample) joins the first block."""
+    inner = getattr(stage, "blocks", None)
+    if not isinstance(inner, nn.Sequential | nn.ModuleList):
+        return list(stage.children())
+    lead = [m for name, m in stage.named_children() if name != "blocks"]
+    first = _lead(lead[0] if len(lead) == 1 else (nn.Sequential(*lead) if lead else None), inner[0])
+    return [first, *list(inner)[1:]]
 
 
 def _takes_img_size(name: str) -> bool:
@@ -383,6 +512,41 @@ def _timm_backbone(net: nn.Module, model_id: str, weights_id: str, pre: Preproce
         neck = _Fn(net, lambda m, x: m.forward_head(x, pre_logits=True), "forward_head")
     return Backbone(net, stem, blocks, neck, net.get_classifier(), model_id=model_id, weights_id=weights_id,
                     preprocess=pre)
+
+
+# -- your own model: package.module:factory ----------------------------------------------------------------------
+def _load_factory(spec: str, weights: str, image_size: int | None) -> Backbone:
+    """``package.module:factory`` returns an nn.Module (cut like timm/torchvision models) or a Backbone. Weights:
+    ``imagenet``/``default``/``none`` keep what the factory made; a file is loaded on top."""
+    module_name, attr = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownModelError(f"cannot load model factory {spec} ({exc}); the module must be importable "
+                                f"(on PYTHONPATH) and define {attr}()") from None
+    made = factory()
+    if isinstance(made, Backbone):
+        backbone, made.model_id = made, spec
+    elif isinstance(made, nn.Module):
+        made.eval()  # never build from batch statistics
+        backbone = _cut_module(made, spec, _timm_preprocess(made, image_size))
+    else:
+        raise UnknownModelError(f"{spec}() returned {type(made).__name__}; it must return an nn.Module or a "
+                                f"subcache.Backbone (Backbone.from_modules(stem, blocks, neck, preprocess))")
+    if weights not in ("imagenet", "default", "none"):
+        backbone.weights_id = _apply_weights(backbone.model, weights, spec)
+    else:
+        backbone.weights_id = "factory"
+    backbone.weights_sha256 = state_dict_sha256(backbone.model)
+    if image_size is not None:
+        backbone.preprocess = replace(backbone.preprocess, image_size=image_size)
+    return backbone
+
+
+def _cut_module(net: nn.Module, model_id: str, pre: Preprocess) -> Backbone:
+    if type(net).__module__.startswith("timm."):
+        return _cut_timm(net, model_id, "factory", pre)
+    return _cut_torchvision(net, model_id, "factory", pre)
 
 
 # -- per-block facts for `subcache blocks` ----------------------------------------------------------------------

@@ -117,6 +117,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
+    backbone.eval()  # a backbone handed over in train mode would cache batch statistics
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
     sources = {s: open_source(config.data, s, limit=config.limit, download=config.download, root=config.data_root)
                for s in dict.fromkeys(config.splits)}
