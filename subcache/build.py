@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -101,8 +101,17 @@ def sample_shape(backbone: Backbone, layer: int) -> tuple[int, ...]:
         return tuple(backbone.prefix(torch.zeros(1, 3, size, size), layer).shape[1:])
 
 
-def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:
-    """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput."""
+def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
+                data: Any = None) -> BuildResult:
+    """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
+
+    ``data`` (Python only) replaces ``config.data`` with dataset objects: ``{"train": ds, "test": ds2}``, or one
+    dataset serving the first of ``config.splits``. Each is a torchvision dataset, a Hugging Face
+    ``datasets.Dataset`` (image + label columns) or any sequence of (PIL image | uint8 array, label).
+    """
+    if data is not None:
+        data = data if isinstance(data, dict) else {config.splits[0]: data}
+        config = replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}")
     if config.dtype not in DTYPES:
         raise StoreError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
     if config.chunk_mb <= 0:
@@ -119,8 +128,8 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
     backbone.eval()  # a backbone handed over in train mode would cache batch statistics
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
-    sources = {s: open_source(config.data, s, limit=config.limit, download=config.download, root=config.data_root)
-               for s in dict.fromkeys(config.splits)}
+    sources = {s: open_source(config.data if data is None else data[s], s, limit=config.limit,
+                              download=config.download, root=config.data_root) for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)
     backbone.to(device)
     shapes = {layer: sample_shape(backbone, layer) for layer in layers}
@@ -135,8 +144,8 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
         return [open_or_create(path, _attrs(config, backbone, layer, shapes[layer], sources), sizes, chunks[layer],
                                resume=config.resume) for path, layer in zip(paths, layers)]
 
-    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids)
-            for split, src in sources.items()}
+    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
+                       np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
     with WriterLock(config.out, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
         start = time.perf_counter()
@@ -174,6 +183,7 @@ class Job:
     load: Callable[[int, int], Any]
     labels: np.ndarray
     ids: np.ndarray
+    keys: np.ndarray  # (N,) str: where each item came from
 
 
 def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
@@ -191,7 +201,7 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
             owned = set(mine)
             todo = [u for u in _units_to_do(stores, split, unit, job.n) if u in owned]
             skipped += len(mine) - len(todo)
-            job = Job(sum(b - a for a, b in mine), job.load, job.labels, job.ids)
+            job = replace(job, n=sum(b - a for a, b in mine))
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
                                 completed=job.n - sum(b - a for a, b in todo))
             for (a, b), x in _prefetch(job.load, todo, device):
@@ -245,7 +255,7 @@ def open_or_create(path: str, attrs: dict, sizes: dict[str, int], chunk_len: dic
 
 def _arrays(cache: Cache, split: str) -> list:
     s = cache.split(split)
-    return [a for a in (s.x, s.x_flip, s.y, s.id) if a is not None]
+    return [a for a in (s.x, s.x_flip, s.y, s.id, s.key) if a is not None]
 
 
 def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tuple[int, int]]:
@@ -324,6 +334,8 @@ def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int,
             getattr(s, view)[a:b] = arr
         s.y[a:b] = job.labels[a:b]
         s.id[a:b] = job.ids[a:b]
+        if s.key is not None:
+            s.key[a:b] = job.keys[a:b]
 
 
 class _Writer:

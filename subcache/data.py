@@ -1,4 +1,5 @@
-"""Image sources: Fashion-MNIST, CIFAR-10/100, Flowers-102, ImageFolder directories and `.npz` files.
+"""Image sources: Fashion-MNIST, CIFAR-10/100, Flowers-102, ImageFolder directories, `.npz` files, Hugging Face
+datasets (`hf:PATH`: saved with `save_to_disk`, or parquet files) and, from Python, dataset objects.
 
 A source is one split of a dataset. It hands out uint8 image batches (B, C, H, W) by position; `to_input` turns
 them into the backbone's normalised float input. Array datasets are resized as a batch on the device; photos are
@@ -11,7 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 NAMED = ("fashion-mnist", "cifar10", "cifar100", "flowers102")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class ImageSource:
     classes: list[str]
     array: np.ndarray | None = None  # (N, H, W[, C]) uint8, for in-memory datasets
     files: Sequence[str] | None = None  # image paths, for photo datasets
+    item: Callable[[int], Any] | None = None  # position → PIL image or uint8 array, for dataset objects
+    keys: Sequence[str] | None = None  # where each item came from (path under the folder given); default: id
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -51,7 +55,12 @@ class ImageSource:
         keep = slice(0, min(limit, len(self)))
         return ImageSource(self.name, self.split, self.labels[keep], self.ids[keep], self.classes,
                            None if self.array is None else self.array[keep],
-                           None if self.files is None else list(self.files)[keep])
+                           None if self.files is None else list(self.files)[keep], self.item,
+                           None if self.keys is None else list(self.keys)[keep])
+
+    def source_keys(self) -> list[str]:
+        """Where each item came from: its path under the folder given, else its index in the dataset."""
+        return [str(k) for k in (self.keys if self.keys is not None else self.ids.tolist())]
 
     def load(self, start: int, stop: int, pre: Preprocess) -> torch.Tensor:
         """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size."""
@@ -59,15 +68,19 @@ class ImageSource:
             return _bchw(np.array(self.array[start:stop]))  # a writable copy
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
-        images = list(self._pool.map(lambda f: _read_photo(f, pre), list(self.files[start:stop])))
-        return torch.stack(images)
+        return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre), range(start, stop))))
+
+    def _photo(self, i: int, pre: Preprocess) -> torch.Tensor:
+        if self.item is not None:
+            return _fit_photo(_as_pil(self.item(i)), pre)
+        return _read_photo(self.files[i], pre)
 
 
     def take(self, positions: np.ndarray, pre: Preprocess) -> torch.Tensor:
         """uint8 images at arbitrary positions, as (B, C, H, W)."""
         if self.array is not None:
             return _bchw(self.array[np.asarray(positions)])
-        return torch.stack([_read_photo(self.files[int(i)], pre) for i in positions])
+        return torch.stack([self._photo(int(i), pre) for i in positions])
 
 
 def _bchw(array: np.ndarray) -> torch.Tensor:
@@ -80,14 +93,36 @@ def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = pre.image_size / pre.crop_pct / min(im.size)
-        w, h = max(pre.image_size, round(im.size[0] * scale)), max(pre.image_size, round(im.size[1] * scale))
-        resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
-        im = im.resize((w, h), resample)
-        left, top = (w - pre.image_size) // 2, (h - pre.image_size) // 2
-        im = im.crop((left, top, left + pre.image_size, top + pre.image_size))
-        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+        return _fit_photo(im, pre)
+
+
+def _as_pil(image: Any):
+    """A PIL image, or a uint8 array H×W[×C] / tensor C×H×W, as a PIL image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).numpy() if image.ndim == 3 else image.numpy()
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise DataError(f"dataset items must be (PIL image | uint8 array H×W[×C], label); got an image of "
+                        f"{array.dtype} {array.shape}")
+    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
+    """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    scale = pre.image_size / pre.crop_pct / min(im.size)
+    w, h = max(pre.image_size, round(im.size[0] * scale)), max(pre.image_size, round(im.size[1] * scale))
+    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
+    im = im.resize((w, h), resample)
+    left, top = (w - pre.image_size) // 2, (h - pre.image_size) // 2
+    im = im.crop((left, top, left + pre.image_size, top + pre.image_size))
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch.Tensor:
@@ -109,10 +144,21 @@ def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def open_source(spec: str, split: str, *, limit: int | None = None, download: bool = False,
+def open_source(spec: Any, split: str, *, limit: int | None = None, download: bool = False,
                 root: str | os.PathLike | None = None) -> ImageSource:
-    """A split of a dataset named by ``spec``: a known name, an ImageFolder directory or an ``.npz`` file."""
+    """A split of a dataset: ``spec`` is a known name, an ImageFolder directory, an ``.npz`` file, ``hf:PATH``,
+    an image file, or a dataset object (torchvision, Hugging Face, any sequence of (image, label)) for that split."""
     root = Path(root or os.environ.get("SUBCACHE_DATA", Path.home() / ".cache" / "subcache" / "data"))
+    if not isinstance(spec, str | os.PathLike):
+        source = from_dataset(spec, split)
+    else:
+        source = _from_spec(os.fspath(spec), split, download, root)
+    if len(source) == 0:
+        raise DataError(f"{source.name} split {split} holds no images")
+    return source.subset(limit)
+
+
+def _from_spec(spec: str, split: str, download: bool, root: Path) -> ImageSource:
     if spec == "fashion-mnist":
         source = _fashion_mnist(split, download, root)
     elif spec in ("cifar10", "cifar100"):
@@ -121,14 +167,18 @@ def open_source(spec: str, split: str, *, limit: int | None = None, download: bo
         source = _flowers(split, download, root)
     elif spec.endswith(".npz"):
         source = _npz(Path(spec), split)
+    elif spec.startswith("hf:"):
+        source = from_dataset(_hf_split(spec.removeprefix("hf:"), split), split, name=spec)
+    elif Path(spec).is_dir() and _images_in(Path(spec)):
+        source = _unlabelled(spec, split, _images_in(Path(spec)))
     elif Path(spec).is_dir():
         source = _image_folder(Path(spec), split)
+    elif Path(spec).suffix.lower() in IMAGE_SUFFIXES and Path(spec).is_file():
+        source = _unlabelled(spec, split, [Path(spec)])
     else:
-        raise DataError(f"unknown data {spec!r}; use one of {', '.join(NAMED)}, an ImageFolder directory or an "
-                        f".npz file with x (uint8 N×H×W[×C]) and y")
-    if len(source) == 0:
-        raise DataError(f"{spec} split {split} holds no images")
-    return source.subset(limit)
+        raise DataError(f"unknown data {spec!r}; use one of {', '.join(NAMED)}, an ImageFolder directory, an "
+                        f".npz file with x (uint8 N×H×W[×C]) and y, hf:PATH, or an image file")
+    return source
 
 
 def _check_split(name: str, split: str, allowed: Sequence[str]) -> None:
@@ -202,7 +252,20 @@ def _image_folder(path: Path, split: str) -> ImageSource:
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"{folder} is not an ImageFolder (<class>/<image> files): {str(exc).splitlines()[0]}") from None
     y = np.asarray(ds.targets, dtype=np.int64)
-    return ImageSource(str(path), split, y, np.arange(len(y)), list(ds.classes), files=[s[0] for s in ds.samples])
+    files = [s[0] for s in ds.samples]
+    return ImageSource(str(path), split, y, np.arange(len(y)), list(ds.classes), files=files,
+                       keys=[Path(f).relative_to(path).as_posix() for f in files])
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (an unlabelled folder, e.g. for `predict`)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _unlabelled(spec: str, split: str, files: list[Path]) -> ImageSource:
+    """Images without labels (label -1, no classes), keyed by file name."""
+    return ImageSource(spec, split, np.full(len(files), -1, np.int64), np.arange(len(files)), [],
+                       files=[str(f) for f in files], keys=[f.name for f in files])
 
 
 def _npz(path: Path, split: str) -> ImageSource:
@@ -226,3 +289,66 @@ def _npz(path: Path, split: str) -> ImageSource:
     num_classes = int(y.max()) + 1 if len(y) else 0
     return ImageSource(str(path), split, y.astype(np.int64), np.arange(len(y)),
                        [str(i) for i in range(num_classes)], array=x)
+
+
+# -- dataset objects: torchvision, Hugging Face, sequences of (image, label) ---------------------------------------
+def from_dataset(ds: Any, split: str, name: str | None = None) -> ImageSource:
+    """One split from a dataset object: a Hugging Face ``datasets.Dataset`` (an image column and a label column),
+    a torchvision dataset, or any sequence of (PIL image | uint8 array, label). Class names come from the
+    ClassLabel feature or ``ds.classes``; keys are the positions."""
+    if hasattr(ds, "features") and hasattr(ds, "column_names"):
+        return _hf_source(ds, split, name or type(ds).__name__)
+    if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+        raise DataError(f"cannot read images from a {type(ds).__name__}; pass a name, a path, a torchvision or "
+                        f"Hugging Face dataset, or a sequence of (image, label)")
+    targets = getattr(ds, "targets", None)
+    y = np.asarray(targets if targets is not None else [ds[i][1] for i in range(len(ds))], dtype=np.int64)
+    classes = [str(c) for c in getattr(ds, "classes", None) or range(int(y.max()) + 1 if len(y) else 0)]
+    return ImageSource(name or type(ds).__name__, split, y, np.arange(len(y)), classes, item=lambda i: ds[i][0])
+
+
+def _hf_source(ds: Any, split: str, name: str) -> ImageSource:
+    import datasets
+
+    image_cols = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    label_cols = [c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    image_col = (image_cols or [c for c in ("image", "img") if c in ds.column_names] or [None])[0]
+    label_col = (label_cols or [c for c in ("label", "labels") if c in ds.column_names] or [None])[0]
+    if image_col is None or label_col is None:
+        raise DataError(f"{name}: a Hugging Face dataset needs an image column and a label column; it has "
+                        f"{ds.column_names}")
+    y = np.asarray(ds[label_col], dtype=np.int64)
+    feature = ds.features[label_col]
+    classes = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
+               else [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)])
+    return ImageSource(name, split, y, np.arange(len(y)), classes, item=lambda i: ds[i][image_col])
+
+
+def _hf_split(path: str, split: str) -> Any:
+    """``hf:PATH``: a folder from ``save_to_disk`` (Dataset or DatasetDict), a parquet file (one split), or a
+    folder of ``<split>-*.parquet`` / ``<split>/*.parquet`` files. Offline: nothing is downloaded."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf:PATH needs the Hugging Face datasets package: pip install 'subcache[hf]'") from None
+    p = Path(path)
+    if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+        data = datasets.load_from_disk(str(p))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise DataError(f"hf:{path} has no split {split!r}; it has {', '.join(data)}")
+            return data[split]
+        return _only_train(data, path, split)
+    if p.is_file() and p.suffix == ".parquet":
+        return _only_train(datasets.Dataset.from_parquet(str(p)), path, split)
+    files = sorted({*p.rglob(f"{split}-*.parquet"), *p.rglob(f"{split}/*.parquet")}) if p.is_dir() else []
+    if not files:
+        raise DataError(f"hf:{path}: expected a folder saved with Dataset.save_to_disk, a .parquet file, or "
+                        f"{split}-*.parquet files under it")
+    return datasets.Dataset.from_parquet([str(f) for f in files])
+
+
+def _only_train(data: Any, path: str, split: str) -> Any:
+    if split != "train":
+        raise DataError(f"hf:{path} is a single dataset, used as split train; no split {split!r}")
+    return data

@@ -93,7 +93,7 @@ def _job(src: Cache, split: str) -> Job:
     def load(a: int, b: int) -> dict[str, torch.Tensor]:
         return {name: from_storage(read(arr, slice(a, b)), src.dtype) for name, arr in views.items()}
 
-    return Job(len(s), load, read(s.y, slice(None)), read(s.id, slice(None)))
+    return Job(len(s), load, read(s.y, slice(None)), read(s.id, slice(None)), src.read_keys(split))
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 
 ```
 cache.zarr/  zarr.json (attrs: format, backbone, weights sha256, layer, preprocessing, dtype, versions, status)
-  train/ x (N, C, H, W) or (N, T, D)   y (N,) int64   id (N,) int64   [x_flip]   [labels/NAME]
+  train/ x (N, C, H, W) or (N, T, D)   y (N,) int64   id (N,) int64   key (N,) str   [x_flip]   [labels/NAME]
   test/  ...
 ```
 Chunks hold whole samples along N (≥ ~1 MiB each, a power of two in samples) so a chunk is the unit of resume
@@ -75,6 +75,7 @@ class Split:
     y: zarr.Array
     id: zarr.Array
     x_flip: zarr.Array | None
+    key: zarr.Array | None = None  # where each item came from (None in caches made before keys existed)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -123,7 +124,13 @@ class Cache:
         if name not in self.splits:
             raise StoreError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.splits)}")
         g = self.group[name]
-        return Split(name, g["x"], g["y"], g["id"], g["x_flip"] if "x_flip" in g else None)
+        return Split(name, g["x"], g["y"], g["id"], g["x_flip"] if "x_flip" in g else None,
+                     g["key"] if "key" in g else None)
+
+    def read_keys(self, split: str) -> np.ndarray:
+        """Each item's source key (path under an ImageFolder root, else its index) as strings."""
+        s = self.split(split)
+        return (read(s.key, slice(None)) if s.key is not None else read(s.id, slice(None))).astype(str)
 
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
         s = self.split(split)
@@ -198,6 +205,8 @@ def create_cache(path: str, attrs: dict, layout: dict[str, tuple[int, tuple[int,
         for name in ("y", "id"):
             g.create_array(name, shape=(n,), chunks=(chunk_len[split],), dtype=np.int64,
                            compressors=[codec()], fill_value=0, config={"write_empty_chunks": True})
+        g.create_array("key", shape=(n,), chunks=(chunk_len[split],), dtype=str, fill_value="",
+                       config={"write_empty_chunks": True})  # variable-length UTF-8: source path or index
     return Cache(group, path)
 
 
