@@ -323,7 +323,7 @@ def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, a
 @click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False),
               help="file of ids to leave out (one per line, or a CSV with an id column)")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--out", required=True, help="scores as .csv or .npz (id, score, pred, prob)")
+@click.option("--out", required=True, help="scores as .csv or .npz (id, key, score, pred, pred_index, prob)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
 def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
@@ -334,16 +334,18 @@ def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_jso
     picked = scores.top(top) if top else []
     if as_json:
         emit_json({"out": out, "items": len(scores.ids), "metric": metric,
-                   "top": [{"id": int(scores.ids[i]), "score": float(scores.score[i]), "pred": int(scores.pred[i])}
-                           for i in picked]})
+                   "top": [{"id": int(scores.ids[i]), "key": str(scores.keys[i]), "score": float(scores.score[i]),
+                            "pred": str(scores.pred_names()[i]), "prob": float(scores.prob[i])} for i in picked]})
         return
     console.print(f"scored {len(scores.ids)} items of {split} by {metric} → {out}")
     if top:
         table = Table(title=f"{top} most uncertain")
-        for col in ("id", metric, "predicted", "probability"):
+        for col in ("id", "key", metric, "predicted", "probability"):
             table.add_column(col, justify="right")
+        names = scores.pred_names()
         for i in picked:
-            table.add_row(str(scores.ids[i]), f"{scores.score[i]:.4f}", str(scores.pred[i]), f"{scores.prob[i]:.4f}")
+            table.add_row(str(scores.ids[i]), str(scores.keys[i]), f"{scores.score[i]:.4f}", names[i],
+                          f"{scores.prob[i]:.4f}")
         console.print(table)
 
 
@@ -422,31 +424,35 @@ def labels_add(cache, name, file, split) -> None:
 # -- predict ---------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
-@click.option("--data", required=True)
+@click.option("--data", required=True, help="a dataset spec (split --split), an unlabelled folder, or one image file")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--out", help="write per-task predictions (CSV: id, label, one column per task)")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
+@click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, as_json) -> None:
-    """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block."""
+def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
+    """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
+    Every item is named by its source key (its path under the folder given) and every class by its name."""
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
                               progress=not as_json)
     if out:
         result.save(out)
+    rows = result.rows()
     if as_json:
         emit_json({"items": len(result.ids), "accuracy": result.accuracy, "tasks": list(result.preds),
-                   "images_per_second": round(result.images_per_second, 1), "out": out})
+                   "images_per_second": round(result.images_per_second, 1), "out": out, "predictions": rows})
         return
     table = Table(title=f"predictions on {data} ({split}, {len(result.ids)} images)")
-    table.add_column("task")
-    table.add_column("accuracy", justify="right")
-    for name in result.preds:
-        acc = result.accuracy.get(name)
-        table.add_row(name, "–" if acc is None else f"{acc:.4f}")
+    for col in ("key", "label", *result.preds):
+        table.add_column(col)
+    for row in rows[:show]:
+        table.add_row(row["key"], row["label"], *(f"{row[n]} ({row[n + '_prob']:.2f})" for n in result.preds))
     console.print(table)
+    for name, acc in result.accuracy.items():
+        console.print(f"{name}: accuracy {acc:.4f}")
 
 
 # -- bench -------------------------------------------------------------------------------------------------------

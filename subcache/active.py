@@ -61,6 +61,8 @@ def most_uncertain(values: np.ndarray, candidates: np.ndarray, k: int) -> np.nda
 @dataclass
 class PoolScores:
     ids: np.ndarray  # (N,) the cache's ids
+    keys: np.ndarray  # (N,) str: where each item came from (path under the ImageFolder root, else its index)
+    classes: list[str]  # the task's class names, by index
     positions: np.ndarray  # (N,) positions in the split
     score: np.ndarray  # raw metric value
     uncertainty: np.ndarray  # higher = more uncertain
@@ -75,7 +77,8 @@ class PoolScores:
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        cols = {"id": self.ids, "score": self.score, "pred": self.pred, "prob": self.prob}
+        cols = {"id": self.ids, "key": self.keys, "score": self.score, "pred": self.pred_names(),
+                "pred_index": self.pred, "prob": self.prob}
         if p.suffix == ".npz":
             np.savez(p, **cols)
         elif p.suffix == ".csv":
@@ -85,6 +88,10 @@ class PoolScores:
                 w.writerows(zip(*(c.tolist() for c in cols.values())))
         else:
             raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
+
+    def pred_names(self) -> np.ndarray:
+        """The predicted class of each item, by name."""
+        return np.asarray(self.classes, dtype=str)[self.pred] if len(self.pred) else np.array([], dtype=str)
 
 
 @torch.inference_mode()
@@ -115,7 +122,8 @@ def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: s
     keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude)
     score, unc = uncertainty(logits, metric)
     probs = logits.softmax(-1).max(-1)
-    return PoolScores(ids[keep], np.flatnonzero(keep), score.numpy()[keep], unc.numpy()[keep],
+    return PoolScores(ids[keep], cache.read_keys(split)[keep], list(saved.meta["classes"]), np.flatnonzero(keep),
+                      score.numpy()[keep], unc.numpy()[keep],
                       probs.indices.numpy()[keep], probs.values.numpy()[keep], metric)
 
 
@@ -164,9 +172,9 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                 labelled = np.asarray(run["labelled"])
                 labels = truth
                 if config.oracle:
-                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth)
+                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, cache.classes)
                     if len(missing):
-                        waiting = _ask(folder, ids[missing], config.oracle)
+                        waiting = _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
                         return ALResult(_curve(state, config), waiting)
                 result = train(cache, replace(config.train, blocks=config.blocks, seed=seed), backbone=backbone,
                                bank=bank, train_indices=labelled, labels_override=labels)
@@ -202,18 +210,19 @@ def _select(model: TunedModel, cache: Cache, config: ALConfig, seed: int, round_
     return most_uncertain(values, pool, k)
 
 
-def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray,
-                   truth: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """Labels supplied so far (CSV id,label with integer class labels); positions of labelled items still missing."""
+def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray, truth: torch.Tensor,
+                   classes: list[str]) -> tuple[torch.Tensor, np.ndarray]:
+    """Labels supplied so far (CSV id,label; a label is a class name or index); positions still missing."""
     from .labels import read_label_file
 
     given = {}
     if Path(path).is_file():
         file_ids, values = read_label_file(path)
         try:
-            given = {int(i): int(v) for i, v in zip(file_ids, values)}
+            given = {int(i): classes.index(v) if v in classes else int(v) for i, v in zip(file_ids, values)}
         except ValueError:
-            raise DataError(f"{path}: oracle labels must be class indices (integers)") from None
+            raise DataError(f"{path}: oracle labels must be class names ({', '.join(classes[:5])}…) or "
+                            f"indices") from None
     labels = torch.full_like(truth, -1)
     have = np.array([int(ids[p]) in given for p in labelled], bool)
     for p in labelled[have]:
@@ -221,12 +230,13 @@ def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray,
     return labels, labelled[~have]
 
 
-def _ask(folder: Path, ids: np.ndarray, oracle: str) -> str:
+def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
+    """to_label.csv: the items to label by id and source key; fill `label` with a class name or index."""
     path = folder / "to_label.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "label"])
-        w.writerows([[int(i), ""] for i in ids])
+        w.writerow(["id", "key", "label"])
+        w.writerows([[int(i), str(k), ""] for i, k in zip(ids, keys)])
     return str(path)
 
 

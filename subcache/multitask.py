@@ -33,12 +33,12 @@ class TaskBranch(nn.Module):
         self.head, self.siamese = head, siamese
 
     @property
-    def first(self) -> int:
-        return self.tuned[0]
+    def first(self) -> int:  # a linear probe (no tuned blocks) never forks: its head reads the original features
+        return self.tuned[0] if self.tuned else -1
 
     @property
     def last(self) -> int:
-        return self.tuned[-1]
+        return self.tuned[-1] if self.tuned else -1
 
 
 class MultiTaskModel(nn.Module):
@@ -56,7 +56,7 @@ class MultiTaskModel(nn.Module):
         self.backbone, self.include_original = backbone, include_original
         self.branches = nn.ModuleDict({self._keys[n]: b for n, b in branches.items()})
         self._keep_original_until = (backbone.num_blocks if include_original or
-                                     any(b.siamese for b in branches.values())
+                                     any(b.siamese or not b.tuned for b in branches.values())
                                      else max(b.first for b in branches.values()) - 1)
 
     @classmethod
@@ -66,9 +66,6 @@ class MultiTaskModel(nn.Module):
         branches: dict[str, TaskBranch] = {}
         for t in tasks:
             task = t if isinstance(t, Task) else load_task(t)
-            if not task.blocks:
-                raise TaskError(f"task {task.path} is a linear probe (no tuned blocks); MultiTaskModel forks at a "
-                                f"tuned block")
             model = task.model(backbone)  # checks the backbone's identity
             name = Path(task.path).name or "task"
             while name in branches or name == "original":
@@ -105,7 +102,7 @@ class MultiTaskModel(nn.Module):
         parts = dict(zip(segments, features.split(batch)))
         out = {"original": bb.head(parts["original"])} if self.include_original else {}
         for name in self.names:
-            f = parts[name]
+            f = parts.get(name, parts.get("original"))  # a linear probe reads the original features
             if self.branch(name).siamese:
                 f = torch.cat([f, parts["original"]], dim=-1)
             out[name] = self.branch(name).head(f)
@@ -115,24 +112,40 @@ class MultiTaskModel(nn.Module):
 @dataclass
 class Predictions:
     ids: np.ndarray
-    labels: np.ndarray
-    preds: dict[str, np.ndarray]  # task name → predicted class per item
+    keys: np.ndarray  # (N,) str: where each item came from (path under the folder given, else its index)
+    labels: np.ndarray  # (N,) the data's labels (-1: unlabelled)
+    classes: list[str]  # the data's class names (empty when unlabelled)
+    preds: dict[str, np.ndarray]  # task name → predicted class index per item
+    probs: dict[str, np.ndarray]  # task name → probability of the predicted class
+    task_classes: dict[str, list[str]]  # task name → its class names
     accuracy: dict[str, float]  # tasks whose classes are the dataset's
     images_per_second: float
+
+    def rows(self) -> list[dict]:
+        """One dict per item: id, key, label (name), then per task its predicted class name and probability."""
+        label_names = [self.classes[y] if 0 <= y < len(self.classes) else "" for y in self.labels.tolist()]
+        rows = [{"id": int(i), "key": str(k), "label": n} for i, k, n in zip(self.ids, self.keys, label_names)]
+        for name, pred in self.preds.items():
+            for row, c, p in zip(rows, pred.tolist(), self.probs[name].tolist()):
+                row[name], row[f"{name}_prob"] = self.task_classes[name][c], round(p, 6)
+        return rows
 
     def save(self, path: str | Path) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.rows()
         with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label", *self.preds])
-            w.writerows(zip(self.ids.tolist(), self.labels.tolist(), *(v.tolist() for v in self.preds.values())))
+            w = csv.DictWriter(f, fieldnames=["id", "key", "label", *(c for n in self.preds for c in (n, f"{n}_prob"))])
+            w.writeheader()
+            w.writerows(rows)
 
 
-def predict(tasks: Sequence[str | Path], data: str, *, split: str = "test", limit: int | None = None,
+def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: int | None = None,
             batch_size: int = 128, device: str = "auto", progress: bool = False,
             backbone: Backbone | None = None) -> Predictions:
-    """Run several tasks over a dataset with one `MultiTaskModel`; accuracy for tasks trained on its labels."""
+    """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
+    `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
+    Accuracy for tasks trained on the data's labels."""
     from .build import resolve_device
     from .data import open_source, to_input
     from .progress import progress_bar
@@ -150,13 +163,16 @@ def predict(tasks: Sequence[str | Path], data: str, *, split: str = "test", limi
         for a in range(0, len(source), batch_size):
             images = source.load(a, min(a + batch_size, len(source)), backbone.preprocess).to(dev)
             for name, logits in model(to_input(images, backbone.preprocess)).items():
-                outputs[name].append(logits.argmax(1).cpu())
+                outputs[name].append(logits.float().softmax(1).max(1))
             bar.advance(task, len(images))
     seconds = time.perf_counter() - start
-    preds = {name: torch.cat(v).numpy() for name, v in outputs.items()}
+    preds = {name: torch.cat([o.indices for o in v]).cpu().numpy() for name, v in outputs.items()}
+    probs = {name: torch.cat([o.values for o in v]).cpu().numpy() for name, v in outputs.items()}
+    classes = {name: list(t.meta["classes"]) for name, t in zip(model.names, loaded)}
     accuracy = {name: float((preds[name] == source.labels).mean()) for name, t in zip(model.names, loaded)
                 if t.meta.get("labels") is None and t.meta["classes"] == source.classes}
-    return Predictions(source.ids, source.labels, preds, accuracy, len(source) / seconds)
+    return Predictions(source.ids, np.asarray(source.source_keys()), source.labels, source.classes, preds, probs,
+                       classes, accuracy, len(source) / seconds)
 
 
 # -- the reference SubTuning code's alternative (src/latency.py): grouped convolutions --------------------------------

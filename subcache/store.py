@@ -130,7 +130,8 @@ class Cache:
     def read_keys(self, split: str) -> np.ndarray:
         """Each item's source key (path under an ImageFolder root, else its index) as strings."""
         s = self.split(split)
-        return (read(s.key, slice(None)) if s.key is not None else read(s.id, slice(None))).astype(str)
+        values = read(s.key, slice(None)) if s.key is not None else read(s.id, slice(None))
+        return np.asarray([str(v) for v in values.tolist()], dtype=str)  # numpy StringDType → plain str
 
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
         s = self.split(split)

@@ -84,7 +84,8 @@ def test_predict_cli(tasks, npz_path, tmp_path):
     out = json.loads(r.stdout)
     assert out["items"] == 96 and set(out["accuracy"]) == {Path(d).name for d in dirs[:2]}
     header = (tmp_path / "p.csv").read_text().splitlines()[0]
-    assert header == f"id,label,{Path(dirs[0]).name},{Path(dirs[1]).name}"
+    a, b = Path(dirs[0]).name, Path(dirs[1]).name
+    assert header == f"id,key,label,{a},{a}_prob,{b},{b}_prob"
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])
