@@ -455,6 +455,29 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
         console.print(f"{name}: accuracy {acc:.4f}")
 
 
+# -- export ----------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pt2", "torchscript", "timm"]), required=True,
+              help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
+@click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
+@click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
+@friendly
+def export(tasks, fmt, out, as_json) -> None:
+    """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""
+    from subcache.export import export as export_tasks
+
+    meta = export_tasks(tasks, fmt, out)
+    if as_json:
+        emit_json(meta)
+    elif fmt == "timm":
+        console.print(f"{out}: load it into {meta['model']} built with num_classes={meta['num_classes']} "
+                      f"(strict=True)")
+    else:
+        console.print(f"{out}: input images (batch, 3, {meta['input']['shape'][-1]}, {meta['input']['shape'][-1]})"
+                      f" normalised; outputs {', '.join(meta['outputs'])}")
+
+
 # -- bench -------------------------------------------------------------------------------------------------------
 BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
 

@@ -99,7 +99,7 @@ class MultiTaskModel(nn.Module):
                 trunk = torch.cat([trunk, private.pop(name)]) if segments else private.pop(name)
                 segments.append(name)
         features = bb.neck(trunk)
-        parts = dict(zip(segments, features.split(batch)))
+        parts = dict(zip(segments, features.unflatten(0, (len(segments), -1)).unbind(0)))  # no fixed batch size
         out = {"original": bb.head(parts["original"])} if self.include_original else {}
         for name in self.names:
             f = parts.get(name, parts.get("original"))  # a linear probe reads the original features

@@ -1,0 +1,134 @@
+"""`subcache export`: saved tasks as one deployable model, or one task folded back into the plain model.
+
+- ``onnx`` / ``pt2`` / ``torchscript``: the shared-prefix `MultiTaskModel` (the prefix runs once, each task forks at
+  its first tuned block) taking normalised images ``(batch, 3, S, S)`` with a dynamic batch and returning one
+  logits tensor per task, in the order given. The file carries a JSON record (``subcache``: tasks, classes, the
+  output order and the preprocessing the input needs) — ONNX metadata_props, a `subcache.json` extra file in
+  TorchScript and pt2.
+- ``timm``: one task as a plain state dict of the original timm/torchvision model built with ``num_classes`` = the
+  task's classes (the tuned blocks replace the pretrained ones, the head replaces the classifier); it loads with
+  ``strict=True`` and gives the task's logits, no subcache needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .errors import TaskError
+from .multitask import MultiTaskModel
+from .task import Task, backbone_for, load_task
+
+FORMATS = ("onnx", "pt2", "torchscript", "timm")
+PREPROCESS_HOW = ("RGB scaled to [0, 1]; resize the short side to image_size / crop_pct (interpolation), center-crop "
+                  "image_size × image_size; subtract mean and divide by std per channel; layout (batch, 3, H, W) "
+                  "float32")
+
+
+class Deployable(nn.Module):
+    """A `MultiTaskModel` returning a tuple of logits in task order (export formats want tensors, not dicts)."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        self.model, self.names = model, list(model.names)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, 3, S, S) → K × (B, classes_k)
+        out = self.model(images)
+        return tuple(out[name] for name in self.names)
+
+
+def export(tasks: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike, *,
+           backbone: Backbone | None = None) -> dict:
+    """Write ``tasks`` as ``fmt`` (one of `FORMATS`) to ``out``; returns the metadata written with it."""
+    if fmt not in FORMATS:
+        raise TaskError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    loaded = [load_task(t) for t in tasks]
+    if not loaded:
+        raise TaskError("export needs at least one --task")
+    backbone = (backbone or backbone_for(loaded[0].meta["backbone"])).cpu().eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "timm":
+        return _fold(loaded, backbone, out)
+    model = Deployable(MultiTaskModel.from_tasks(backbone, loaded, include_original=False)).eval()
+    meta = metadata(model, loaded, backbone)
+    size = backbone.preprocess.image_size
+    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let exporters fix the batch size
+    {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt](model, example, out, meta)
+    return meta
+
+
+def metadata(model: Deployable, tasks: list[Task], backbone: Backbone) -> dict:
+    size = backbone.preprocess.image_size
+    return {"format": "subcache-export", "outputs": model.names,
+            "tasks": {n: {"classes": t.meta["classes"], "blocks": list(t.blocks), "path": t.path}
+                      for n, t in zip(model.names, tasks)},
+            "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
+                      "preprocess": backbone.preprocess.to_dict(), "how": PREPROCESS_HOW},
+            "backbone": backbone.identity()}
+
+
+def _onnx(model: Deployable, example: torch.Tensor, out: Path, meta: dict) -> None:
+    import onnx
+
+    batch = {0: "batch"}
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=model.names,
+                          dynamic_axes={"images": batch, **{n: batch for n in model.names}}, dynamo=False)
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {"subcache": json.dumps(meta)})
+    onnx.save(proto, str(out))
+
+
+def _pt2(model: Deployable, example: torch.Tensor, out: Path, meta: dict) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, str(out), extra_files={"subcache.json": json.dumps(meta)})
+
+
+def _torchscript(model: Deployable, example: torch.Tensor, out: Path, meta: dict) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    torch.jit.save(traced, str(out), _extra_files={"subcache.json": json.dumps(meta)})
+
+
+# -- one task back into the plain model ------------------------------------------------------------------------------
+def _fold(tasks: list[Task], backbone: Backbone, out: Path) -> dict:
+    """The backbone's own state dict with the task's tuned blocks and a new classifier in place."""
+    if len(tasks) != 1:
+        raise TaskError(f"--format timm folds one task into the plain model; got {len(tasks)} tasks")
+    task = tasks[0]
+    if task.meta.get("siamese") or task.meta.get("pruned_shapes"):
+        raise TaskError(f"task {task.path} is siamese or pruned: its blocks or head do not fit the plain model; "
+                        f"export it as onnx, pt2 or torchscript")
+    tuned = task.model(backbone)
+    state = fold_state(backbone, {i: tuned.tuned_blocks[str(i)] for i in task.blocks}, tuned.head)
+    meta = {"format": "subcache-timm", "model": backbone.model_id, "num_classes": len(task.meta["classes"]),
+            "classes": task.meta["classes"], "preprocess": backbone.preprocess.to_dict()}
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out), metadata={"subcache": json.dumps(meta)})
+    else:
+        torch.save(state, out)
+    return meta
+
+
+def fold_state(backbone: Backbone, blocks: dict[int, nn.Module], head: nn.Module) -> dict[str, torch.Tensor]:
+    """``backbone.model``'s state dict with block i's tensors taken from ``blocks[i]`` and the classifier's from
+    ``head`` (matched by tensor identity, so any module tree works)."""
+    keys = {id(t): k for k, t in backbone.model.state_dict(keep_vars=True).items()}
+    state = {k: t.detach().clone().contiguous() for k, t in backbone.model.state_dict().items()}
+    for original, new in [*((backbone.block(i), m) for i, m in blocks.items()), (backbone.head, head)]:
+        theirs = new.state_dict()
+        for name, tensor in original.state_dict(keep_vars=True).items():
+            if name not in theirs:
+                raise TaskError(f"the task's {type(new).__name__} has no {name}; it cannot replace "
+                                f"{keys[id(tensor)]} in the plain model")
+            state[keys[id(tensor)]] = theirs[name].detach().clone().contiguous()
+    return state
