@@ -122,6 +122,9 @@ def _fold(tasks: list[Task], backbone: Backbone, out: Path) -> dict:
 def fold_state(backbone: Backbone, blocks: dict[int, nn.Module], head: nn.Module) -> dict[str, torch.Tensor]:
     """``backbone.model``'s state dict with block i's tensors taken from ``blocks[i]`` and the classifier's from
     ``head`` (matched by tensor identity, so any module tree works)."""
+    if not backbone.head.state_dict():
+        raise TaskError(f"{backbone.model_id} has no original classifier for the task's head to replace; export "
+                        f"it as onnx, pt2 or torchscript")
     keys = {id(t): k for k, t in backbone.model.state_dict(keep_vars=True).items()}
     state = {k: t.detach().clone().contiguous() for k, t in backbone.model.state_dict().items()}
     for original, new in [*((backbone.block(i), m) for i, m in blocks.items()), (backbone.head, head)]:
