@@ -104,14 +104,8 @@ def sample_shape(backbone: Backbone, layer: int) -> tuple[int, ...]:
 def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
                 data: Any = None) -> BuildResult:
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
-
-    ``data`` (Python only) replaces ``config.data`` with dataset objects: ``{"train": ds, "test": ds2}``, or one
-    dataset serving the first of ``config.splits``. Each is a torchvision dataset, a Hugging Face
-    ``datasets.Dataset`` (image + label columns) or any sequence of (PIL image | uint8 array, label).
-    """
-    if data is not None:
-        data = data if isinstance(data, dict) else {config.splits[0]: data}
-        config = replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}")
+    ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
+    config, data = with_objects(config, data)
     if config.dtype not in DTYPES:
         raise StoreError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
     if config.chunk_mb <= 0:
@@ -154,6 +148,16 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                                     progress and ranks.main, ranks)
         finish_all(ranks, stores)
     return BuildResult(paths, ranks.sum(images), time.perf_counter() - start, ranks.sum(skipped), layers)
+
+
+def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | None]:
+    """``data`` (Python only): ``{"train": ds, "test": ds2}``, or one dataset serving the first of
+    ``config.splits``; each a torchvision dataset, a Hugging Face ``datasets.Dataset`` (image + label columns) or
+    any sequence of (PIL image | uint8 array, label). The config then records ``python:<type name>`` as its data."""
+    if data is None:
+        return config, None
+    data = data if isinstance(data, dict) else {config.splits[0]: data}
+    return replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}"), data
 
 
 def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool) -> None:
