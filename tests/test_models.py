@@ -4,9 +4,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import timm
 import torch
-import torchvision
 from click.testing import CliRunner
 
 import subcache
