@@ -18,12 +18,13 @@ import torch
 from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
-from .errors import DataError, SubcacheError
+from .errors import ConfigError, DataError, SubcacheError
+from .labels import check_identity, data_identity
 from .profiling import shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
-from .task import backbone_for, load_task
-from .train import TrainConfig, cached_logits, labels_for, open_for_training, train
+from .task import atomic_write, backbone_for, check_out_dir, load_task
+from .train import TrainConfig, cached_logits, check_train_config, labels_for, open_for_training, train
 from .tuned import TunedModel
 
 METRICS = ("margin", "entropy", "least-confidence")
@@ -74,17 +75,23 @@ class PoolScores:
 
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
+        if p.suffix not in (".npz", ".csv"):
+            raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
         p.parent.mkdir(parents=True, exist_ok=True)
         cols = {"id": self.ids, "score": self.score, "pred": self.pred, "prob": self.prob}
-        if p.suffix == ".npz":
-            np.savez(p, **cols)
-        elif p.suffix == ".csv":
-            with open(p, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(cols)
-                w.writerows(zip(*(c.tolist() for c in cols.values())))
-        else:
-            raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
+        atomic_write(p, lambda tmp: _write_npz(tmp, cols) if p.suffix == ".npz" else _write_rows(tmp, cols))
+
+
+def _write_npz(path: str, cols: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to the temp name
+        np.savez(f, **cols)
+
+
+def _write_rows(path: str, cols: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(zip(*(c.tolist() for c in cols.values())))
 
 
 @torch.inference_mode()
@@ -112,6 +119,10 @@ def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: s
     model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
     logits = pool_logits(model, cache, split, dev)
     ids = read(cache.split(split).id, slice(None))
+    unknown = [] if exclude is None else np.setdiff1d(exclude, ids)
+    if len(unknown):
+        raise DataError(f"--exclude names {len(unknown)} ids that split {split} does not have (e.g. "
+                        f"{unknown[:3].tolist()})")
     keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude)
     score, unc = uncertainty(logits, metric)
     probs = logits.softmax(-1).max(-1)
@@ -141,10 +152,9 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = _load_state(folder, config)
-    truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
+    folder = check_out_dir(out)
+    state = _load_state(folder, config, data_identity(cache, config.train.labels))
+    truth, classes = labels_for(cache, config.train.train_split, config.train.labels)
     ids = read(cache.split(config.train.train_split).id, slice(None))
     if config.budgets[-1] > len(ids):
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
@@ -164,7 +174,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                 labelled = np.asarray(run["labelled"])
                 labels = truth
                 if config.oracle:
-                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth)
+                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, classes)
                     if len(missing):
                         waiting = _ask(folder, ids[missing], config.oracle)
                         return ALResult(_curve(state, config), waiting)
@@ -183,6 +193,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
 
 
 def _check(config: ALConfig) -> None:
+    check_train_config(config.train)
     if config.strategy not in STRATEGIES:
         raise SubcacheError(f"unknown strategy {config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     b = config.budgets
@@ -202,23 +213,31 @@ def _select(model: TunedModel, cache: Cache, config: ALConfig, seed: int, round_
     return most_uncertain(values, pool, k)
 
 
-def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray,
-                   truth: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray, truth: torch.Tensor,
+                   classes: int) -> tuple[torch.Tensor, np.ndarray]:
     """Labels supplied so far (CSV id,label with integer class labels); positions of labelled items still missing."""
     from .labels import read_label_file
 
     given = {}
     if Path(path).is_file():
         file_ids, values = read_label_file(path)
-        try:
-            given = {int(i): int(v) for i, v in zip(file_ids, values)}
-        except ValueError:
-            raise DataError(f"{path}: oracle labels must be class indices (integers)") from None
+        given = _oracle_rows(path, file_ids, values, classes)
     labels = torch.full_like(truth, -1)
     have = np.array([int(ids[p]) in given for p in labelled], bool)
     for p in labelled[have]:
         labels[p] = given[int(ids[p])]
     return labels, labelled[~have]
+
+
+def _oracle_rows(path: str, ids: np.ndarray, values: list[str], classes: int) -> dict[int, int]:
+    """id → class index from an oracle file; refuses non-integers, classes out of range and conflicting rows."""
+    given: dict[int, int] = {}
+    for i, v in zip(ids.tolist(), values):
+        if not v.lstrip("-").isdigit() or not 0 <= int(v) < classes:
+            raise DataError(f"{path}: id {i} has label {v!r}; oracle labels must be class indices 0..{classes - 1}")
+        if given.setdefault(i, int(v)) != int(v):
+            raise DataError(f"{path}: id {i} is labelled both {given[i]} and {v}; keep one row per id")
+    return given
 
 
 def _ask(folder: Path, ids: np.ndarray, oracle: str) -> str:
@@ -230,11 +249,12 @@ def _ask(folder: Path, ids: np.ndarray, oracle: str) -> str:
     return str(path)
 
 
-def _load_state(folder: Path, config: ALConfig) -> dict:
+def _load_state(folder: Path, config: ALConfig, identity: dict) -> dict:
     path = folder / "state.json"
     if not path.is_file():
-        return {"config": _config_dict(config), "seeds": {}}
+        return {"config": _config_dict(config), "identity": identity, "seeds": {}}
     state = json.loads(path.read_text())
+    check_identity(state.get("identity"), identity, str(folder))
     if state["config"] != _config_dict(config):
         raise SubcacheError(f"{folder} holds an active-learning run with other settings; use another --out or the "
                             f"same options")
@@ -295,6 +315,10 @@ def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str
 def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[str, ...], *, out: str,
                        backbone: Backbone | None = None, progress: bool = False) -> dict[str, ALResult]:
     """Run the same budgets with several strategies (``out/STRATEGY``) and plot them together (``out/al.png``)."""
+    for s in strategies:
+        _check(replace(config, strategy=s))  # every strategy checked before the first runs
+    if not strategies:
+        raise ConfigError("--strategy is empty; allowed: " + ", ".join(STRATEGIES))
     cache, backbone = open_for_training(cache, backbone)
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
                                   progress=progress) for s in strategies}
