@@ -158,6 +158,8 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
     ids = read(cache.split(config.train.train_split).id, slice(None))
     if config.budgets[-1] > len(ids):
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
+    if config.oracle:  # a bad oracle file is refused before any round runs
+        _oracle_labels(config.oracle, ids, np.arange(0), truth, classes)
     bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
     total = config.seeds * len(config.budgets)
     with progress_bar(progress, "rounds/s") as bar:
