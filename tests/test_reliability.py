@@ -289,34 +289,34 @@ def bad(tmp_path_factory, resnet_cache, tasks):
     return root
 
 
-def cases(c, t, b):
-    train = ("train", "--cache", c, "--blocks", "none", "--epochs", 1, "--out", b / "o")
-    al = ("al", "--cache", c, "--blocks", "none", "--budgets", "4,8", "--epochs", 1, "--out", b / "al")
-    build = ("build", *R18, "--data", b / "obj.npz", "--layer", 2, "--out", b / "x.zarr")
+def cases(c, t, b, o):
+    train = ("train", "--cache", c, "--blocks", "none", "--epochs", 1, "--out", o / "o")
+    al = ("al", "--cache", c, "--blocks", "none", "--budgets", "4,8", "--epochs", 1, "--out", o / "al")
+    build = ("build", *R18, "--data", b / "obj.npz", "--layer", 2, "--out", o / "x.zarr")
     return {
         "lr nan": (*train, "--lr", "nan"),
         "lr inf": (*train, "--lr", "inf"),
         "weight decay nan": (*train, "--weight-decay", "nan"),
         "negative seed with limit": (*train, "--seed", -1, "--limit", 8),
-        "empty blocks": ("train", "--cache", c, "--blocks", "", "--out", b / "o"),
+        "empty blocks": ("train", "--cache", c, "--blocks", "", "--out", o / "o"),
         "object-array npz": build,
         "task blocks edited": ("evaluate", "--task", b / "task_blocks", "--cache", c),
         "task classes edited": ("evaluate", "--task", b / "task_classes", "--cache", c),
-        "store missing y metadata": ("train", "--cache", b / "no_y.zarr", "--blocks", "none", "--out", b / "o"),
+        "store missing y metadata": ("train", "--cache", b / "no_y.zarr", "--blocks", "none", "--out", o / "o"),
         "store missing a split": ("evaluate", "--task", t, "--cache", b / "no_test.zarr"),
-        "labels out of range in cache": ("train", "--cache", b / "oob.zarr", "--blocks", "none", "--out", b / "o"),
+        "labels out of range in cache": ("train", "--cache", b / "oob.zarr", "--blocks", "none", "--out", o / "o"),
         "oracle label out of range": (*al, "--oracle", b / "range.csv"),
         "binary oracle": (*al, "--oracle", b / "binary.csv"),
         "conflicting oracle rows": (*al, "--oracle", b / "conflict.csv"),
-        "second al strategy unknown": (*al[:-2], "--strategy", "margin,bogus", "--out", b / "al2"),
-        "greedy folds > data": ("greedy", "--cache", c, "--folds", 1000, "--limit", 8, "--out", b / "g"),
-        "greedy epsilon nan": ("greedy", "--cache", c, "--epsilon", "nan", "--out", b / "g"),
-        "build --from with --data": ("build", "--from", c, "--data", "x.npz", "--layer", 8, "--out", b / "d"),
-        "build --from with --model": ("build", "--from", c, "--model", "resnet50", "--layer", 8, "--out", b / "d"),
+        "second al strategy unknown": (*al[:-2], "--strategy", "margin,bogus", "--out", o / "al2"),
+        "greedy folds > data": ("greedy", "--cache", c, "--folds", 1000, "--limit", 8, "--out", o / "g"),
+        "greedy epsilon nan": ("greedy", "--cache", c, "--epsilon", "nan", "--out", o / "g"),
+        "build --from with --data": ("build", "--from", c, "--data", "x.npz", "--layer", 8, "--out", o / "d"),
+        "build --from with --model": ("build", "--from", c, "--model", "resnet50", "--layer", 8, "--out", o / "d"),
         "binary label file": ("labels", "add", c, "--name", "z", "--file", b / "binary.csv"),
         "empty label string": ("labels", "add", c, "--name", "z", "--file", b / "empty_label.csv"),
         "exclude unknown ids": ("score", "--cache", c, "--task", t, "--exclude", b / "exclude.txt",
-                                "--out", b / "s.csv"),
+                                "--out", o / "s.csv"),
         "train --out is a file": ("train", "--cache", c, "--blocks", "none", "--out", b / "afile"),
         "train --out under a file": ("train", "--cache", c, "--blocks", "none", "--out", b / "afile" / "t"),
         "profile --out under a file": ("profile", "--cache", c, "--blocks", "6-6", "--out", b / "afile" / "p"),
@@ -324,19 +324,19 @@ def cases(c, t, b):
     }
 
 
-CASES = list(cases("c", "t", Path("b")))
+CASES = list(cases("c", "t", Path("b"), Path("o")))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_before_any_training(case, bad, resnet_cache, tasks, monkeypatch):
+def test_bad_input_is_one_line_before_any_training(case, bad, resnet_cache, tasks, monkeypatch, tmp_path):
     train_module = sys.modules["subcache.train"]
 
     def no_training(*a, **k):
         raise AssertionError("training ran before the bad input was refused")
 
     monkeypatch.setattr(train_module, "fit", no_training)
-    one_line_error(run(*cases(resnet_cache, tasks / "t0", bad)[case]))
-    assert not list(bad.rglob("*.tmp")) and not (bad / "s.csv").exists()
+    one_line_error(run(*cases(resnet_cache, tasks / "t0", bad, tmp_path)[case]))
+    assert not list(bad.rglob("*.tmp")) and not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "s.csv").exists()
 
 
 def test_full_disk_leaves_no_half_written_files(tmp_path, resnet_cache, tasks, monkeypatch):
