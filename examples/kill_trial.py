@@ -40,7 +40,8 @@ def build_trials(work: Path, data: str, base: Path, units: int) -> dict:
     survived = 0
     for i, point in enumerate(points):
         out = work / f"kill{i}"
-        code = f"import subcache; subcache.build_cache(subcache.BuildConfig(out={str(out)!r}, data={data!r}, **{BUILD!r}))"
+        code = (f"import subcache; subcache.build_cache(subcache.BuildConfig(out={str(out)!r}, data={data!r}, "
+                f"**{BUILD!r}))")
         assert killed(point, code), point
         subcache.build_cache(subcache.BuildConfig(out=str(out), data=data, resume=True, **BUILD))
         survived += all(same(out / s, base / s) for s in ("block02.zarr", "block04.zarr"))
@@ -51,7 +52,8 @@ def write_trials(work: Path, cache: Path) -> dict:
     ids = subcache.open_cache(cache).split("train").id[:]
     (work / "l.csv").write_text("id,label\n" + "".join(f"{i},{i % 2}\n" for i in ids))
     refused = 0
-    assert killed("labels-created", f"import subcache; subcache.add_labels({str(cache)!r}, 'p', {str(work / 'l.csv')!r})")
+    add = f"import subcache; subcache.add_labels({str(cache)!r}, 'p', {str(work / 'l.csv')!r})"
+    assert killed("labels-created", add)
     try:
         subcache.train(str(cache), subcache.TrainConfig(epochs=1, labels="p", device="cpu"))
     except SubcacheError:
@@ -59,7 +61,8 @@ def write_trials(work: Path, cache: Path) -> dict:
     task = work / "task"
     cfg = "subcache.TrainConfig(blocks='3', epochs=1, device='cpu', seed={})"
     subcache.train(str(cache), eval(cfg.format(0), {"subcache": subcache}), out=str(task))
-    assert killed("task-weights", f"import subcache; subcache.train({str(cache)!r}, {cfg.format(1)}, out={str(task)!r})")
+    retrain = f"import subcache; subcache.train({str(cache)!r}, {cfg.format(1)}, out={str(task)!r})"
+    assert killed("task-weights", retrain)
     try:
         subcache.load_task(task)
     except SubcacheError:

@@ -296,10 +296,7 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
     last_good = {k: v.clone() for k, v in model.task_state().items()}
 
     def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on, if they are finite
-        state = model.task_state().values()
-        if not torch.stack([torch.isfinite(v).all() for v in state if v.is_floating_point()]).all():
-            raise TrainingError(f"the weights stopped being finite in epoch {row['epoch']}; lower --lr "
-                                f"(now {config.lr})")
+        check_finite(model, row["epoch"], config.lr)
         last_good.update({k: v.clone() for k, v in model.task_state().items()})
         epoch_hook(row)
 
@@ -322,6 +319,13 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
                                     history=history, world_size=ranks.world))
     ranks.barrier()
     return result
+
+
+def check_finite(model: TunedModel, epoch: int, lr: float) -> None:
+    """Refuse weights that stopped being finite (a loss can be finite the step before the weights blow up)."""
+    state = [v for v in model.task_state().values() if v.is_floating_point()]
+    if not torch.stack([torch.isfinite(v).all() for v in state]).all():
+        raise TrainingError(f"the weights stopped being finite in epoch {epoch}; lower --lr (now {lr})")
 
 
 def _training_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: np.ndarray | None,
