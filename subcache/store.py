@@ -24,8 +24,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from .faults import fault
 from .errors import ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
+from .faults import fault
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 1
