@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import subcache
-from subcache.errors import SubcacheError
+from subcache.errors import ConfigError, SubcacheError
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
 
@@ -108,6 +108,9 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
+        refuse_given(("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download"),
+                     "--from: the model, weights, data and views come from the source cache")
+
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
                                            batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
                                            overwrite=overwrite), progress=not as_json)
@@ -125,6 +128,15 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
     elif is_main_process():
         console.print(f"[green]complete[/]: {', '.join(result.paths)} — {result.images} images in "
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
+
+
+def refuse_given(names: tuple[str, ...], why: str) -> None:
+    """Refuse options the user gave explicitly that this mode ignores."""
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in names
+             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be used with {why}")
 
 
 # -- info --------------------------------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ import torch
 from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
-from .errors import DataError, SubcacheError
+from .errors import ConfigError, DataError, SubcacheError
+from .labels import check_identity, data_identity, label_classes
 from .profiling import shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
-from .task import backbone_for, load_task
-from .train import TrainConfig, cached_logits, labels_for, open_for_training, train
+from .task import atomic_write, backbone_for, check_out_dir, load_task
+from .train import TrainConfig, cached_logits, check_train_config, labels_for, open_for_training, train
 from .tuned import TunedModel
 
 METRICS = ("margin", "entropy", "least-confidence")
@@ -76,22 +77,28 @@ class PoolScores:
 
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
+        if p.suffix not in (".npz", ".csv"):
+            raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
         p.parent.mkdir(parents=True, exist_ok=True)
         cols = {"id": self.ids, "key": self.keys, "score": self.score, "pred": self.pred_names(),
                 "pred_index": self.pred, "prob": self.prob}
-        if p.suffix == ".npz":
-            np.savez(p, **cols)
-        elif p.suffix == ".csv":
-            with open(p, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(cols)
-                w.writerows(zip(*(c.tolist() for c in cols.values())))
-        else:
-            raise DataError(f"unknown output format {p.suffix!r}; use .csv or .npz")
+        atomic_write(p, lambda tmp: _write_npz(tmp, cols) if p.suffix == ".npz" else _write_rows(tmp, cols))
 
     def pred_names(self) -> np.ndarray:
         """The predicted class of each item, by name."""
         return np.asarray(self.classes, dtype=str)[self.pred] if len(self.pred) else np.array([], dtype=str)
+
+
+def _write_npz(path: str, cols: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to the temp name
+        np.savez(f, **cols)
+
+
+def _write_rows(path: str, cols: dict[str, np.ndarray]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(zip(*(c.tolist() for c in cols.values())))
 
 
 @torch.inference_mode()
@@ -119,6 +126,10 @@ def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: s
     model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
     logits = pool_logits(model, cache, split, dev)
     ids = read(cache.split(split).id, slice(None))
+    unknown = [] if exclude is None else np.setdiff1d(exclude, ids)
+    if len(unknown):
+        raise DataError(f"--exclude names {len(unknown)} ids that split {split} does not have (e.g. "
+                        f"{unknown[:3].tolist()})")
     keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude)
     score, unc = uncertainty(logits, metric)
     probs = logits.softmax(-1).max(-1)
@@ -149,13 +160,16 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = _load_state(folder, config)
+    folder = check_out_dir(out)
+    state = _load_state(folder, config, data_identity(cache, config.train.labels))
     truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
+    names = cache.classes if config.train.labels is None else label_classes(cache, config.train.train_split,
+                                                                             config.train.labels)
     ids = read(cache.split(config.train.train_split).id, slice(None))
     if config.budgets[-1] > len(ids):
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
+    if config.oracle:  # a bad oracle file is refused before any round runs
+        _oracle_labels(config.oracle, ids, np.arange(0), truth, names)
     bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
     total = config.seeds * len(config.budgets)
     with progress_bar(progress, "rounds/s") as bar:
@@ -172,7 +186,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                 labelled = np.asarray(run["labelled"])
                 labels = truth
                 if config.oracle:
-                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, cache.classes)
+                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, names)
                     if len(missing):
                         waiting = _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
                         return ALResult(_curve(state, config), waiting)
@@ -191,6 +205,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
 
 
 def _check(config: ALConfig) -> None:
+    check_train_config(config.train)
     if config.strategy not in STRATEGIES:
         raise SubcacheError(f"unknown strategy {config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     b = config.budgets
@@ -218,16 +233,26 @@ def _oracle_labels(path: str, ids: np.ndarray, labelled: np.ndarray, truth: torc
     given = {}
     if Path(path).is_file():
         file_ids, values = read_label_file(path)
-        try:
-            given = {int(i): classes.index(v) if v in classes else int(v) for i, v in zip(file_ids, values)}
-        except ValueError:
-            raise DataError(f"{path}: oracle labels must be class names ({', '.join(classes[:5])}…) or "
-                            f"indices") from None
+        given = _oracle_rows(path, file_ids, values, classes)
     labels = torch.full_like(truth, -1)
     have = np.array([int(ids[p]) in given for p in labelled], bool)
     for p in labelled[have]:
         labels[p] = given[int(ids[p])]
     return labels, labelled[~have]
+
+
+def _oracle_rows(path: str, ids: np.ndarray, values: list[str], classes: list[str]) -> dict[int, int]:
+    """id → class index from an oracle file (a class name or index per row); refuses unknown classes and
+    conflicting rows."""
+    given: dict[int, int] = {}
+    for i, v in zip(ids.tolist(), values):
+        index = classes.index(v) if v in classes else int(v) if v.lstrip("-").isdigit() else -1
+        if not 0 <= index < len(classes):
+            raise DataError(f"{path}: id {i} has label {v!r}; oracle labels must be class names "
+                            f"({', '.join(classes[:5])}…) or indices 0..{len(classes) - 1}")
+        if given.setdefault(i, index) != index:
+            raise DataError(f"{path}: id {i} is labelled both {classes[given[i]]} and {v}; keep one row per id")
+    return given
 
 
 def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
@@ -240,11 +265,12 @@ def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
     return str(path)
 
 
-def _load_state(folder: Path, config: ALConfig) -> dict:
+def _load_state(folder: Path, config: ALConfig, identity: dict) -> dict:
     path = folder / "state.json"
     if not path.is_file():
-        return {"config": _config_dict(config), "seeds": {}}
+        return {"config": _config_dict(config), "identity": identity, "seeds": {}}
     state = json.loads(path.read_text())
+    check_identity(state.get("identity"), identity, str(folder))
     if state["config"] != _config_dict(config):
         raise SubcacheError(f"{folder} holds an active-learning run with other settings; use another --out or the "
                             f"same options")
@@ -305,6 +331,10 @@ def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str
 def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[str, ...], *, out: str,
                        backbone: Backbone | None = None, progress: bool = False) -> dict[str, ALResult]:
     """Run the same budgets with several strategies (``out/STRATEGY``) and plot them together (``out/al.png``)."""
+    for s in strategies:
+        _check(replace(config, strategy=s))  # every strategy checked before the first runs
+    if not strategies:
+        raise ConfigError("--strategy is empty; allowed: " + ", ".join(STRATEGIES))
     cache, backbone = open_for_training(cache, backbone)
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
                                   progress=progress) for s in strategies}

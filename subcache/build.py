@@ -9,6 +9,7 @@ compression, which releases the GIL) behind in another, so both hide behind the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import queue
 import threading
@@ -24,11 +25,12 @@ import torch
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .data import ImageSource, open_source, to_input
-from .distributed import Dist, WriterLock
-from .errors import ForeignStoreError, StoreError
+from .distributed import Dist, store_locks
+from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
+from .faults import fault
 from .progress import progress_bar
 from .store import (DTYPES, FORMAT, FORMAT_VERSION, Cache, check_writable, chunk_length, create_cache, exists,
-                    open_cache, remove, sweep_partials, to_storage, written_chunks)
+                    is_local, local_path, open_cache, remove, sweep_partials, to_storage, written_chunks)
 
 
 @dataclass(frozen=True)
@@ -132,15 +134,17 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                       for s, src in sources.items()}
               for layer in layers}
     sizes = {s: len(src) for s, src in sources.items()}
+    origin = {"data": config.data, "sha256": source_fingerprint(sources)}
 
     def create() -> list[Cache]:
-        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
-        return [open_or_create(path, _attrs(config, backbone, layer, shapes[layer], sources), sizes, chunks[layer],
-                               resume=config.resume) for path, layer in zip(paths, layers)]
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
+                      sources=[config.data] if Path(config.data).exists() else [])
+        return [open_or_create(path, {**_attrs(config, backbone, layer, shapes[layer], sources), "source": origin},
+                               sizes, chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
 
     jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
                        np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
-    with WriterLock(config.out, enabled=ranks.main):
+    with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
         start = time.perf_counter()
         images, skipped = run_units(stores, layers, jobs, chunks,
@@ -160,9 +164,38 @@ def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | No
     return replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}"), data
 
 
-def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool) -> None:
-    for path in [out, *paths] if len(paths) > 1 else paths:
+def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
+    """Refuse outputs that exist (without --resume/--overwrite), that --overwrite would have to delete although
+    they are not stores, and outputs that overlap the build's own source."""
+    if len(paths) > 1 and is_local(out) and local_path(out).is_file():
+        raise StoreExistsError(f"output {out} is a file; a multi-layer build writes a folder of stores")
+    for path in paths:
         check_writable(path, overwrite=overwrite, resume=resume)
+        for source in sources:
+            if _overlap(path, source):
+                raise ConfigError(f"--out {path} overlaps the build's source {source}; write the cache elsewhere")
+
+
+def _overlap(a: str, b: str) -> bool:
+    if not (is_local(a) and is_local(b)):
+        return a.rstrip("/") == b.rstrip("/")
+    pa, pb = local_path(a).resolve(), local_path(b).resolve()
+    return pa == pb or pa in pb.parents or pb in pa.parents
+
+
+def source_fingerprint(sources: dict[str, ImageSource]) -> str:
+    """sha256 of what a build reads: per split the labels, ids, classes, and the pixels of in-memory data or the
+    (path, size, mtime) of every image file. ``--resume`` refuses a store whose source no longer matches."""
+    h = hashlib.sha256()
+    for split, src in sources.items():
+        h.update(f"{split}|{len(src)}|{src.classes}".encode())
+        h.update(np.ascontiguousarray(src.labels).tobytes() + np.ascontiguousarray(src.ids).tobytes())
+        if src.array is not None:
+            h.update(memoryview(np.ascontiguousarray(src.array)).cast("B"))
+        for f in src.files or ():
+            st = os.stat(f)
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def open_stores(ranks: Dist, paths: list[str], create: Callable[[], list[Cache]]) -> list[Cache]:
@@ -173,6 +206,7 @@ def open_stores(ranks: Dist, paths: list[str], create: Callable[[], list[Cache]]
 def finish_all(ranks: Dist, stores: list[Cache]) -> None:
     """After every rank has written its units, rank 0 verifies each store and marks it complete."""
     ranks.barrier()
+    fault("before-finish")
     if ranks.main:
         for cache in stores:
             finish(cache)
@@ -248,13 +282,22 @@ def open_or_create(path: str, attrs: dict, sizes: dict[str, int], chunk_len: dic
         if cache.attrs.get("build") != attrs["build"] or not same_weights:
             raise ForeignStoreError(f"cannot resume {path}: it was built with other options "
                                     f"({cache.attrs.get('build')}); rerun the original command or use --overwrite")
+        if cache.attrs.get("source") != attrs["source"]:
+            raise ForeignStoreError(f"cannot resume {path}: its source data changed since the build began "
+                                    f"(fingerprint differs); rebuild it with --overwrite")
         sweep_partials(path)
         return cache
     if exists(path):
         remove(path)
     shape = tuple(attrs["sample_shape"])
-    return create_cache(path, attrs, {s: (n, shape) for s, n in sizes.items()}, chunk_len,
-                        flip_views=attrs["flip_views"])
+    layout = {s: (n, shape) for s, n in sizes.items()}
+    if not is_local(path):
+        return create_cache(path, attrs, layout, chunk_len, flip_views=attrs["flip_views"])
+    staging = f"{local_path(path)}.creating"  # built aside, renamed into place whole: a kill leaves no half store
+    remove(staging)
+    create_cache(staging, attrs, layout, chunk_len, flip_views=attrs["flip_views"])
+    os.rename(staging, local_path(path))
+    return open_cache(path, require_complete=False, mode="r+")
 
 
 def _arrays(cache: Cache, split: str) -> list:
@@ -340,6 +383,7 @@ def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int,
         s.id[a:b] = job.ids[a:b]
         if s.key is not None:
             s.key[a:b] = job.keys[a:b]
+    fault("unit-written")
 
 
 class _Writer:

@@ -279,7 +279,10 @@ def _npz(path: Path, split: str) -> ImageSource:
     xk, yk = (f"x_{split}", f"y_{split}") if f"x_{split}" in keys else ("x", "y")
     if xk not in keys or yk not in keys or (xk == "x" and split != "train" and any(k.startswith("x_") for k in keys)):
         raise DataError(f"{path} needs arrays x and y (or x_{split} and y_{split}); it has {sorted(keys)}")
-    x, y = npz[xk], npz[yk]
+    try:
+        x, y = npz[xk], npz[yk]
+    except ValueError as exc:  # object arrays need pickle, which is never allowed
+        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0]}; store plain uint8/int arrays") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
         raise DataError(f"{path}: {xk} must be uint8 N×H×W or N×H×W×C with C in 1, 3, 4; got {x.dtype} "
                         f"{x.shape}")

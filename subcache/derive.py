@@ -14,7 +14,7 @@ import torch
 from .backbones import Backbone
 from .build import (BuildResult, Job, capture_inputs, check_outputs, finish_all, join_views, open_or_create,
                     open_stores, out_paths, resolve_device, run_units)
-from .distributed import Dist, WriterLock
+from .distributed import Dist, store_locks
 from .errors import BlockError, StoreError
 from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read
 from .task import backbone_for
@@ -58,12 +58,12 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
               for layer in layers}
 
     def create() -> list[Cache]:
-        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume, sources=[config.source])
         return [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), sizes,
                                chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
 
     jobs = {s: _job(src, s) for s in src.splits}
-    with WriterLock(config.out, enabled=ranks.main):
+    with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
         start = time.perf_counter()
         done, skipped = run_units(stores, layers, jobs, chunks,
@@ -79,6 +79,7 @@ def _attrs(src: Cache, config: DeriveConfig, backbone: Backbone, layer: int, sha
     attrs.update({
         "layer": {"index": layer, "name": backbone.block_names[layer - 1], "num_blocks": backbone.num_blocks},
         "sample_shape": list(shape), "dtype": dtype,
+        "source": {"cache": src.identity(), "images": src.attrs.get("source")},
         "build": {"derived_from": config.source, "source_layer": src.layer, "source_build": src.attrs.get("build"),
                   "dtype": dtype, "batch_size": config.batch_size, "chunk_mb": config.chunk_mb},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

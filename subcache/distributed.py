@@ -6,13 +6,14 @@ them complete after a barrier. `train` under torchrun: DDP, each rank reading it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -101,10 +102,13 @@ def _alive(pid: int) -> bool:
 
 
 class WriterLock:
-    """``PATH.lock`` beside a local store while a build writes it. A second writer is refused; a lock left by a
-    dead process on this host is taken over. (Object stores have no such lock: run one build job per store.)"""
+    """``PATH.lock`` beside a local store (or task folder) while one writer writes it. A second writer is refused;
+    a lock left by a dead process on this host is taken over. (Object stores have no such lock: run one build job
+    per store.) Builds lock each store path itself, so a multi-layer build into ``D`` and a single-layer build into
+    ``D/block05.zarr`` exclude each other."""
 
-    def __init__(self, path: str, enabled: bool = True):
+    def __init__(self, path: str, enabled: bool = True, what: str = "build"):
+        self.what = what
         self.file = Path(str(path).removeprefix("file://") + ".lock")
         self.enabled = enabled and "://" not in str(path).removeprefix("file://")
         self.held = False
@@ -122,7 +126,7 @@ class WriterLock:
                 if other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
                     self.file.unlink(missing_ok=True)  # stale: its writer died
                     continue
-                raise StoreError(f"another build (pid {other.get('pid')} on {other.get('host')}) is writing "
+                raise StoreError(f"another {self.what} (pid {other.get('pid')} on {other.get('host')}) is writing "
                                  f"{str(self.file)[:-5]}; wait for it, or delete {self.file} if it is gone") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -140,3 +144,13 @@ class WriterLock:
         if self.held:
             self.file.unlink(missing_ok=True)
             self.held = False
+
+
+@contextlib.contextmanager
+def store_locks(paths: Sequence[str], enabled: bool = True) -> Iterator[None]:
+    """The writer lock of every store in ``paths`` (taken in sorted order), held together."""
+    with contextlib.ExitStack() as stack:
+        for path in sorted({str(Path(str(p).removeprefix("file://"))) if "://" not in str(p).removeprefix("file://")
+                            else str(p) for p in paths}):
+            stack.enter_context(WriterLock(path, enabled=enabled))
+        yield

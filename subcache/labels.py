@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
+from .distributed import WriterLock
 from .errors import DataError
+from .faults import fault
 from .store import Cache, open_cache, read
 
 
@@ -17,16 +20,21 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"label file {p} does not exist")
-    with open(p, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{p} needs a header with columns id,label; it has {reader.fieldnames}")
-        rows = list(reader)
     try:
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{p} needs a header with columns id,label; it has {reader.fieldnames}")
+            rows = list(reader)
         ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
-    except ValueError:
+    except (UnicodeDecodeError, csv.Error):
+        raise DataError(f"{p} is not a UTF-8 CSV text file with columns id,label") from None
+    except (ValueError, TypeError):
         raise DataError(f"{p}: every id must be an integer (the cache's `id` column)") from None
-    return ids, [str(r["label"]) for r in rows]
+    labels = [str(r["label"] or "").strip() for r in rows]
+    if "" in labels:
+        raise DataError(f"{p}: row {labels.index('') + 2} has an empty label; every row needs one")
+    return ids, labels
 
 
 def add_labels(cache_path: str, name: str, file: str, split: str = "train") -> dict:
@@ -49,12 +57,22 @@ def add_labels(cache_path: str, name: str, file: str, split: str = "train") -> d
     index = {c: i for i, c in enumerate(classes)}
     values = np.empty(len(cache_ids), dtype=np.int64)
     values[[position[int(i)] for i in ids]] = [index[label] for label in labels]
+    with WriterLock(cache.path, what="writer"):
+        _write_set(cache, split, name, values, classes, s.chunk_len)
+    return {"name": name, "split": split, "items": len(values), "classes": classes}
+
+
+def _write_set(cache: Cache, split: str, name: str, values: np.ndarray, classes: list[str], chunk: int) -> None:
+    """Created ``status: building``, marked ``complete`` only once every value is written (a kill in between
+    leaves a set `read_labels` refuses)."""
     group = zarr.open_group(cache.path, mode="r+")
     target = group.require_group(f"{split}/labels")
-    arr = target.create_array(name, shape=values.shape, chunks=(s.chunk_len,), dtype=np.int64, overwrite=True,
-                              attributes={"classes": classes})
+    arr = target.create_array(name, shape=values.shape, chunks=(chunk,), dtype=np.int64, overwrite=True,
+                              attributes={"classes": classes, "status": "building"},
+                              config={"write_empty_chunks": True})
+    fault("labels-created")
     arr[:] = values
-    return {"name": name, "split": split, "items": len(values), "classes": classes}
+    arr.attrs.update({"status": "complete"})
 
 
 def _classes(cache: Cache, name: str, labels: list[str]) -> list[str]:
@@ -84,8 +102,31 @@ def read_labels(cache: Cache, split: str, name: str) -> tuple[torch.Tensor, int]
         raise DataError(f"cache {cache.path} has no label set {name!r} for split {split}; it has "
                         f"{', '.join(available) or 'none'} (add one with `subcache labels add`)")
     arr = cache.group[split]["labels"][name]
+    if arr.attrs.get("status", "complete") != "complete":
+        raise DataError(f"label set {name!r} of {cache.path} is incomplete (`labels add` was interrupted); rerun "
+                        f"`subcache labels add {cache.path} --name {name} ...`")
     return torch.from_numpy(read(arr, slice(None))), len(arr.attrs["classes"])
 
 
 def label_classes(cache: Cache, split: str, name: str) -> list[str]:
     return list(cache.group[split]["labels"][name].attrs["classes"])
+
+
+def data_identity(cache: Cache, name: str | None = None) -> dict:
+    """What a run's saved state came from: the cache's identity (absolute path, sha256 of its attrs) and a sha256
+    of the labels it trains and scores on (``y``, or label set ``name``, over every split that has them)."""
+    h = hashlib.sha256()
+    for split in cache.splits:
+        if name is None or name in label_sets(cache, split):
+            y = cache.read_y(split) if name is None else read_labels(cache, split, name)[0]
+            h.update(split.encode() + y.numpy().tobytes())
+    return {**cache.identity(), "labels": name, "labels_sha256": h.hexdigest()}
+
+
+def check_identity(saved: dict | None, now: dict, where: str) -> None:
+    """Refuse to resume saved state that came from another cache or other labels."""
+    if saved != now:
+        what = "labels" if saved and saved.get("path") == now["path"] and \
+            saved.get("attrs_sha256") == now["attrs_sha256"] else "cache"
+        raise DataError(f"{where} holds results from another {what} ({(saved or {}).get('path', 'unrecorded')}); "
+                        f"use another --out for {now['path']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,11 +17,14 @@ import numpy as np
 from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
-from .errors import BlockError, SubcacheError
+
+from .errors import BlockError, ConfigError, SubcacheError
+from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
 from .store import Cache
-from .train import TrainConfig, balanced_subset, labels_for, open_for_training, train
+from .task import atomic_write, check_out_dir
+from .train import TrainConfig, balanced_subset, check_train_config, labels_for, open_for_training, train
 
 
 # -- windows -------------------------------------------------------------------------------------------------------
@@ -108,6 +112,7 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
                    on_run: Callable[[dict], None] | None = None) -> ProfileResult:
     """Train every window of each width in the range (and the probe) from one cache. Resumable through ``out``:
     finished runs are read back from ``profile.json`` and skipped."""
+    check_train_config(config.train)
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)
     if config.seeds < 1:
@@ -115,7 +120,9 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     plan = [(w, win) for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     if config.probe:
         plan.insert(0, (0, ()))
-    rows = _load_rows(out, config.train)
+    if out:
+        check_out_dir(out)
+    rows = _load_rows(out, config.train, data_identity(cache, config.train.labels))
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train)
@@ -138,11 +145,13 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     return result
 
 
-def _load_rows(out: str | None, train_config: TrainConfig) -> list[dict]:
-    """Finished runs of an earlier (interrupted) profile in ``out`` — refused if they were trained otherwise."""
+def _load_rows(out: str | None, train_config: TrainConfig, identity: dict) -> list[dict]:
+    """Finished runs of an earlier (interrupted) profile in ``out`` — refused if they were trained otherwise or
+    on another cache or labels."""
     if not (out and (Path(out) / "profile.json").is_file()):
         return []
     saved = json.loads((Path(out) / "profile.json").read_text())
+    check_identity(saved.get("identity"), identity, out)
     before = {k: v for k, v in saved["config"]["train"].items() if k not in ("blocks", "seed")}
     now = {k: v for k, v in asdict(train_config).items() if k not in ("blocks", "seed")}
     if before != now:
@@ -155,13 +164,18 @@ def _load_rows(out: str | None, train_config: TrainConfig) -> list[dict]:
 def _save(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"cache": cache.path, "backbone": cache.backbone, "layer": cache.layer,
+    meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels),
+            "backbone": cache.backbone, "layer": cache.layer,
             "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows}
     tmp = folder / "profile.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(folder / "profile.json")  # atomic: a killed profile keeps every finished run
-    with open(folder / "profile.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+    atomic_write(folder / "profile.csv", lambda tmp: _write_csv(tmp, FIELDS, rows))
+
+
+def _write_csv(path: str, fields: Sequence[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -269,10 +283,15 @@ class GreedyConfig:
 def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, out: str | None = None,
                   backbone: Backbone | None = None, progress: bool = False) -> GreedyResult:
     """Greedy block selection on a cache; the test split scores the final choice (or every step when folds=0)."""
+    check_train_config(config.train)
+    if not math.isfinite(config.epsilon):
+        raise ConfigError(f"--epsilon must be a finite number, got {config.epsilon}")
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)
     if config.folds == 1 or config.folds < 0:
         raise BlockError(f"--folds must be 0 (choose by test accuracy) or at least 2, got {config.folds}")
+    if out:
+        check_out_dir(out)
     bank = shared_bank(cache, backbone, config.train)
     tcfg = config.train
     memo: dict[tuple[int, ...], float] = {}
@@ -307,6 +326,8 @@ def _folds(cache: Cache, config: TrainConfig, k: int) -> list[tuple[np.ndarray, 
     labels = labels_for(cache, config.train_split, config.labels)[0].numpy()
     pool = balanced_subset(labels, config.limit, config.seed)
     pool = np.arange(len(labels)) if pool is None else pool
+    if k > len(pool):
+        raise ConfigError(f"--folds {k} is more than the {len(pool)} training examples; use at most {len(pool)}")
     pool = np.random.default_rng(config.seed).permutation(pool)
     parts = np.array_split(pool, k)
     return [(np.sort(np.concatenate(parts[:i] + parts[i + 1:])), np.sort(parts[i])) for i in range(k)]
@@ -318,10 +339,8 @@ def _save_greedy(out: str, result: GreedyResult, config: GreedyConfig, cache: Ca
     (folder / "greedy.json").write_text(json.dumps(
         {"cache": cache.path, "config": {**asdict(config), "train": asdict(config.train)}, "path": result.path,
          "blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy}, indent=1))
-    with open(folder / "greedy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=("step", "blocks", "change", "score"))
-        writer.writeheader()
-        writer.writerows(result.path)
+    atomic_write(folder / "greedy.csv", lambda tmp: _write_csv(tmp, ("step", "blocks", "change", "score"),
+                                                              result.path))
     import matplotlib
 
     matplotlib.use("Agg")

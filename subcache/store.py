@@ -10,6 +10,8 @@ and of parallel writing. A store is usable only once its attrs say ``status: com
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -23,6 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
+from .faults import fault
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 1
@@ -123,15 +126,29 @@ class Cache:
     def split(self, name: str) -> Split:
         if name not in self.splits:
             raise StoreError(f"cache {self.path} has no split {name!r}; it has {', '.join(self.splits)}")
-        g = self.group[name]
-        return Split(name, g["x"], g["y"], g["id"], g["x_flip"] if "x_flip" in g else None,
-                     g["key"] if "key" in g else None)
+        try:
+            g = self.group[name]
+            arrays = {k: _writable(g[k]) for k in ("x", "y", "id")}
+            flip = _writable(g["x_flip"]) if "x_flip" in g else None
+            key = g["key"] if "key" in g else None
+        except KeyError as exc:
+            raise StoreError(f"cache {self.path} is damaged: split {name!r} lacks {exc}; rebuild it with "
+                             f"`subcache build ... --overwrite`") from None
+        return Split(name, arrays["x"], arrays["y"], arrays["id"], flip, key)
 
     def read_keys(self, split: str) -> np.ndarray:
         """Each item's source key (path under an ImageFolder root, else its index) as strings."""
         s = self.split(split)
         values = read(s.key, slice(None)) if s.key is not None else read(s.id, slice(None))
         return np.asarray([str(v) for v in values.tolist()], dtype=str)  # numpy StringDType → plain str
+
+    def identity(self) -> dict:
+        """Where this cache is and what it holds: its absolute path and a sha256 of its creation attrs (backbone,
+        layer, data fingerprint, build options, creation time)."""
+        fixed = {k: v for k, v in self.attrs.items() if k not in ("status", "finished")}
+        digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+        path = str(local_path(self.path).absolute()) if is_local(self.path) else self.path
+        return {"path": path, "attrs_sha256": digest}
 
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
         s = self.split(split)
@@ -150,6 +167,12 @@ class Cache:
                                         f"{mine['weights']} (sha256 {mine['weights_sha256'][:12]}…), not "
                                         f"{identity.get('model')} weights {identity.get('weights')} "
                                         f"(sha256 {str(identity.get('weights_sha256'))[:12]}…)")
+
+
+def _writable(array: zarr.Array) -> zarr.Array:
+    """The array as stored, set to write every chunk, all-zero ones included: zarr 3.1 does not persist
+    ``write_empty_chunks``, and resume and completeness count chunks on disk."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def is_local(path: str) -> bool:
@@ -199,6 +222,7 @@ def create_cache(path: str, attrs: dict, layout: dict[str, tuple[int, tuple[int,
     group = zarr.open_group(path, mode="w", attributes={**attrs, "status": "building"})
     for split, (n, shape) in layout.items():
         g = group.create_group(split)
+        fault("store-created")
         names = ("x", "x_flip") if flip_views else ("x",)
         for name in names:
             g.create_array(name, shape=(n, *shape), chunks=(chunk_len[split], *shape), dtype=dtype,
@@ -232,7 +256,28 @@ def sweep_partials(path: str) -> int:
     return len(litter)
 
 
+def is_store(path: str) -> bool:
+    """Whether ``path`` is a subcache store (complete or not): a Zarr group whose attrs name our format."""
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def check_removable(path: str) -> None:
+    """--overwrite may remove only a subcache store or an empty folder; anything else is refused."""
+    if not exists(path) or is_store(path):
+        return
+    p = local_path(path)
+    if is_local(path) and p.is_dir() and not any(p.iterdir()):
+        return
+    raise StoreExistsError(f"--overwrite refuses to delete {path}: it is not a subcache store (only stores and "
+                           f"empty folders are ever removed); choose another --out")
+
+
 def remove(path: str) -> None:
+    """Remove a store (or an empty folder); refuses anything else (see `check_removable`)."""
+    check_removable(path)
     if is_local(path):
         p = local_path(path)
         if p.is_dir():
@@ -248,6 +293,8 @@ def check_writable(path: str, *, overwrite: bool, resume: bool) -> None:
     if exists(path) and not (overwrite or resume):
         raise StoreExistsError(f"output {path} exists; pass --resume to finish an interrupted build or "
                                f"--overwrite to replace it")
+    if overwrite:
+        check_removable(path)
     if is_local(path):
         parent = local_path(path).absolute().parent
         while not parent.exists():

@@ -5,6 +5,7 @@ backbone other than the one it was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbones import Backbone, load_backbone
-from .errors import TaskError, WeightsError
+from .errors import SubcacheError, TaskError, WeightsError
+from .faults import fault
 from .tuned import TunedModel
 
 TASK_FORMAT = "subcache-task"
@@ -48,6 +50,20 @@ class Task:
         first = self.start if start is None else start
         if self.blocks and first > min(self.blocks):
             raise TaskError(f"task {self.path} tunes block {min(self.blocks)}, before block {first}")
+        try:
+            model, (missing, unexpected) = self._build(backbone, first)
+        except SubcacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - edited blocks/shapes surface as many error types
+            raise TaskError(f"task {self.path} does not fit {backbone.model_id}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise TaskError(f"task {self.path} does not fit its blocks: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+        return model.eval()
+
+    def _build(self, backbone: Backbone, first: int) -> tuple[TunedModel, tuple[list, list]]:
         shape = tuple(self.meta["sample_shape"]) if first == self.start else _shape_at(backbone, first)
         model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), shape,
                            self.meta.get("siamese", False))
@@ -57,12 +73,7 @@ class Task:
             c = self.meta["config"]
             rebuild(model, shape, PruneConfig(c["prune"], c["prune_norm"], c["prune_scope"]),
                     self.meta["pruned_shapes"])
-        missing, unexpected = model.load_state_dict(self.state, strict=False)
-        missing = [k for k in missing if not k.startswith("backbone.")]
-        if missing or unexpected:
-            raise TaskError(f"task {self.path} does not fit its blocks: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}")
-        return model.eval()
+        return model, model.load_state_dict(self.state, strict=False)
 
 
 def _shape_at(backbone: Backbone, layer: int) -> tuple[int, ...]:
@@ -71,17 +82,54 @@ def _shape_at(backbone: Backbone, layer: int) -> tuple[int, ...]:
     return sample_shape(backbone, layer)
 
 
-def save_task(path: str | os.PathLike, model: TunedModel, meta: dict) -> None:
-    """Write both files atomically (temp file + rename), the JSON last so a half-written task is never complete."""
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` if needed and make sure it can be written — before any work is done."""
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    save_file(model.task_state(), tmp, metadata={"format": TASK_FORMAT})
-    os.replace(tmp, out / "task.safetensors")
-    tmp = out / "task.json.tmp"
-    tmp.write_text(json.dumps({"format": TASK_FORMAT, **meta}, indent=2, default=str))
-    os.replace(tmp, out / "task.json")
+    if out.exists() and not out.is_dir():
+        raise TaskError(f"--out {out} is a file; it must be a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise TaskError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def atomic_write(target: str | os.PathLike, write) -> None:
+    """``write(tmp_path)`` then rename over ``target``; on any failure the temp file is removed, ``target`` is
+    left as it was, and an OSError becomes one TaskError line."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, SubcacheError):  # OSError, SafetensorError (disk full)
+            raise TaskError(f"cannot write {target}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise
+
+
+def save_task(path: str | os.PathLike, model: TunedModel, meta: dict) -> None:
+    """Write the pair so a reader never takes one file for the other's partner: the weights first (temp file +
+    rename), then task.json naming their sha256 (`load_task` checks it)."""
+    out = check_out_dir(path)
+    atomic_write(out / "task.safetensors",
+                 lambda tmp: save_file(model.task_state(), tmp, metadata={"format": TASK_FORMAT}))
+    digest = _sha256(out / "task.safetensors")
+    fault("task-weights")
+    text = json.dumps({"format": TASK_FORMAT, **meta, "weights_sha256": digest}, indent=2, default=str)
+    atomic_write(out / "task.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Task:
@@ -94,8 +142,11 @@ def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Tas
         state = load_file(str(weights_file))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise TaskError(f"cannot read task {p}: {str(exc).splitlines()[0]}") from None
-    if meta.get("format") != TASK_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
         raise TaskError(f"{meta_file} is not a subcache task file")
+    if "weights_sha256" in meta and meta["weights_sha256"] != _sha256(weights_file):
+        raise TaskError(f"task {p}: task.safetensors is not the file task.json describes (a save was interrupted "
+                        f"or a file edited); retrain with `subcache train --out {p}`")
     if not meta.get("complete", False) and not allow_incomplete:
         raise TaskError(f"task {p} is incomplete ({meta.get('stopped', 'training did not finish')})")
     return Task(str(p), meta, state)

@@ -19,15 +19,15 @@ from . import __version__
 from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, parse_block_spec
 from .build import resolve_device
-from .distributed import Dist
-from .errors import BlockError, DataError, SubcacheError, TrainingError
+from .distributed import Dist, WriterLock
+from .errors import BlockError, ConfigError, DataError, SubcacheError, TrainingError
 from .labels import label_classes, read_labels
 from .loader import DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
 from .progress import progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, from_storage, open_cache, read
-from .task import backbone_for, save_task
+from .task import backbone_for, check_out_dir, save_task
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -106,9 +106,11 @@ def check_blocks(tuned: tuple[int, ...], cache: Cache, backbone: Backbone) -> No
 
 def labels_for(cache: Cache, split: str, name: str | None) -> tuple[torch.Tensor, int]:
     """Labels of a split (y, or labels/NAME) and the number of classes."""
-    if name is None:
-        return cache.read_y(split), len(cache.classes)
-    return read_labels(cache, split, name)
+    y, n = (cache.read_y(split), len(cache.classes)) if name is None else read_labels(cache, split, name)
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
+        raise DataError(f"cache {cache.path} split {split} has labels outside 0..{n - 1} (found {int(y.min())}.."
+                        f"{int(y.max())}); rebuild it or fix the label set")
+    return y, n
 
 
 def open_for_training(cache: Cache | str, backbone: Backbone | None) -> tuple[Cache, Backbone]:
@@ -223,11 +225,37 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     return history, seconds
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Refuse option values training cannot use, before any work."""
+    if config.epochs <= 0 or config.batch_size <= 1:
+        raise ConfigError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"--lr must be a finite positive number, got {config.lr}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number ≥ 0, got {config.weight_decay}")
+    if config.seed < 0:
+        raise ConfigError(f"--seed must be ≥ 0, got {config.seed}")
+    if not str(config.blocks).strip():
+        raise ConfigError("--blocks is empty; give blocks (e.g. 13-14) or `none` for a linear probe")
+
+
 def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
-          backbone: Backbone | None = None, progress: bool = False,
-          on_epoch: Callable[[dict], None] | None = None, bank: "ActivationBank | None" = None,
-          train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None,
-          labels_override: torch.Tensor | None = None) -> TrainResult:
+          **kw) -> TrainResult:
+    """Train ``config.blocks`` + a new head from a cache (see `_train`). ``out`` is checked writable first and
+    locked (``OUT.lock``) while this run owns it: one writer per task folder."""
+    check_train_config(config)
+    if out is None or not Dist.from_env().main:
+        return _train(cache, config, out=out, **kw)
+    check_out_dir(out)
+    with WriterLock(out, what="train"):
+        return _train(cache, config, out=out, **kw)
+
+
+def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
+           backbone: Backbone | None = None, progress: bool = False,
+           on_epoch: Callable[[dict], None] | None = None, bank: "ActivationBank | None" = None,
+           train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None,
+           labels_override: torch.Tensor | None = None) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache; evaluate on its test split; save the task to ``out``.
 
     ``bank`` shares frozen-block activations between runs (profiles, greedy, active learning; augmentation off).
@@ -235,8 +263,6 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
     ``eval_indices`` scores on those positions of the *training* split instead of the test split (k-fold CV).
     ``labels_override`` supplies the training split's labels (e.g. from a person, in active learning).
     """
-    if config.epochs <= 0 or config.batch_size <= 1:
-        raise SubcacheError("--epochs must be ≥ 1 and --batch-size ≥ 2 (BatchNorm needs two samples)")
     cache, backbone = open_for_training(cache, backbone)
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
@@ -269,7 +295,8 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
 
     last_good = {k: v.clone() for k, v in model.task_state().items()}
 
-    def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on
+    def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on, if they are finite
+        check_finite(model, row["epoch"], config.lr)
         last_good.update({k: v.clone() for k, v in model.task_state().items()})
         epoch_hook(row)
 
@@ -292,6 +319,13 @@ def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str |
                                     history=history, world_size=ranks.world))
     ranks.barrier()
     return result
+
+
+def check_finite(model: TunedModel, epoch: int, lr: float) -> None:
+    """Refuse weights that stopped being finite (a loss can be finite the step before the weights blow up)."""
+    state = [v for v in model.task_state().values() if v.is_floating_point()]
+    if not torch.stack([torch.isfinite(v).all() for v in state]).all():
+        raise TrainingError(f"the weights stopped being finite in epoch {epoch}; lower --lr (now {lr})")
 
 
 def _training_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: np.ndarray | None,
