@@ -48,3 +48,7 @@ class TaskError(SubcacheError, ValueError):
 
 class TrainingError(SubcacheError, RuntimeError):
     """Training could not go on (for example the loss stopped being finite)."""
+
+
+class ConfigError(SubcacheError, ValueError):
+    """An option's value is not allowed (an unknown device, precision, ...) or not available on this machine."""

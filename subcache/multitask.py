@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import Backbone, backbone_for
+from .devices import resolve_device
 from .errors import TaskError
 from .task import Task, load_task
 
@@ -133,10 +134,8 @@ def predict(tasks: Sequence[str | Path], data: str, *, split: str = "test", limi
             batch_size: int = 128, device: str = "auto", progress: bool = False,
             backbone: Backbone | None = None) -> Predictions:
     """Run several tasks over a dataset with one `MultiTaskModel`; accuracy for tasks trained on its labels."""
-    from .build import resolve_device
     from .data import open_source, to_input
     from .progress import progress_bar
-    from .task import backbone_for
 
     loaded = [load_task(t) for t in tasks]
     backbone = backbone or backbone_for(loaded[0].meta["backbone"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbones import Backbone, load_backbone
-from .errors import TaskError, WeightsError
+from .backbones import Backbone
+from .errors import TaskError
 from .tuned import TunedModel
 
 TASK_FORMAT = "subcache-task"
@@ -48,7 +48,8 @@ class Task:
         first = self.start if start is None else start
         if self.blocks and first > min(self.blocks):
             raise TaskError(f"task {self.path} tunes block {min(self.blocks)}, before block {first}")
-        shape = tuple(self.meta["sample_shape"]) if first == self.start else _shape_at(backbone, first)
+        shape = tuple(self.meta["sample_shape"])
+        shape = shape if first == self.start else backbone.input_shape(first, start=self.start, start_shape=shape)
         model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), shape,
                            self.meta.get("siamese", False))
         if self.meta.get("pruned_shapes"):
@@ -63,12 +64,6 @@ class Task:
             raise TaskError(f"task {self.path} does not fit its blocks: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
         return model.eval()
-
-
-def _shape_at(backbone: Backbone, layer: int) -> tuple[int, ...]:
-    from .build import sample_shape
-
-    return sample_shape(backbone, layer)
 
 
 def save_task(path: str | os.PathLike, model: TunedModel, meta: dict) -> None:
@@ -99,13 +94,3 @@ def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Tas
     if not meta.get("complete", False) and not allow_incomplete:
         raise TaskError(f"task {p} is incomplete ({meta.get('stopped', 'training did not finish')})")
     return Task(str(p), meta, state)
-
-
-def backbone_for(record: dict) -> Backbone:
-    """Rebuild the backbone a cache or task records (model, weights spec, image size) and check its sha256."""
-    backbone = load_backbone(record["model"], record["weights_spec"], image_size=record["image_size"])
-    if backbone.weights_sha256 != record["weights_sha256"]:
-        raise WeightsError(f"weights {record['weights_spec']} for {record['model']} changed since the cache was "
-                           f"built (sha256 {backbone.weights_sha256[:12]}…, expected "
-                           f"{record['weights_sha256'][:12]}…)")
-    return backbone

@@ -14,6 +14,7 @@ from subcache.multitask import MultiTaskModel
 from subcache.task import Task
 from subcache.tuned import TunedModel
 
+pytestmark = pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
 META = torch.device("meta")
 # (model, cached layer, tuned blocks): a conv net and a transformer, random init at 32 px
 BACKBONES = {"resnet18": ("resnet18", 6, (7, 8)), "vit": ("timm:vit_tiny_patch16_224", 4, (5, 6))}
