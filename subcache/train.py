@@ -185,9 +185,6 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     opt = optimizer(model, config, device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
     step = training_forward(model, config, device, precomputed, forward)
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    if channels_last:  # convolutions run fastest in channels_last with bf16 on GPUs
-        model.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
     history, seconds = [], 0.0
     with progress_bar(progress, "steps/s") as bar:
@@ -200,8 +197,6 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             seen = 0
             for x, x_flip, y in loader.epoch(epoch):
                 x = apply_augment(x.float(), augments, gen, None if x_flip is None else x_flip.float(), pad)
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 logits = step(x)
                 loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -240,17 +235,31 @@ def optimizer(model: TunedModel, config: TrainConfig, device: torch.device) -> t
 def training_forward(model: TunedModel, config: TrainConfig, device: torch.device, precomputed: bool,
                      forward: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """One training forward: the frozen bridge in float32 without grads (unless precomputed), then the trainable
-    part under bf16 autocast when ``config.precision`` asks. A given ``forward`` (DDP) runs whole under autocast."""
+    part under bf16 autocast when ``config.precision`` asks, in channels_last when ``config.channels_last`` asks.
+    A given ``forward`` (DDP) runs whole under autocast."""
     amp = autocast_dtype(config.precision, device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    if channels_last:
+        trainable_channels_last(model)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if forward is None and not precomputed:
             with torch.no_grad():
                 x = model.frozen_part(x)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             return (forward or model.trainable_part)(x)
 
     return run
+
+
+def trainable_channels_last(model: TunedModel) -> None:
+    """Tuned copies, the frozen blocks after them and the head in channels_last (convolutions run fastest so with
+    bf16 on GPUs). The frozen prefix and bridge keep their layout: live activations stay bit-equal to cached ones."""
+    for i in range(model.first_trainable, model.backbone.num_blocks + 1):
+        model.block(i).to(memory_format=torch.channels_last)
+    model.head.to(memory_format=torch.channels_last)
 
 
 def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,

@@ -77,3 +77,134 @@ def test_the_banks_first_step_runs_on_its_device(case):
     bank = ActivationBank(cache, meta, META)
     h = bank.at("train", cache.layer + 1)
     assert h.device == META and h.shape[0] == len(cache.split("train"))
+
+
+# -- the CUDA speed path, driven on the CPU -----------------------------------------------------------------------
+def test_resolve_device_rejects_what_it_cannot_give():
+    from subcache.devices import resolve_device
+    from subcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; allowed: auto, cpu, cuda"):
+        resolve_device("tpu")
+    assert issubclass(ConfigError, ValueError) and resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.fixture(scope="module")
+def chunked_cache(tmp_path_factory, npz_path, resnet18):
+    """float32 at block 6, 16 samples per chunk: 12 chunks in the training split."""
+    out = str(tmp_path_factory.mktemp("chunked") / "c.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.04,
+                                              splits=("train",)), backbone=resnet18)
+    return subcache.open_cache(out)
+
+
+def test_stream_loader_reuses_its_staging_buffers_and_reshuffles_each_epoch(chunked_cache):
+    from subcache.loader import StreamLoader
+
+    cache = chunked_cache
+    y = cache.read_y("train")
+    loader = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=2)
+    full = cache.read_x("train")
+    orders = []
+    for epoch in range(3):
+        seen = []
+        for x, _, yb in loader.epoch(epoch):
+            rows = [int(torch.nonzero((full == r).flatten(1).all(1))[0]) for r in x]
+            assert torch.equal(y[rows], yb)
+            seen += rows
+        assert sorted(seen) == list(range(len(y)))  # every sample exactly once per epoch
+        orders.append(seen)
+    assert orders[0] != orders[1] != orders[2]
+    windows = 3 * -(-len(loader.chunks) // 2)
+    x_stager = loader.stagers[0]
+    assert windows >= 15 and x_stager.allocations <= 2 * len(x_stager.buffers)  # reused, not one per window
+
+
+def test_precision_autocasts_only_the_trainable_part(resnet_cache, resnet18):
+    from subcache.train import TrainConfig, training_forward
+
+    cache = subcache.open_cache(resnet_cache)
+    model = TunedModel(resnet18, 6, (8,), 4, cache.sample_shape)
+    seen = []
+    hook = resnet18.block(7).register_forward_hook(lambda m, i, o: seen.append(o.dtype))  # frozen bridge 6-7
+    try:
+        x = cache.read_x("train", 0, 4)
+        cpu = torch.device("cpu")
+        assert training_forward(model, TrainConfig(precision="bf16"), cpu, False, None)(x).dtype == torch.bfloat16
+        assert seen == [torch.float32]  # the frozen bridge stays in float32
+        for precision in ("fp32", "auto"):  # auto: fp32 off CUDA
+            assert training_forward(model, TrainConfig(precision=precision), cpu, False, None)(x).dtype == torch.float32
+    finally:
+        hook.remove()
+    from subcache.devices import autocast_dtype
+    from subcache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'; allowed: fp32, bf16, auto"):
+        autocast_dtype("fp8", torch.device("cpu"))
+
+
+def test_fused_adamw_where_the_device_has_it(resnet_cache, resnet18, monkeypatch):
+    import sys
+
+    from subcache.errors import ConfigError
+
+    train_module = sys.modules["subcache.train"]  # the module (subcache.train is the function)
+
+    cache = subcache.open_cache(resnet_cache)
+    model = TunedModel(resnet18, 6, (8,), 4, cache.sample_shape)
+    cpu = torch.device("cpu")
+    assert train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu).defaults["fused"] is True
+    assert not train_module.optimizer(model, subcache.TrainConfig(), cpu).defaults["fused"]  # default: CUDA only
+    monkeypatch.setattr(train_module, "fused_adamw_supported", lambda device: False)
+    with pytest.raises(ConfigError, match="no fused AdamW for cpu; use --no-fused"):
+        train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu)
+
+
+def test_cache_training_equals_image_training_on_the_gpu_code_path(resnet_cache, npz_path):
+    """channels_last + fused AdamW (what CUDA runs by default), on the CPU in float32: still exact."""
+    from subcache.train import train_reference
+
+    backbone = subcache.load_backbone("resnet18", "none", image_size=32)  # its own: channels_last changes it
+    config = subcache.TrainConfig(blocks="7", epochs=2, batch_size=32, seed=1, device="cpu", precision="fp32",
+                                  channels_last=True, fused=True)
+    trained = subcache.train(resnet_cache, config, backbone=backbone).model
+    got = trained.task_state()
+    reference, _, _ = train_reference(subcache.open_source(npz_path, "train"), backbone, 6, config, num_classes=4)
+    assert trained.block(7).conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert reference.block(8).conv1.weight.is_contiguous(memory_format=torch.channels_last)  # the frozen tail
+    assert backbone.block(6).conv1.weight.is_contiguous()  # the frozen bridge keeps its layout
+    for key, value in reference.task_state().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def half_cache(tmp_path_factory, npz_path, resnet18):
+    out = str(tmp_path_factory.mktemp("half") / "h.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float16", limit=64),
+                         backbone=resnet18)
+    return subcache.open_cache(out)
+
+
+def test_resident_tensors_stay_16_bit_when_float32_would_not_fit(half_cache, resnet18, monkeypatch):
+    from subcache import loader as loader_module
+    from subcache.train import make_loader
+
+    cpu = torch.device("cpu")
+    assert ActivationBank(half_cache, resnet18, cpu).dtype == torch.float32  # fits: float32
+    bank = ActivationBank(half_cache, resnet18, cpu, budget=1)
+    assert bank.dtype == torch.float16 and bank.at("train", 8).dtype == torch.float16
+    model = TunedModel(resnet18, 6, (8,), 4, half_cache.sample_shape)
+    y = half_cache.read_y("train")
+    config = subcache.TrainConfig(blocks="8", loader="memory", device="cpu")
+    assert make_loader(half_cache, config, model, None, y, cpu, ())[0].x.dtype == torch.float32
+    monkeypatch.setattr(loader_module, "memory_budget", lambda device: 1)
+    loader, precomputed = make_loader(half_cache, config, model, None, y, cpu, ())
+    assert precomputed and loader.x.dtype == torch.float16
+    result = subcache.train(half_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=16, loader="memory"),
+                            backbone=resnet18, bank=bank)  # 16-bit bank → float32 batches
+    assert result.test_accuracy is not None
