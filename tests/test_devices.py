@@ -208,3 +208,19 @@ def test_resident_tensors_stay_16_bit_when_float32_would_not_fit(half_cache, res
     result = subcache.train(half_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=16, loader="memory"),
                             backbone=resnet18, bank=bank)  # 16-bit bank → float32 batches
     assert result.test_accuracy is not None
+
+
+@pytest.mark.slow
+def test_bf16_lands_within_1_5_points_of_fp32_on_real_weights_and_data(tmp_path):
+    """EfficientNet-Lite0 (ImageNet) + Fashion-MNIST at 64 px, blocks 14-16, 1,000 training examples, on the CPU."""
+    out = str(tmp_path / "fm.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("14",), model="efficientnet_lite0",
+                                              data="fashion-mnist", image_size=64, limit=2000, device="cpu"))
+    accuracy = {}
+    for precision in ("fp32", "bf16"):
+        config = subcache.TrainConfig(blocks="14-16", limit=1000, epochs=15, batch_size=128, device="cpu",
+                                      precision=precision)
+        accuracy[precision] = subcache.train(out, config).test_accuracy
+    print(f"Lite0 + Fashion-MNIST, blocks 14-16, 1,000 examples: {accuracy}")
+    assert accuracy["fp32"] > 0.7
+    assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.015
