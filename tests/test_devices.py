@@ -224,3 +224,24 @@ def test_bf16_lands_within_1_5_points_of_fp32_on_real_weights_and_data(tmp_path)
     print(f"Lite0 + Fashion-MNIST, blocks 14-16, 1,000 examples: {accuracy}")
     assert accuracy["fp32"] > 0.7
     assert abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.015
+
+
+def test_the_cli_trains_on_the_gpu_code_path_on_cpu(resnet_cache, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    for command in ("train", "profile", "greedy", "al"):
+        assert "--precision [auto|fp32|bf16]" in CliRunner().invoke(main, [command, "--help"]).output
+    r = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "7-8", "--epochs", "3",
+                                  "--batch-size", "32", "--lr", "3e-3", "--precision", "bf16", "--channels-last",
+                                  "--fused", "--device", "cpu", "--out", str(tmp_path / "t"), "--json"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "t" / "task.json").read_text())["config"]
+    assert (saved["precision"], saved["channels_last"], saved["fused"]) == ("bf16", True, True)
+    assert json.loads(r.stdout)["test_accuracy"] > 0.4
+    r = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "8", "--device", "tpu", "--out",
+                                  str(tmp_path / "u")])
+    assert r.exit_code != 0 and r.output.strip() == "Error: unknown device 'tpu'; allowed: auto, cpu, cuda, cuda:N"
