@@ -183,6 +183,11 @@ def train_options(fn):
         click.option("--loader", type=click.Choice(["auto", "memory", "stream"]), default="auto",
                      show_default=True, help="resident on the device, or streamed by chunks"),
         click.option("--labels", help="train on the cache's extra label set labels/NAME"),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="bf16 autocast over the trainable part; auto: bf16 on CUDA, fp32 elsewhere"),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="channels_last memory format [default: on CUDA only]"),
+        click.option("--fused/--no-fused", default=None, help="fused AdamW kernel [default: on CUDA only]"),
     ]):
         fn = decorator(fn)
     return fn

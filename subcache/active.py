@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, backbone_for
+from .devices import resolve_device
 from .bank import ActivationBank
-from .build import resolve_device
 from .errors import ConfigError, DataError, SubcacheError
 from .labels import check_identity, data_identity, label_classes
 from .profiling import shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
-from .task import atomic_write, backbone_for, check_out_dir, load_task
+from .task import atomic_write, check_out_dir, load_task
 from .train import TrainConfig, cached_logits, check_train_config, labels_for, open_for_training, train
 from .tuned import TunedModel
 
@@ -109,7 +109,7 @@ def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.devic
         return cached_logits(model, cache, split, device, batch)
     model.eval()
     x = bank.input_of(split, model.first_trainable)
-    return torch.cat([model.trainable_part(x[i:i + batch]) for i in range(0, len(x), batch)]).float().cpu()
+    return torch.cat([model.trainable_part(x[i:i + batch].float()) for i in range(0, len(x), batch)]).float().cpu()
 
 
 def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .devices import placement
 from .errors import BlockError, UnknownModelError, WeightsError
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
@@ -144,6 +145,19 @@ class Backbone(nn.Module):
         for block in self._blocks[first - 1:last]:
             h = block(h)
         return h
+
+    @torch.inference_mode()
+    def input_shape(self, layer: int, *, start: int | None = None,
+                    start_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """Shape (no batch axis) of block ``layer``'s input: from images at the backbone's size, or from a
+        ``start_shape`` tensor at the input of block ``start``. The probe runs on the backbone's own device and
+        dtype (free on `meta`); ``layer`` N + 1 is the neck's input."""
+        device, dtype = placement(self.model)
+        if start is None:
+            size = self.preprocess.image_size
+            return tuple(self.prefix(torch.zeros(1, 3, size, size, device=device, dtype=dtype), layer).shape[1:])
+        h = torch.zeros(1, *start_shape, device=device, dtype=dtype)
+        return tuple(self.run_blocks(h, start, layer - 1).shape[1:])
 
     def features(self, h: torch.Tensor, after: int) -> torch.Tensor:
         """Output of block ``after`` → the feature vector (remaining blocks, then the neck)."""
@@ -565,7 +579,8 @@ def describe_blocks(backbone: Backbone) -> list[BlockInfo]:
     from torch.utils.flop_counter import FlopCounterMode
 
     size = backbone.preprocess.image_size
-    h = backbone.stem(torch.zeros(1, 3, size, size))
+    device, dtype = placement(backbone.model)
+    h = backbone.stem(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
     infos = []
     for i, block in enumerate(backbone.blocks, start=1):
         counter = FlopCounterMode(display=False)
@@ -592,3 +607,13 @@ def parse_block_spec(spec: str, backbone: Backbone) -> tuple[int, ...]:
         else:
             indices.add(backbone.resolve(part))
     return tuple(sorted(indices))
+
+
+def backbone_for(record: dict) -> Backbone:
+    """Rebuild the backbone a cache or task records (model, weights spec, image size) and check its sha256."""
+    backbone = load_backbone(record["model"], record["weights_spec"], image_size=record["image_size"])
+    if backbone.weights_sha256 != record["weights_sha256"]:
+        raise WeightsError(f"weights {record['weights_spec']} for {record['model']} changed since the cache was "
+                           f"built (sha256 {backbone.weights_sha256[:12]}…, expected "
+                           f"{record['weights_sha256'][:12]}…)")
+    return backbone

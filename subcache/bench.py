@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone, load_backbone
-from .build import BuildConfig, build_cache, resolve_device
+from .devices import placement, resolve_device
+from .build import BuildConfig, build_cache
 from .data import open_source, to_input
 from .loader import DeviceLoader, ImageLoader, StreamLoader, read_rows
 from .store import dir_bytes, open_cache
@@ -130,7 +131,7 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     from .backbones import parse_block_spec
 
     tuned = parse_block_spec(config.blocks, backbone)
-    shape = tuple(cache.attrs["sample_shape"])
+    shape = cache.sample_shape
 
     def run(make_loader) -> float:
         """Seconds for: making the loader (reading the cache where it does) + the training epochs."""
@@ -167,7 +168,8 @@ def _forward_flops(backbone: Backbone) -> tuple[int, list[int], int]:
     from .backbones import describe_blocks
 
     size = backbone.preprocess.image_size
-    x = torch.zeros(1, 3, size, size, device=next(backbone.parameters()).device)
+    device, dtype = placement(backbone.model)
+    x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
     with FlopCounterMode(display=False) as stem:
         h = backbone.stem(x)
     h = backbone.run_blocks(h, 1, backbone.num_blocks)
@@ -240,7 +242,7 @@ def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
 
     device, backbone, layer, cache = _train_split_cache(config, "score", progress, root)
     model = TunedModel(backbone, layer, parse_block_spec(config.blocks, backbone), len(cache.classes),
-                       tuple(cache.attrs["sample_shape"])).to(device).eval()
+                       cache.sample_shape).to(device).eval()
     source = open_source(config.data, "train", limit=config.limit)
 
     @torch.inference_mode()
@@ -299,7 +301,7 @@ def bench_multitask(config: BenchConfig = BenchConfig(), progress: bool = False,
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
     window = parse_block_spec(config.blocks, backbone)
     size = backbone.preprocess.image_size
-    dim = backbone.features(backbone.stem(torch.zeros(1, 3, size, size, device=device)), 0).shape[-1]
+    dim = backbone.features(backbone.stem(torch.zeros(1, 3, size, size, device=device)), 0).shape[-1]  # fp32 model
     branches = {f"task{k}": TaskBranch({i: copy.deepcopy(backbone.block(i)) for i in window}, nn.Linear(dim, 10),
                                        False) for k in range(tasks)}
     multi = MultiTaskModel(backbone, branches).to(device).eval()

@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .backbones import Backbone, load_backbone
+from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
@@ -77,30 +78,11 @@ class BuildResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """auto | cpu | cuda | cuda:N → a device (under torchrun, cuda means this rank's GPU)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        device = f"cuda:{local_rank}"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise StoreError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StoreError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(device)
-
-
 def out_paths(out: str, layers: list[int]) -> list[str]:
     """One layer: the store is ``out``. Several: ``out/blockNN.zarr`` each."""
     if len(layers) == 1:
         return [out]
     return [str(Path(out) / f"block{layer:02d}.zarr") for layer in layers]
-
-
-def sample_shape(backbone: Backbone, layer: int) -> tuple[int, ...]:
-    size = backbone.preprocess.image_size
-    with torch.inference_mode():
-        return tuple(backbone.prefix(torch.zeros(1, 3, size, size), layer).shape[1:])
 
 
 def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
@@ -128,7 +110,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                               download=config.download, root=config.data_root) for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)
     backbone.to(device)
-    shapes = {layer: sample_shape(backbone, layer) for layer in layers}
+    shapes = {layer: backbone.input_shape(layer) for layer in layers}
     itemsize = np.dtype(DTYPES[config.dtype]).itemsize
     chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src), config.chunk_mb)
                       for s, src in sources.items()}

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, backbone_for
+from .devices import resolve_device
 from .build import (BuildResult, Job, capture_inputs, check_outputs, finish_all, join_views, open_or_create,
-                    open_stores, out_paths, resolve_device, run_units)
+                    open_stores, out_paths, run_units)
 from .distributed import Dist, store_locks
 from .errors import BlockError, StoreError
 from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read
-from .task import backbone_for
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone.to(device)
-    with torch.inference_mode():
-        probe = from_storage(read(src.split(src.splits[0]).x, slice(0, 1)), src.dtype).float().to(device)
-        shapes = {layer: tuple(backbone.run_blocks(probe, src.layer, layer - 1).shape[1:]) for layer in layers}
+    shapes = derived_shapes(src, backbone, layers)
     sizes = {s: len(src.split(s)) for s in src.splits}
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     chunks = {layer: {s: chunk_length(shapes[layer], itemsize, n, config.chunk_mb) for s, n in sizes.items()}
@@ -71,6 +69,11 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
                                   device, progress and ranks.main, ranks)
         finish_all(ranks, stores)
     return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)
+
+
+def derived_shapes(src: Cache, backbone: Backbone, layers: list[int]) -> dict[int, tuple[int, ...]]:
+    """Sample shape at each later layer, probed from the source's sample shape on the backbone's device."""
+    return {layer: backbone.input_shape(layer, start=src.layer, start_shape=src.sample_shape) for layer in layers}
 
 
 def _attrs(src: Cache, config: DeriveConfig, backbone: Backbone, layer: int, shape: tuple[int, ...],

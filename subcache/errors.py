@@ -51,4 +51,5 @@ class TrainingError(SubcacheError, RuntimeError):
 
 
 class ConfigError(SubcacheError, ValueError):
-    """An option's value is not allowed (out of range, not finite, conflicting with another option)."""
+    """An option's value is not allowed (out of range, not finite, conflicting with another option, an unknown
+    device or precision) or not available on this machine."""

@@ -3,7 +3,8 @@
 * `DeviceLoader`: the split fits the memory budget → loaded once onto the device, shuffled with `randperm`,
   indexed there.
 * `StreamLoader`: it does not → whole chunks read by a background thread (zarr's decompression releases the
-  GIL) in shuffled order, shuffled again within a window of chunks, pinned and copied non-blocking to the GPU.
+  GIL) in shuffled order; each window of chunks staged through reused pinned buffers and copied on a side CUDA
+  stream while the previous window trains, then shuffled and gathered on the device.
 * `ImageLoader`: the reference path — images through the live frozen prefix, in the same order as
   `DeviceLoader` (used by the exactness tests and by `bench train` for the speed-up the cache buys).
 """
@@ -29,13 +30,15 @@ class Loader(Protocol):
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The shuffled batches of positions 0..n-1 for one epoch (a lone last sample is dropped: BatchNorm)."""
-    perm = torch.randperm(n, generator=epoch_generator(seed, epoch))
+def batch_order(n: int, batch_size: int, seed: int, epoch: int,
+                device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The shuffled batches of positions 0..n-1 for one epoch, drawn on ``device`` (a lone last sample is dropped:
+    BatchNorm). Splitting is by known lengths: no host sync."""
+    perm = torch.randperm(n, generator=epoch_generator(seed, epoch, device), device=device)
     batches = list(perm.split(batch_size))
     return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
 
@@ -46,6 +49,13 @@ def memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def resident_dtype(float32_nbytes: int, stored: torch.dtype, device: torch.device,
+                   budget: int | None = None) -> torch.dtype:
+    """float32 for tensors kept on the device when that fits the budget, else the cache's (16-bit) dtype."""
+    budget = memory_budget(device) if budget is None else budget
+    return torch.float32 if float32_nbytes <= budget else stored
 
 
 def split_nbytes(cache: Cache, split: str, count: int) -> int:
@@ -80,16 +90,70 @@ class DeviceLoader:
         return cls(x, labels.to(device), batch_size, seed, x_flip)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch):
-            idx = idx.to(self.x.device, non_blocking=True)
+        for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch, self.x.device):
             yield self.x[idx], None if self.x_flip is None else self.x_flip[idx], self.y[idx]
 
 
+class Stager:
+    """Host → device copies through a ring of reused host buffers: pinned, copied on a side stream and fenced with
+    events on CUDA; plain buffers and a synchronous copy elsewhere (the same code path, so CPU tests drive it).
+
+    `upload` returns the device tensor and an event; `ready` makes the current stream wait for that event. A buffer
+    is reused only after the copy that last read it has finished (its event), normally long done.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 2, pin: bool | None = None):
+        self.device = device
+        self.pin = device.type == "cuda" if pin is None else pin
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.buffers: list[torch.Tensor | None] = [None] * slots  # flat uint8 host buffers
+        self.events: list[torch.cuda.Event | None] = [None] * slots
+        self.slot, self.allocations = 0, 0
+
+    def _buffer(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        i, self.slot = self.slot, (self.slot + 1) % len(self.buffers)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy that last read this buffer (a window ago) is done
+        if self.buffers[i] is None or self.buffers[i].numel() < nbytes:  # grow with headroom: windows vary a little
+            self.buffers[i] = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8, pin_memory=self.pin)
+            self.allocations += 1
+        return i, self.buffers[i]
+
+    def upload(self, t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """Copy a host tensor to the device via the next staging buffer (asynchronously on CUDA)."""
+        nbytes = t.numel() * t.element_size()
+        i, buffer = self._buffer(nbytes)
+        host = buffer[:nbytes].view(t.dtype).view(t.shape)
+        host.copy_(t)
+        if self.stream is None:
+            return host.to(self.device, copy=True), None
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[i] = event
+        return out, event
+
+    def ready(self, t: torch.Tensor, event: "torch.cuda.Event | None") -> torch.Tensor:
+        """``t`` usable on the current stream: wait for its copy (a device-side wait, no host sync)."""
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            t.record_stream(current)  # allocated on the side stream, used on this one
+        return t
+
+
 class StreamLoader:
-    """Streams whole chunks: shuffled chunk order, then shuffled within a window of ``window`` chunks."""
+    """Streams whole chunks: shuffled chunk order, then shuffled within a window of ``window`` chunks.
+
+    A background thread reads and decompresses chunks; each window goes to the device in one staged copy, the next
+    window's copy overlapping the current window's steps; batches are gathered on the device along a permutation
+    drawn there. Nothing in the step loop waits on the host.
+    """
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
-                 seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4):
+                 seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
+                 pin: bool | None = None):
         self.cache, self.split, self.device = cache, split, device
         self.batch_size, self.seed, self.window, self.depth = batch_size, seed, window, depth
         self.flip_views = flip_views
@@ -103,6 +167,7 @@ class StreamLoader:
         self.num_samples = len(positions)
         full, rest = divmod(self.num_samples, batch_size)
         self.steps_per_epoch = full + (rest >= 2)
+        self.stagers = [Stager(device, pin=pin) for _ in range(3)]  # x, x_flip, y: reused across epochs
 
     def _read(self, order: list[int], q: queue.Queue) -> None:
         split = self.cache.split(self.split)
@@ -116,41 +181,48 @@ class StreamLoader:
             q.put(exc)
         q.put(None)
 
-    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
+    def _windows(self, q: queue.Queue) -> Iterator[list]:
+        """Host windows of up to ``window`` chunks: [x, x_flip or None, y] each, concatenated."""
+        pending = []
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            pending.append(item)
+            if len(pending) == self.window:
+                yield _join(pending)
+                pending = []
+        if pending:
+            yield _join(pending)
+
+    def _upload(self, window: list | None) -> list | None:
+        """Start a window's host → device copy; [(tensor, event) or None] per field."""
+        if window is None:
             return None
-        if self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+        return [None if t is None else stager.upload(t) for stager, t in zip(self.stagers, window)]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        gen = epoch_generator(self.seed, epoch)
-        order = torch.randperm(len(self.chunks), generator=gen).tolist()
+        order = torch.randperm(len(self.chunks), generator=epoch_generator(self.seed, epoch)).tolist()  # for the reader
+        gen = epoch_generator(self.seed, epoch, self.device)  # in-window shuffles, on the device
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         threading.Thread(target=self._read, args=(order, q), daemon=True).start()
-        pending: list[Batch] = []
-        done = False
-        while not done:
-            while len(pending) < self.window and not done:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                done = item is None
-                if item is not None:
-                    pending.append(item)
-            if not pending:
-                break
-            x = torch.cat([p[0] for p in pending])
-            xf = torch.cat([p[1] for p in pending]) if self.flip_views else None
-            y = torch.cat([p[2] for p in pending])
-            perm = torch.randperm(len(y), generator=gen)
-            cut = len(y) if done else len(y) // self.batch_size * self.batch_size
+        windows = self._windows(q)
+        upcoming = self._upload(next(windows, None))
+        rest: list = [None, None, None]
+        while upcoming is not None:
+            current = [None if u is None else stager.ready(*u) for stager, u in zip(self.stagers, upcoming)]
+            upcoming = self._upload(next(windows, None))  # overlaps with this window's steps
+            x, xf, y = [c if r is None else torch.cat([r, c]) for r, c in zip(rest, current)]
+            perm = torch.randperm(len(y), generator=gen, device=self.device)
+            cut = len(y) if upcoming is None else len(y) // self.batch_size * self.batch_size
             for idx in perm[:cut].split(self.batch_size):
                 if len(idx) >= 2:
-                    yield (self._to_device(x[idx]), self._to_device(None if xf is None else xf[idx]),
-                           self._to_device(y[idx]))
-            rest = perm[cut:]
-            pending = [(x[rest], None if xf is None else xf[rest], y[rest])] if len(rest) else []
+                    yield x[idx], None if xf is None else xf[idx], y[idx]
+            left = perm[cut:]
+            rest = [None if t is None else t[left] for t in (x, xf, y)]
+
+
+def _join(items: list) -> list:
+    return [None if items[0][k] is None else torch.cat([it[k] for it in items]) for k in range(3)]
 
 
 class ImageLoader:
@@ -174,7 +246,9 @@ class ImageLoader:
         return h.to(self.round_to) if self.round_to is not None else h
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch):
+        batches = batch_order(self.num_samples, self.batch_size, self.seed, epoch, self.device)
+        host = torch.cat(batches).cpu().split([len(b) for b in batches])  # one transfer: images are read on the host
+        for idx, at in zip(host, batches):
             # a standard-layout copy: the live prefix may hand back channels_last, and a different memory layout
             # picks a different conv kernel (float-level differences that Adam then amplifies)
-            yield self.activations(idx).contiguous().clone(), None, self.y[idx.to(self.device)]
+            yield self.activations(idx).contiguous().clone(), None, self.y[at]

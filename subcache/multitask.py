@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone
+from .backbones import Backbone, backbone_for
+from .devices import resolve_device
 from .errors import TaskError
 from .task import Task, load_task
 
@@ -146,10 +147,8 @@ def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: in
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
     Accuracy for tasks trained on the data's labels."""
-    from .build import resolve_device
     from .data import open_source, to_input
     from .progress import progress_bar
-    from .task import backbone_for
 
     loaded = [load_task(t) for t in tasks]
     backbone = backbone or backbone_for(loaded[0].meta["backbone"])

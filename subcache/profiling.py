@@ -15,9 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backbones import Backbone
+from .devices import resolve_device
 from .bank import ActivationBank
-from .build import resolve_device
-
 from .errors import BlockError, ConfigError, SubcacheError
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
@@ -67,8 +66,8 @@ def shared_bank(cache: Cache, backbone: Backbone, config: TrainConfig) -> Activa
     if config.augment not in ("none", "", None):
         return None
     device = resolve_device(config.device)
-    need = sum(split_nbytes(cache, s, len(cache.split(s))) * 4 for s in cache.splits)  # float32, a few layers
-    return ActivationBank(cache, backbone, device) if need * 4 <= memory_budget(device) else None
+    need = sum(split_nbytes(cache, s, len(cache.split(s))) * 4 for s in cache.splits)  # stored dtype, a few layers
+    return ActivationBank(cache, backbone, device) if need <= memory_budget(device) else None
 
 
 # -- profile -------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .devices import placement
 from .errors import SubcacheError, TaskError
 from .tuned import TunedModel
 
@@ -56,8 +57,8 @@ def prune_tuned_blocks(model: TunedModel, sample_shape: tuple[int, ...], config:
     if not model.tuned:
         raise SubcacheError("--prune needs tuned blocks (a linear probe has none)")
     before = sum(p.numel() for p in model.tuned_blocks.parameters())
-    device = next(model.head.parameters()).device
-    example = torch.zeros(2, *sample_shape, device=device)
+    device, dtype = placement(model.backbone.model)
+    example = torch.zeros(2, *sample_shape, device=device, dtype=dtype)
     chain = _Chain(model)
     with torch.no_grad():
         h = model.backbone.run_blocks(example, model.start, model.first_trainable - 1)

@@ -112,6 +112,11 @@ class Cache:
         return self.attrs["dtype"]
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one cached sample (no batch axis): the input of block `layer`."""
+        return tuple(self.attrs["sample_shape"])
+
+    @property
     def splits(self) -> list[str]:
         return list(self.attrs["splits"])
 

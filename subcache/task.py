@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbones import Backbone, load_backbone
-from .errors import SubcacheError, TaskError, WeightsError
+from .backbones import Backbone
+from .errors import SubcacheError, TaskError
 from .faults import fault
 from .tuned import TunedModel
 
@@ -64,7 +64,8 @@ class Task:
         return model.eval()
 
     def _build(self, backbone: Backbone, first: int) -> tuple[TunedModel, tuple[list, list]]:
-        shape = tuple(self.meta["sample_shape"]) if first == self.start else _shape_at(backbone, first)
+        shape = tuple(self.meta["sample_shape"])
+        shape = shape if first == self.start else backbone.input_shape(first, start=self.start, start_shape=shape)
         model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), shape,
                            self.meta.get("siamese", False))
         if self.meta.get("pruned_shapes"):
@@ -74,12 +75,6 @@ class Task:
             rebuild(model, shape, PruneConfig(c["prune"], c["prune_norm"], c["prune_scope"]),
                     self.meta["pruned_shapes"])
         return model, model.load_state_dict(self.state, strict=False)
-
-
-def _shape_at(backbone: Backbone, layer: int) -> tuple[int, ...]:
-    from .build import sample_shape
-
-    return sample_shape(backbone, layer)
 
 
 def check_out_dir(path: str | os.PathLike) -> Path:
@@ -150,13 +145,3 @@ def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Tas
     if not meta.get("complete", False) and not allow_incomplete:
         raise TaskError(f"task {p} is incomplete ({meta.get('stopped', 'training did not finish')})")
     return Task(str(p), meta, state)
-
-
-def backbone_for(record: dict) -> Backbone:
-    """Rebuild the backbone a cache or task records (model, weights spec, image size) and check its sha256."""
-    backbone = load_backbone(record["model"], record["weights_spec"], image_size=record["image_size"])
-    if backbone.weights_sha256 != record["weights_sha256"]:
-        raise WeightsError(f"weights {record['weights_spec']} for {record['model']} changed since the cache was "
-                           f"built (sha256 {backbone.weights_sha256[:12]}…, expected "
-                           f"{record['weights_sha256'][:12]}…)")
-    return backbone

@@ -17,17 +17,18 @@ import torch.nn.functional as F
 
 from . import __version__
 from .augment import apply as apply_augment, default_pad, parse_augment
-from .backbones import Backbone, parse_block_spec
-from .build import resolve_device
+from .backbones import Backbone, backbone_for, parse_block_spec
+from .devices import autocast_dtype, fused_adamw_supported, resolve_device
 from .distributed import Dist, WriterLock
 from .errors import BlockError, ConfigError, DataError, SubcacheError, TrainingError
 from .labels import label_classes, read_labels
-from .loader import DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
+from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, resident_dtype,
+                     split_nbytes)
 from .progress import progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, from_storage, open_cache, read
-from .task import backbone_for, check_out_dir, save_task
+from .task import check_out_dir, save_task
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class TrainConfig:
     eval_every: int = 0  # evaluate on the test split every k epochs (0: only at the end)
     device: str = "auto"  # auto | cpu | cuda
     loader: str = "auto"  # auto | memory | stream: stream when the split exceeds the memory budget
+    precision: str = "auto"  # fp32 | bf16 (autocast over the trainable part) | auto: bf16 on CUDA, fp32 elsewhere
+    channels_last: bool | None = None  # 4-D activations and weights in channels_last (None: on CUDA only)
+    fused: bool | None = None  # fused AdamW kernel (None: on CUDA only; True on a device without one is an error)
     labels: str | None = None  # an extra label set of the cache (labels/NAME) instead of y
     siamese: bool = False  # head sees original + tuned features (paper §5.1)
     prune: float = 0.0  # channel-prune this fraction of the tuned blocks' inner channels before training (§5.2)
@@ -138,13 +142,15 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
                                      device, flip_views)
     if augments or model.start == model.first_trainable:
         return loader, False
-    loader.x = run_frozen(model, loader.x)  # frozen bridge once, not every epoch
+    keep = resident_dtype(loader.x.numel() * 4 * 2, loader.x.dtype, device)  # the cache's 16-bit if fp32 won't fit
+    loader.x = run_frozen(model, loader.x, keep)  # frozen bridge once, not every epoch
     return loader, True
 
 
 @torch.inference_mode()
-def run_frozen(model: TunedModel, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([model.frozen_part(x[i:i + batch].float()) for i in range(0, len(x), batch)])
+def run_frozen(model: TunedModel, x: torch.Tensor, dtype: torch.dtype = torch.float32,
+               batch: int = 1024) -> torch.Tensor:
+    return torch.cat([model.frozen_part(x[i:i + batch].float()).to(dtype) for i in range(0, len(x), batch)])
 
 
 @torch.inference_mode()
@@ -178,13 +184,9 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
         ) -> tuple[list[dict], float]:
     """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded).
     ``forward`` replaces the model's own (a DDP wrapper under torchrun)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=cuda or None)
+    opt = optimizer(model, config, device)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
-    forward = forward or (model.trainable_part if precomputed else model)
-    if cuda:  # convolutions run fastest in channels_last with bf16 on GPUs; the CPU path stays bit-for-bit plain
-        model.to(memory_format=torch.channels_last)
+    step = training_forward(model, config, device, precomputed, forward)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
     history, seconds = [], 0.0
     with progress_bar(progress, "steps/s") as bar:
@@ -197,10 +199,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             seen = 0
             for x, x_flip, y in loader.epoch(epoch):
                 x = apply_augment(x.float(), augments, gen, None if x_flip is None else x_flip.float(), pad)
-                if cuda and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    logits = forward(x)
+                logits = step(x)
                 loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -210,7 +209,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 bar.advance(task)
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - t0
             mean_loss = loss_sum.item() / max(seen, 1)  # one host sync per epoch
@@ -237,6 +236,46 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError(f"--seed must be ≥ 0, got {config.seed}")
     if not str(config.blocks).strip():
         raise ConfigError("--blocks is empty; give blocks (e.g. 13-14) or `none` for a linear probe")
+
+
+def optimizer(model: TunedModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel on CUDA by default, or where ``config.fused`` asks."""
+    fused = device.type == "cuda" if config.fused is None else config.fused
+    if fused and not fused_adamw_supported(device):
+        raise ConfigError(f"--fused: this torch ({torch.__version__}) has no fused AdamW for {device.type}; "
+                          f"use --no-fused")
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
+def training_forward(model: TunedModel, config: TrainConfig, device: torch.device, precomputed: bool,
+                     forward: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One training forward: the frozen bridge in float32 without grads (unless precomputed), then the trainable
+    part under bf16 autocast when ``config.precision`` asks, in channels_last when ``config.channels_last`` asks.
+    A given ``forward`` (DDP) runs whole under autocast."""
+    amp = autocast_dtype(config.precision, device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    if channels_last:
+        trainable_channels_last(model)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if forward is None and not precomputed:
+            with torch.no_grad():
+                x = model.frozen_part(x)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            return (forward or model.trainable_part)(x)
+
+    return run
+
+
+def trainable_channels_last(model: TunedModel) -> None:
+    """Tuned copies, the frozen blocks after them and the head in channels_last (convolutions run fastest so with
+    bf16 on GPUs). The frozen prefix and bridge keep their layout: live activations stay bit-equal to cached ones."""
+    for i in range(model.first_trainable, model.backbone.num_blocks + 1):
+        model.block(i).to(memory_format=torch.channels_last)
+    model.head.to(memory_format=torch.channels_last)
 
 
 def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
@@ -266,6 +305,7 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
     cache, backbone = open_for_training(cache, backbone)
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
+    autocast_dtype(config.precision, device)  # an unknown precision fails before any work
     tuned = parse_block_spec(config.blocks, backbone)
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
@@ -276,15 +316,15 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
     backbone.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the head's init is part of the run's identity
-        model = TunedModel(backbone, cache.layer, tuned, num_classes, tuple(cache.attrs["sample_shape"]),
+        model = TunedModel(backbone, cache.layer, tuned, num_classes, cache.sample_shape,
                            config.siamese).to(device)
     param_fraction = 1.0
     if config.prune:
-        param_fraction = prune_tuned_blocks(model, tuple(cache.attrs["sample_shape"]),
+        param_fraction = prune_tuned_blocks(model, cache.sample_shape,
                                             PruneConfig(config.prune, config.prune_norm, config.prune_scope))
     loader, precomputed, step = _training_loader(cache, config, model, indices, labels, device, augments, ranks,
                                                  bank)
-    pad = default_pad(tuple(cache.attrs["sample_shape"]))
+    pad = default_pad(cache.sample_shape)
     score = _scorer(model, cache, config, labels, bank, eval_indices, device)
 
     def epoch_hook(row: dict) -> None:
@@ -390,7 +430,7 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     model = model if model is not None else forward
     was_training = model.training
     model.eval()
-    pred = torch.cat([forward(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    pred = torch.cat([forward(x[i:i + batch].float()).argmax(1) for i in range(0, len(x), batch)])
     model.train(was_training)
     return (pred.cpu() == y.cpu()).sum().item() / len(y)
 
@@ -443,8 +483,7 @@ def train_reference(source, backbone: Backbone, layer: int, config: TrainConfig,
     indices = balanced_subset(source.labels, config.limit, config.seed)
     subset = labels if indices is None else labels[torch.from_numpy(indices)]
     backbone.to(dev)
-    shape = tuple(backbone.prefix(torch.zeros(1, 3, backbone.preprocess.image_size,
-                                              backbone.preprocess.image_size, device=dev), layer).shape[1:])
+    shape = backbone.input_shape(layer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = TunedModel(backbone, layer, tuned, num_classes, shape, config.siamese).to(dev)

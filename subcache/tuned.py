@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
+from .devices import placement
 
 
 class TunedModel(nn.Module):
@@ -23,11 +24,13 @@ class TunedModel(nn.Module):
         self.backbone, self.start, self.tuned, self.siamese = backbone, start, tuple(tuned), siamese
         self.tuned_blocks = nn.ModuleDict({str(i): copy.deepcopy(backbone.block(i)).requires_grad_(True)
                                            for i in self.tuned})
+        device, dtype = placement(backbone.model)
         with torch.no_grad():  # in eval mode: a dummy pass must not touch the tuned copies' BatchNorm statistics
             self.tuned_blocks.eval()
-            dim = self._features(torch.zeros(2, *sample_shape), self.start).shape[-1]
+            dim = self._features(torch.zeros(2, *sample_shape, device=device, dtype=dtype), self.start).shape[-1]
             self.tuned_blocks.train()
-        self.head = nn.Linear(dim * (2 if siamese else 1), num_classes)
+        # initialised on the CPU (the same seed gives the same head on every device), then moved to the backbone's
+        self.head = nn.Linear(dim * (2 if siamese else 1), num_classes).to(device)
 
     @property
     def first_trainable(self) -> int:
