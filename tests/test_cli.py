@@ -98,3 +98,20 @@ def test_corrupt_chunk_is_one_clear_line(tmp_path, npz_path):
     chunk = next(f for f in (out / "train" / "x" / "c").rglob("*") if f.is_file())
     chunk.write_bytes(b"garbage" * 10)
     one_line_error(run("train", "--cache", out, "--blocks", 7, "--out", tmp_path / "t"), "corrupt")
+
+
+def test_build_from_a_cache_keeps_its_dtype_and_refuses_image_options(tmp_path, resnet_cache):
+    import subcache
+
+    r = run("build", "--from", resnet_cache, "--layer", 8, "--out", tmp_path / "a.zarr", "--json")
+    assert r.exit_code == 0, r.output
+    assert subcache.open_cache(str(tmp_path / "a.zarr")).dtype == "float32"  # the source's, not build's float16
+    r = run("build", "--from", resnet_cache, "--layer", 8, "--dtype", "bfloat16", "--out", tmp_path / "b.zarr")
+    assert r.exit_code == 0, r.output
+    assert subcache.open_cache(str(tmp_path / "b.zarr")).dtype == "bfloat16"
+    for option, value in (("--image-size", 64), ("--data", "cifar10"), ("--flip-views", None), ("--limit", 10),
+                          ("--model", "resnet18"), ("--split", "test")):
+        extra = [option] if value is None else [option, value]
+        one_line_error(run("build", "--from", resnet_cache, "--layer", 8, *extra, "--out", tmp_path / "c.zarr"),
+                       f"{option} cannot be used with --from")
+    assert not (tmp_path / "c.zarr").exists()
