@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -118,6 +118,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
+    config = replace(config, layers=tuple(map(str, layers)))  # recorded resolved: `--layer layer3.1` resumes `6`
     sources = {s: open_source(config.data, s, limit=config.limit, download=config.download, root=config.data_root)
                for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)

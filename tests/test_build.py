@@ -125,6 +125,10 @@ def test_existing_output_needs_overwrite_and_resume_checks_options(tmp_path, npz
     with pytest.raises(ForeignStoreError, match="other options"):
         subcache.build_cache(replace(config, resume=True, dtype="float32"), backbone=resnet18)
     assert subcache.build_cache(replace(config, resume=True), backbone=resnet18).images == 0
+    # the same block spelt by name resumes (resolved indices are compared, not spellings); another block does not
+    assert subcache.build_cache(replace(config, resume=True, layers=("layer1.1",)), backbone=resnet18).images == 0
+    with pytest.raises(ForeignStoreError, match="other options"):
+        subcache.build_cache(replace(config, resume=True, layers=("layer2.0",)), backbone=resnet18)
     assert subcache.build_cache(replace(config, overwrite=True), backbone=resnet18).images == 96
 
 
