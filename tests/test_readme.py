@@ -45,3 +45,11 @@ def test_deploy_example_runs_in_tiny_mode(tmp_path):
     done = run_example("deploy.sh", tmp_path)
     assert "siamese" in done.stdout and "prune-0.75" in done.stdout
     assert (tmp_path / "deploy" / "predictions.csv").is_file()
+
+
+def test_the_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## License")]
+    for package in ("subcache", "cli"):
+        for module in sorted((ROOT / package).glob("*.py")):
+            assert f"`{module.stem}`" in layout, f"README's Layout does not name {package}/{module.name}"
