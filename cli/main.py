@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import subcache
-from subcache.errors import ConfigError, SubcacheError
+from subcache.errors import SubcacheError
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
 
@@ -91,7 +91,8 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
               help="first block to train (index or name); repeat for several caches in one pass")
 @click.option("--from", "source_cache", help="derive from an existing cache instead of images")
 @click.option("--out", required=True, help="store path (one layer) or folder of blockNN.zarr stores")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="[default: float16; with --from, the source's]")
 @click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -101,22 +102,22 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--resume", is_flag=True, help="finish an interrupted build (keeps whole chunks)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
+@click.pass_context
 @friendly
-def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views, batch_size,
-          chunk_mb, device, download, resume, overwrite, as_json) -> None:
+def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views,
+          batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
-        refuse_given(("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download"),
-                     "--from: the model, weights, data and views come from the source cache")
-
+        refuse_image_options(ctx)
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
                                            batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
                                            overwrite=overwrite), progress=not as_json)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
-                                      splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
+                                      splits=tuple(splits), limit=limit, image_size=image_size,
+                                      dtype=dtype or "float16",
                                       flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=not as_json)
@@ -130,13 +131,16 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
 
 
-def refuse_given(names: tuple[str, ...], why: str) -> None:
-    """Refuse options the user gave explicitly that this mode ignores."""
-    ctx = click.get_current_context()
-    given = [f"--{n.replace('_', '-')}" for n in names
-             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download")
+
+
+def refuse_image_options(ctx: click.Context) -> None:
+    """`build --from` reads a cache, not images: options about images would be silently ignored, so refuse them."""
+    given = [p.opts[0] for p in ctx.command.params if p.name in IMAGE_ONLY
+             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
     if given:
-        raise ConfigError(f"{', '.join(given)} cannot be used with {why}")
+        raise click.ClickException(f"{', '.join(given)} cannot be used with --from: the source cache fixes the model, "
+                                   f"weights, data, splits, image size and mirrored views")
 
 
 # -- info --------------------------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = model  # the only registered child: owns every parameter once
         names = {id(m): n for n, m in model.named_modules()}
-        self._stem, self._neck, self._head = stem, neck, head
+        # plain references (not registered submodules): their tensors are `model`'s, and state_dict holds each once
+        self.__dict__.update(_stem=stem, _neck=neck, _head=head)
         self._blocks = list(blocks)
         self.block_names = [names[id(getattr(b, "named", b))] for b in self._blocks]
         self.model_id, self.weights_id, self.preprocess = model_id, weights_id, preprocess

@@ -106,6 +106,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
     backbone.eval()  # a backbone handed over in train mode would cache batch statistics
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
+    config = replace(config, layers=tuple(map(str, layers)))  # recorded resolved: `--layer layer3.1` resumes `6`
     sources = {s: open_source(config.data if data is None else data[s], s, limit=config.limit,
                               download=config.download, root=config.data_root) for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)

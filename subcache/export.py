@@ -22,7 +22,8 @@ from torch import nn
 from .backbones import Backbone
 from .errors import TaskError
 from .multitask import MultiTaskModel
-from .task import Task, backbone_for, load_task
+from .backbones import backbone_for
+from .task import Task, load_task
 
 FORMATS = ("onnx", "pt2", "torchscript", "timm")
 PREPROCESS_HOW = ("RGB scaled to [0, 1]; resize the short side to image_size / crop_pct (interpolation), center-crop "

@@ -1,3 +1,4 @@
+import importlib
 import json
 import shutil
 
@@ -31,6 +32,40 @@ def test_selection_never_repeats_picks_the_budget_and_breaks_ties_by_position():
     assert 1 not in most_uncertain(values, pool, 5)
     with pytest.raises(DataError, match="only 5 remain"):
         most_uncertain(values, pool, 6)
+
+
+def independent_margins(model, x):
+    """top-1 minus top-2 softmax probability, computed here from a plain eval-mode forward."""
+    model.eval()
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), dim=1)
+    top2 = p.sort(dim=1, descending=True).values[:, :2]
+    return (top2[:, 0] - top2[:, 1]).numpy()
+
+
+def test_each_round_adds_the_lowest_margin_items(resnet_cache, resnet18, tmp_path, monkeypatch):
+    active = importlib.import_module("subcache.active")
+    rounds, real_train = [], active.train
+
+    def recording(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        rounds.append((np.array(kwargs["train_indices"]), result.model))
+        return result
+
+    monkeypatch.setattr(active, "train", recording)
+    config = ALConfig(blocks="8", budgets=(20, 50), strategy="margin",
+                      train=subcache.TrainConfig(epochs=2, batch_size=16))
+    active_learning(resnet_cache, config, out=str(tmp_path / "a"), backbone=resnet18)
+    (first, model), (second, _) = rounds
+    added = np.setdiff1d(second, first)
+    assert len(first) == 20 and len(second) == 50 and len(added) == 30
+    x = subcache.open_cache(resnet_cache).read_x("train").float()
+    margin = independent_margins(model, x)
+    pool = np.setdiff1d(np.arange(192), first)
+    cut = np.sort(margin[pool])[29]  # the 30th smallest margin in the pool
+    rest = np.setdiff1d(pool, added)
+    assert margin[added].max() <= cut + 1e-5 and margin[rest].min() >= cut - 1e-5
+    assert margin[added].mean() < margin[rest].mean() - 0.01  # a real gap, not a tie
 
 
 def test_active_learning_rounds_and_resume_after_a_kill(resnet_cache, resnet18, tmp_path):
@@ -82,7 +117,8 @@ def test_random_strategy_and_bad_budgets(resnet_cache, resnet18, tmp_path):
                             backbone=resnet18)
 
 
-def test_oracle_workflow_stops_for_labels_and_resumes(resnet_cache, resnet18, tmp_path):
+def test_oracle_workflow_stops_for_labels_and_resumes_and_trains_on_its_answers(resnet_cache, resnet18, tmp_path,
+                                                                                 monkeypatch):
     oracle = tmp_path / "oracle.csv"
     config = ALConfig(blocks="none", budgets=(10, 20), oracle=str(oracle),
                       train=subcache.TrainConfig(epochs=1, batch_size=8))
@@ -90,14 +126,32 @@ def test_oracle_workflow_stops_for_labels_and_resumes(resnet_cache, resnet18, tm
     first = active_learning(resnet_cache, config, out=str(out), backbone=resnet18)
     assert first.waiting and first.curve == []
     truth = subcache.open_cache(resnet_cache).read_y("train")
+    answer = {i: (int(c) + 1) % 4 for i, c in enumerate(truth)}  # the person disagrees with the cache everywhere
+    train_module, active = importlib.import_module("subcache.train"), importlib.import_module("subcache.active")
+    real_fit, real_train, seen, given = train_module.fit, active.train, [], []
+
+    def fit_spy(model, loader, *args, **kwargs):  # the labels training actually consumes
+        seen.append(sorted(torch.cat([y for _, _, y in loader.epoch(0)]).tolist()))
+        return real_fit(model, loader, *args, **kwargs)
+
+    def train_spy(*args, **kwargs):  # the labels active learning hands to training, item by item
+        given.append({int(i): int(kwargs["labels_override"][i]) for i in kwargs["train_indices"]})
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_spy)
+    monkeypatch.setattr(active, "train", train_spy)
     for _ in range(3):
         asked = [line.split(",")[0] for line in open(out / "to_label.csv").read().splitlines()[1:]]
         rows = [] if not oracle.is_file() else oracle.read_text().splitlines()[1:]
-        oracle.write_text("id,label\n" + "\n".join(rows + [f"{i},{int(truth[int(i)])}" for i in asked]) + "\n")
+        oracle.write_text("id,label\n" + "\n".join(rows + [f"{i},{answer[int(i)]}" for i in asked]) + "\n")
         result = active_learning(resnet_cache, config, out=str(out), backbone=resnet18)
         if not result.waiting:
             break
     assert [c["budget"] for c in result.curve] == [10, 20]
+    assert [len(g) for g in given] == [10, 20] and len(seen) == 2
+    for labels, consumed in zip(given, seen):
+        assert labels == {i: answer[i] for i in labels}  # the oracle's answers, never the cache's y
+        assert consumed == sorted(labels.values())
 
 
 def test_label_sets_serve_another_task(resnet_cache, resnet18, tmp_path):

@@ -87,3 +87,15 @@ def test_describe_blocks_counts_params_and_flops():
     assert infos[0].input_shape == (64, 8, 8) and infos[-1].input_shape == (512, 1, 1)
     assert sum(i.params for i in infos) == sum(p.numel() for blk in b.blocks for p in blk.parameters())
     assert all(i.flops > 0 for i in infos)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0", "timm:vit_tiny_patch16_224"])
+def test_state_dict_holds_each_tensor_once(model):
+    b = subcache.load_backbone(model, "none", image_size=32)
+    state = b.state_dict()
+    assert len(state) == len(b.model.state_dict())  # resnet18: 122, not 368
+    if model == "resnet18":
+        assert len(state) == 122
+    storages = [v.untyped_storage().data_ptr() for v in state.values() if v.numel()]
+    assert len(storages) == len(set(storages))  # no tensor appears under two names
+    assert len(list(b.parameters())) == len(list(b.model.parameters()))

@@ -15,7 +15,8 @@ def run(*args):
 def one_line_error(result, fragment):
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.stdout == "", result.stdout  # errors go to stderr only
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert fragment in lines[0], lines[0]
 
@@ -39,9 +40,13 @@ def test_build_info_train_evaluate_round_trip(tmp_path, npz_path):
     assert blocks["num_blocks"] == 16 and blocks["blocks"][12]["name"] == "layer3.5"
 
 
-def test_human_output_goes_to_stderr_tables(tmp_path, npz_path):
+def test_human_output_goes_to_stderr_and_json_to_stdout():
     r = run("blocks", "resnet18", "--image-size", 32)
-    assert r.exit_code == 0 and "layer4.1" in r.output
+    assert r.exit_code == 0
+    assert "layer4.1" in r.stderr and r.stdout == ""  # tables on stderr: stdout stays clean for pipes
+    r = run("blocks", "resnet18", "--image-size", 32, "--json")
+    assert r.exit_code == 0 and r.stderr == ""
+    assert json.loads(r.stdout)["blocks"][7]["name"] == "layer4.1"
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -51,18 +56,19 @@ def test_human_output_goes_to_stderr_tables(tmp_path, npz_path):
     (["build", "--model", "resnet18", "--weights", "none", "--layer", "9", "--out", "{tmp}/x.zarr",
       "--data", "{npz}"], "out of range (1 to 8)"),
     (["build", "--model", "resnet50", "--layer", "3", "--out", "{tmp}/x.zarr", "--data", "{npz}"],
-     "not available offline"),
+     "resnet50 IMAGENET1K_V2 weights are not available offline: place resnet50-11ad3fa6.pth in {tmp}/hub/hub"),
     (["build", "--model", "resnet18", "--weights", "none", "--layer", "3", "--out", "{tmp}/x.zarr",
       "--data", "{tmp}/nope.npz"], "does not exist"),
     (["build", "--model", "resnet18", "--weights", "none", "--layer", "3", "--out", "/proc/forbidden/x.zarr",
-      "--data", "{npz}", "--image-size", "32"], "Error"),
+      "--data", "{npz}", "--image-size", "32"], "No such file or directory: '/proc/forbidden'"),
     (["info", "{tmp}"], "not a subcache cache"),
     (["train", "--cache", "{tmp}/missing.zarr", "--blocks", "3", "--out", "{tmp}/t"], "does not exist"),
     (["evaluate", "--task", "{tmp}", "--cache", "{tmp}"], "not a task directory"),
 ])
-def test_bad_input_is_one_clear_line(tmp_path, npz_path, args, fragment):
+def test_bad_input_is_one_clear_line(tmp_path, npz_path, monkeypatch, args, fragment):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # an empty hub: independent of this machine's downloads
     args = [a.format(tmp=tmp_path, npz=npz_path) for a in args]
-    one_line_error(run(*args), fragment)
+    one_line_error(run(*args), fragment.format(tmp=tmp_path))
     assert not (tmp_path / "x.zarr").exists()  # nothing half-written
 
 
@@ -92,3 +98,20 @@ def test_corrupt_chunk_is_one_clear_line(tmp_path, npz_path):
     chunk = next(f for f in (out / "train" / "x" / "c").rglob("*") if f.is_file())
     chunk.write_bytes(b"garbage" * 10)
     one_line_error(run("train", "--cache", out, "--blocks", 7, "--out", tmp_path / "t"), "corrupt")
+
+
+def test_build_from_a_cache_keeps_its_dtype_and_refuses_image_options(tmp_path, resnet_cache):
+    import subcache
+
+    r = run("build", "--from", resnet_cache, "--layer", 8, "--out", tmp_path / "a.zarr", "--json")
+    assert r.exit_code == 0, r.output
+    assert subcache.open_cache(str(tmp_path / "a.zarr")).dtype == "float32"  # the source's, not build's float16
+    r = run("build", "--from", resnet_cache, "--layer", 8, "--dtype", "bfloat16", "--out", tmp_path / "b.zarr")
+    assert r.exit_code == 0, r.output
+    assert subcache.open_cache(str(tmp_path / "b.zarr")).dtype == "bfloat16"
+    for option, value in (("--image-size", 64), ("--data", "cifar10"), ("--flip-views", None), ("--limit", 10),
+                          ("--model", "resnet18"), ("--split", "test")):
+        extra = [option] if value is None else [option, value]
+        one_line_error(run("build", "--from", resnet_cache, "--layer", 8, *extra, "--out", tmp_path / "c.zarr"),
+                       f"{option} cannot be used with --from")
+    assert not (tmp_path / "c.zarr").exists()

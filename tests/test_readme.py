@@ -4,6 +4,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,17 +28,28 @@ def run_example(name, out):
     return done
 
 
+@pytest.mark.slow  # EfficientNet-Lite0 ImageNet weights + Fashion-MNIST
 def test_quickstart_example_runs_in_tiny_mode(tmp_path):
     done = run_example("quickstart.sh", tmp_path)
     assert "linear probe" in done.stdout and "SubTuning" in done.stdout
 
 
+@pytest.mark.slow  # runs the quickstart first: Lite0 ImageNet weights + Fashion-MNIST
 def test_profile_example_runs_in_tiny_mode(tmp_path):
     run_example("profile.sh", tmp_path)
     assert (tmp_path / "profile" / "profile.png").is_file() and (tmp_path / "greedy" / "greedy.csv").is_file()
 
 
+@pytest.mark.slow  # EfficientNet-Lite0 ImageNet weights + Fashion-MNIST
 def test_deploy_example_runs_in_tiny_mode(tmp_path):
     done = run_example("deploy.sh", tmp_path)
     assert "siamese" in done.stdout and "prune-0.75" in done.stdout
     assert (tmp_path / "deploy" / "predictions.csv").is_file()
+
+
+def test_the_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## License")]
+    for package in ("subcache", "cli"):
+        for module in sorted((ROOT / package).glob("*.py")):
+            assert f"`{module.stem}`" in layout, f"README's Layout does not name {package}/{module.name}"

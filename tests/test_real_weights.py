@@ -3,10 +3,13 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import subcache
 from subcache.data import _read_photo, to_input
+
+pytestmark = pytest.mark.slow  # real weights and data
 
 
 def foolbox_photos():

@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import subcache
-from subcache.augment import batch_crop, batch_flip, mirror
+from subcache.augment import apply, batch_crop, batch_flip, default_pad, mirror
 from subcache.errors import BlockError, DataError, ForeignStoreError, TaskError, TrainingError
 from subcache.loader import DeviceLoader, StreamLoader, batch_order
 from subcache.train import balanced_subset, train_reference
@@ -30,6 +31,29 @@ def test_training_from_the_cache_equals_training_through_the_frozen_prefix(resne
     assert math.isclose(from_cache.history[-1]["loss"], history[-1]["loss"], rel_tol=1e-4)
     after = bn_stats(resnet18)
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen BatchNorm statistics never move
+
+
+@pytest.mark.parametrize("blocks, moved", [("none", ("head.",)), ("7", ("tuned_blocks.7.", "head.")),
+                                            ("8", ("tuned_blocks.8.", "head."))])
+def test_only_the_chosen_blocks_and_the_head_move(resnet_cache, resnet18, monkeypatch, blocks, moved):
+    """Which parameters training changed: every one it owns, and nothing else (the backbone stays bit-identical)."""
+    train_module = importlib.import_module("subcache.train")
+    real_fit, before = train_module.fit, {}
+
+    def spy(model, *args, **kwargs):
+        before.update({k: v.detach().clone() for k, v in model.named_parameters()})
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    backbone_before = {k: v.clone() for k, v in resnet18.model.state_dict().items()}
+    model = subcache.train(resnet_cache, subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32),
+                           backbone=resnet18).model
+    after = dict(model.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k].detach())}
+    expected = {k for k in before if k.startswith(moved)}
+    assert expected and {k.split(".")[0] for k in expected} >= {"head"}
+    assert changed == expected
+    assert all(torch.equal(v, resnet18.model.state_dict()[k]) for k, v in backbone_before.items())
 
 
 def test_a_float16_cache_matches_a_rounded_live_prefix(tmp_path, npz_path, resnet18):
@@ -59,20 +83,26 @@ def test_tuned_blocks_learn_and_the_task_reloads_to_the_same_accuracy(resnet_cac
     assert subcache.evaluate_task(out, resnet_cache, backbone=resnet18) == result.test_accuracy
 
 
-def test_stream_loader_visits_each_selected_sample_once_per_epoch(resnet_cache):
+@pytest.mark.parametrize("kind", ["stream", "memory"])
+def test_each_epoch_is_a_new_order_over_every_selected_sample_once(resnet_cache, kind):
     cache = subcache.open_cache(resnet_cache)
-    y = cache.read_y("train")
-    indices = balanced_subset(y.numpy(), 100, seed=0)
-    loader = StreamLoader(cache, "train", indices, y[torch.from_numpy(indices)], 16, 0, torch.device("cpu"),
-                          window=2)
+    indices = balanced_subset(cache.read_y("train").numpy(), 100, seed=0)
+    positions = torch.from_numpy(indices)  # the "labels" are the positions: each batch says which rows it holds
+    if kind == "stream":
+        loader = StreamLoader(cache, "train", indices, positions, 16, 0, torch.device("cpu"), window=2)
+    else:
+        loader = DeviceLoader.from_cache(cache, "train", indices, positions, 16, 0, torch.device("cpu"))
     full = cache.read_x("train")
-    for epoch in range(2):
-        seen = []
-        for x, _, yb in loader.epoch(epoch):
-            rows = [int(torch.nonzero((full == r).flatten(1).all(1))[0]) for r in x]
-            assert torch.equal(y[rows], yb)
-            seen += rows
-        assert sorted(seen) == indices.tolist()
+    orders = []
+    for epoch in range(3):
+        batches = list(loader.epoch(epoch))
+        for x, _, rows in batches:
+            assert torch.equal(x, full[rows])  # each row's activations travel with its label
+        order = torch.cat([rows for _, _, rows in batches]).tolist()
+        assert sorted(order) == indices.tolist()  # every selected sample exactly once
+        orders.append(order)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert [b[2].tolist() for b in loader.epoch(1)] == [b[2].tolist() for b in loader.epoch(1)]  # seeded
 
 
 def test_device_loader_batches_follow_the_seeded_permutation():
@@ -103,11 +133,36 @@ def test_feature_space_augmentations():
     exact = torch.full_like(x, 7.0)
     mixed = batch_flip(x, gen, exact)
     assert set(mixed[~(mixed == x).flatten(1).all(1)].unique().tolist()) == {7.0}  # exact views, not mirrors
-    cropped = batch_crop(x, gen, pad=1)
-    assert cropped.shape == x.shape
     tokens = torch.arange(5 * 2.0).view(1, 5, 2)  # class token + a 2×2 patch grid
     assert mirror(tokens)[0, :, 0].tolist() == [0.0, 4.0, 2.0, 8.0, 6.0]
     assert torch.equal(mirror(mirror(x)), x)
+
+
+def test_crop_translates_each_map_by_its_drawn_offset():
+    """Values, not shapes: each sample equals its window of the reflect-padded map at the offset drawn for it."""
+    x = torch.randn(32, 3, 8, 8)
+    pad = default_pad(x.shape[1:])
+    assert pad == 1
+    cropped = apply(x, ("crop",), torch.Generator().manual_seed(5), pad=pad)
+    draws = torch.Generator().manual_seed(5)
+    dy, dx = (torch.randint(0, 2 * pad + 1, (32,), generator=draws) for _ in range(2))
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    for i in range(32):
+        window = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        assert torch.equal(cropped[i], window), i
+    moved = (dy != pad) | (dx != pad)
+    assert moved.sum() > 16 and not (cropped[moved] == x[moved]).flatten(1).all(1).any()  # the content shifted
+    # by hand, one sample: a shift right by one pixel repeats column 1 (reflection) then columns 0..6
+    one = torch.arange(16.0).view(1, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    while True:  # find a seed whose draw is (dy, dx) = (1, 0): no vertical shift, one pixel right
+        state = gen.get_state()
+        d = [torch.randint(0, 3, (1,), generator=gen).item() for _ in range(2)]
+        if d == [1, 0]:
+            break
+    gen.set_state(state)
+    assert batch_crop(one, gen, pad=1)[0, 0].tolist() == [[1.0, 0.0, 1.0, 2.0], [5.0, 4.0, 5.0, 6.0],
+                                                          [9.0, 8.0, 9.0, 10.0], [13.0, 12.0, 13.0, 14.0]]
 
 
 def test_bad_training_inputs(resnet_cache, resnet18, tmp_path):
