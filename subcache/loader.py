@@ -96,15 +96,17 @@ class DeviceLoader:
 
 class Stager:
     """Host → device copies through a ring of reused host buffers: pinned, copied on a side stream and fenced with
-    events on CUDA; plain buffers and a synchronous copy elsewhere (the same code path, so CPU tests drive it).
+    events on CUDA. Off the GPU it passes tensors through, unless ``staging=True`` (the tests): then plain buffers and
+    a synchronous copy run the same ring logic the GPU runs.
 
     `upload` returns the device tensor and an event; `ready` makes the current stream wait for that event. A buffer
     is reused only after the copy that last read it has finished (its event), normally long done.
     """
 
-    def __init__(self, device: torch.device, slots: int = 2, pin: bool | None = None):
+    def __init__(self, device: torch.device, slots: int = 2, staging: bool | None = None):
         self.device = device
-        self.pin = device.type == "cuda" if pin is None else pin
+        self.staging = device.type == "cuda" if staging is None else staging  # off the GPU only when asked (tests)
+        self.pin = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.buffers: list[torch.Tensor | None] = [None] * slots  # flat uint8 host buffers
         self.events: list[torch.cuda.Event | None] = [None] * slots
@@ -121,6 +123,8 @@ class Stager:
 
     def upload(self, t: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
         """Copy a host tensor to the device via the next staging buffer (asynchronously on CUDA)."""
+        if not self.staging:  # a CPU run by default: the reader's tensor is already where it is needed
+            return t.to(self.device), None
         nbytes = t.numel() * t.element_size()
         i, buffer = self._buffer(nbytes)
         host = buffer[:nbytes].view(t.dtype).view(t.shape)
@@ -153,7 +157,7 @@ class StreamLoader:
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
                  seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
-                 pin: bool | None = None):
+                 staging: bool | None = None):
         self.cache, self.split, self.device = cache, split, device
         self.batch_size, self.seed, self.window, self.depth = batch_size, seed, window, depth
         self.flip_views = flip_views
@@ -167,7 +171,7 @@ class StreamLoader:
         self.num_samples = len(positions)
         full, rest = divmod(self.num_samples, batch_size)
         self.steps_per_epoch = full + (rest >= 2)
-        self.stagers = [Stager(device, pin=pin) for _ in range(3)]  # x, x_flip, y: reused across epochs
+        self.stagers = [Stager(device, staging=staging) for _ in range(3)]  # x, x_flip, y: reused across epochs
 
     def _read(self, order: list[int], q: queue.Queue) -> None:
         split = self.cache.split(self.split)
