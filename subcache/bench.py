@@ -143,7 +143,7 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
         _sync(device)
         return time.perf_counter() - t0
 
-    in_memory = read_rows(cache, "train", None).to(device)
+    in_memory = cache.decode(read_rows(cache, "train", None).to(device))
     run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))  # warm-up
     memory_s = run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))
     device_s = run(lambda: DeviceLoader.from_cache(cache, "train", None, y, config.batch_size, 0, device))

@@ -66,8 +66,9 @@ class DeviceLoader:
     """Tensors resident on the device; each epoch is a device-side gather along a seeded permutation."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 x_flip: torch.Tensor | None = None):
+                 x_flip: torch.Tensor | None = None, decode=None):
         self.x, self.y, self.x_flip = x, y, x_flip
+        self.decode = decode or (lambda t: t)  # int8 caches: codes stay resident, each batch dequantized here
         self.batch_size, self.seed = batch_size, seed
         self.num_samples = len(y)
         self.steps_per_epoch = len(batch_order(self.num_samples, batch_size, seed, 0))
@@ -77,12 +78,13 @@ class DeviceLoader:
                    batch_size: int, seed: int, device: torch.device, flip_views: bool = False) -> "DeviceLoader":
         x = read_rows(cache, split, indices).to(device)
         x_flip = read_rows(cache, split, indices, flip=True).to(device) if flip_views else None
-        return cls(x, labels.to(device), batch_size, seed, x_flip)
+        return cls(x, labels.to(device), batch_size, seed, x_flip, cache.decode)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch):
             idx = idx.to(self.x.device, non_blocking=True)
-            yield self.x[idx], None if self.x_flip is None else self.x_flip[idx], self.y[idx]
+            yield (self.decode(self.x[idx]), None if self.x_flip is None else self.decode(self.x_flip[idx]),
+                   self.y[idx])
 
 
 class StreamLoader:
@@ -147,7 +149,8 @@ class StreamLoader:
             cut = len(y) if done else len(y) // self.batch_size * self.batch_size
             for idx in perm[:cut].split(self.batch_size):
                 if len(idx) >= 2:
-                    yield (self._to_device(x[idx]), self._to_device(None if xf is None else xf[idx]),
+                    xi, xfi = (self._to_device(v) for v in (x[idx], None if xf is None else xf[idx]))
+                    yield (self.cache.decode(xi), None if xfi is None else self.cache.decode(xfi),
                            self._to_device(y[idx]))
             rest = perm[cut:]
             pending = [(x[rest], None if xf is None else xf[rest], y[rest])] if len(rest) else []
