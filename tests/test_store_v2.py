@@ -14,7 +14,7 @@ import subcache
 import subcache.store as store
 from subcache.errors import CorruptChunkError, ForeignStoreError, StoreError
 from test_cli import one_line_error, run
-from test_distributed import s3  # noqa: F401 - the local S3 server fixture
+from test_distributed import s3, torchrun  # noqa: F401 - the local S3 server fixture
 
 LIMIT = 64  # items per split; layer 3 of resnet18 at 32 px is 64×8×8: 1/16 MiB float16 chunks hold 8 items
 
@@ -232,6 +232,16 @@ def test_shards_are_the_unit_of_writing_and_resume(f16, tmp_path, npz_path, resn
     result = build(path, npz_path, resnet18, shard_mb=1 / 4, resume=True)
     assert result.images == 32  # the damaged shard, whole
     same_arrays(f16, path)
+
+
+def test_ranks_never_share_a_shard(f16, tmp_path, npz_path):
+    """3 ranks, 2 shards of 4 chunks: split by chunks, rank 0 and 1 would both rewrite shard 0 (last one wins)."""
+    out = str(tmp_path / "c.zarr")
+    done = torchrun(3, "build", "--model", "resnet18", "--weights", "none", "--image-size", 32, "--layer", 3,
+                    "--batch-size", 16, "--chunk-mb", 1 / 16, "--limit", LIMIT, "--shard-mb", 1 / 4, "--data",
+                    npz_path, "--out", out, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    same_arrays(f16, out)
 
 
 def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):  # noqa: F811 - the fixture
