@@ -116,7 +116,8 @@ def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     result = {"images": len(source), "layer": layer, "device": str(device),
               "forward_images_per_second": len(source) / forward_s, "build_images_per_second": len(source) / build_s,
               "build_vs_forward": forward_s / build_s, "bytes_on_disk": x_bytes, "bytes_float32": raw,
-              "bytes_ratio": x_bytes / raw}
+              "bytes_ratio": x_bytes / raw, "codec": x.attrs.get("codec"),
+              "decode_mb_per_s": x.nbytes / 1e6 / min(_timed(lambda: x[:], device) for _ in range(3))}
     return result
 
 

@@ -68,7 +68,7 @@ class DeviceLoader:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
                  x_flip: torch.Tensor | None = None, decode=None):
         self.x, self.y, self.x_flip = x, y, x_flip
-        self.decode = decode or (lambda t: t)  # int8 caches: codes stay resident, each batch dequantized here
+        self.decode = decode  # int8 caches: codes stay resident, each batch dequantized here
         self.batch_size, self.seed = batch_size, seed
         self.num_samples = len(y)
         self.steps_per_epoch = len(batch_order(self.num_samples, batch_size, seed, 0))
@@ -83,8 +83,10 @@ class DeviceLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch):
             idx = idx.to(self.x.device, non_blocking=True)
-            yield (self.decode(self.x[idx]), None if self.x_flip is None else self.decode(self.x_flip[idx]),
-                   self.y[idx])
+            x, x_flip = self.x[idx], None if self.x_flip is None else self.x_flip[idx]
+            if self.decode is not None:
+                x, x_flip = self.decode(x), None if x_flip is None else self.decode(x_flip)
+            yield x, x_flip, self.y[idx]
 
 
 class StreamLoader:

@@ -136,7 +136,7 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
                                      device, flip_views)
     if augments or model.start == model.first_trainable:
         return loader, False
-    loader.x = run_frozen(model, loader.x)  # frozen bridge once, not every epoch
+    loader.x, loader.decode = run_frozen(model, loader.decode(loader.x)), None  # frozen bridge once, not every epoch
     return loader, True
 
 

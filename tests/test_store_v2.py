@@ -317,3 +317,32 @@ def test_a_full_disk_leaves_the_store_building_and_resume_finishes_it(f16, tmp_p
         subcache.open_cache(path)
     build(path, npz_path, resnet18, resume=True)
     same_arrays(f16, path)
+
+
+# -- real data -----------------------------------------------------------------------------------------------------
+def x_bytes(path):
+    return sum(f.stat().st_size for split in ("train", "test") for f in Path(path, split, "x").rglob("*"))
+
+
+@pytest.mark.slow
+def test_int8_cache_trains_as_well_as_float16_on_real_data(tmp_path):
+    """Lite0 ImageNet weights, Fashion-MNIST 64 px, 1,000 items per split at block 16's input: the int8 cache is
+    ≤ 0.27 of float32's bytes and the probe and block-16 runs land within 1 point of the float16 cache."""
+    backbone = subcache.load_backbone("efficientnet_lite0", "imagenet", image_size=64)
+    accuracy, sizes = {}, {}
+    for dtype in ("float16", "int8"):
+        out = str(tmp_path / f"{dtype}.zarr")
+        subcache.build_cache(subcache.BuildConfig(out=out, layers=("16",), image_size=64, limit=1000, dtype=dtype),
+                             backbone=backbone)
+        sizes[dtype] = x_bytes(out)
+        for blocks in ("none", "16"):
+            config = subcache.TrainConfig(blocks=blocks, epochs=8, batch_size=64, lr=3e-3)
+            result = subcache.train(out, config, backbone=backbone, out=str(tmp_path / f"{dtype}-{blocks}"))
+            accuracy[dtype, blocks] = result.test_accuracy
+    x = subcache.open_cache(str(tmp_path / "int8.zarr")).split("train").x
+    float32 = 4 * int(np.prod(x.shape)) * 2  # both splits hold 1,000 items
+    print(f"\nbytes vs float32: float16 {sizes['float16'] / float32:.3f}, int8 {sizes['int8'] / float32:.3f}; "
+          f"accuracy {accuracy}")
+    assert sizes["int8"] <= 0.27 * float32
+    for blocks in ("none", "16"):
+        assert abs(accuracy["int8", blocks] - accuracy["float16", blocks]) <= 0.01, accuracy
