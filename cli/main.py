@@ -107,15 +107,16 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb, flip_views,
-          batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
+def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
+          flip_views, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
-                                           codec=codec, shard_mb=shard_mb, batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
-                                           overwrite=overwrite), progress=not as_json)
+                                           codec=codec, shard_mb=shard_mb, batch_size=batch_size,
+                                           chunk_mb=chunk_mb, device=device, resume=resume, overwrite=overwrite),
+                              progress=not as_json)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,

@@ -110,9 +110,7 @@ def sample_shape(backbone: Backbone, layer: int) -> tuple[int, ...]:
 
 def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput."""
-    check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb)
-    if config.batch_size <= 0:
-        raise StoreError(f"--batch-size must be positive, got {config.batch_size}")
+    check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
     if config.resume and config.overwrite:
         raise StoreError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
                          "discards them")
@@ -132,7 +130,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids)
             for split, src in sources.items()}
 
-    def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations of the first items: codec and int8 scales
+    def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
         images = job.load(0, min(job.n, calibration_len(layouts)))
         return _forward_unit(backbone, layers, images.to(device), replace(config, dtype="float32", flip_views=False))
@@ -155,7 +153,9 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     return BuildResult(paths, ranks.sum(images), time.perf_counter() - start, ranks.sum(skipped), layers)
 
 
-def check_storage(dtype: str, codec: str, chunk_mb: float, shard_mb: float | None) -> None:
+def check_storage(dtype: str, codec: str, chunk_mb: float, shard_mb: float | None, batch_size: int = 1) -> None:
+    if batch_size <= 0:
+        raise StoreError(f"--batch-size must be positive, got {batch_size}")
     if dtype not in DTYPES:
         raise StoreError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if codec not in CODECS:

@@ -42,7 +42,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     backbone = backbone or backbone_for(src.backbone)
     src.check_backbone(backbone.identity())
     dtype = config.dtype or src.dtype
-    check_storage(dtype, config.codec, config.chunk_mb, config.shard_mb)
+    check_storage(dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
     if layers[0] <= src.layer:
         raise BlockError(f"--from cache {config.source} holds block {src.layer}'s input; a derived layer must come "
@@ -75,7 +75,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
         scales = {c.layer: c.scale() for c in stores}
         start = time.perf_counter()
         done, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
-                                  lambda views: _forward(backbone, src, layers, views, dtype, config.batch_size, scales),
+                                  lambda v: _forward(backbone, src, layers, v, dtype, config.batch_size, scales),
                                   device, progress and ranks.main, ranks)
         finish_all(ranks, stores)
     return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)

@@ -336,7 +336,7 @@ def test_int8_cache_trains_as_well_as_float16_on_real_data(tmp_path):
                              backbone=backbone)
         sizes[dtype] = x_bytes(out)
         for blocks in ("none", "16"):
-            config = subcache.TrainConfig(blocks=blocks, epochs=8, batch_size=64, lr=3e-3)
+            config = subcache.TrainConfig(blocks=blocks, epochs=10, batch_size=64, lr=3e-3)
             result = subcache.train(out, config, backbone=backbone, out=str(tmp_path / f"{dtype}-{blocks}"))
             accuracy[dtype, blocks] = result.test_accuracy
     x = subcache.open_cache(str(tmp_path / "int8.zarr")).split("train").x
