@@ -124,6 +124,14 @@ def test_blosc_typesize_follows_each_arrays_dtype(tmp_path, npz_path, resnet18, 
     assert s.x.attrs["codec"] == "zstd"
 
 
+def test_bench_build_reports_the_codec_and_its_decode_speed(npz_path):
+    from subcache.bench import BenchConfig, bench_build
+
+    result = bench_build(BenchConfig(model="resnet18", weights="none", data=npz_path, image_size=32, limit=64,
+                                     layer="3"), progress=False)
+    assert result["codec"] in ("zstd", "lz4", "none") and result["decode_mb_per_s"] > 0 and result["bytes_ratio"] < 1
+
+
 # -- int8 ----------------------------------------------------------------------------------------------------------
 def test_int8_is_a_quarter_of_float32_and_close_to_it(i8, tmp_path, npz_path, resnet18):
     f32 = build(tmp_path / "f32.zarr", npz_path, resnet18, dtype="float32", codec="none", chunk_mb=1 / 8).paths[0]
