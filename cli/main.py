@@ -91,8 +91,12 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
               help="first block to train (index or name); repeat for several caches in one pass")
 @click.option("--from", "source_cache", help="derive from an existing cache instead of images")
 @click.option("--out", required=True, help="store path (one layer) or folder of blockNN.zarr stores")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="[default: float16; with --from, the source's]")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
+              help="[default: float16; with --from, the source's] int8: symmetric per-channel codes, scales in x_scale")
+@click.option("--codec", type=click.Choice(["auto", "zstd", "lz4", "none"]), default="auto", show_default=True,
+              help="auto: zstd only where it saves ≥ 15 % over lz4 on the first chunk")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True),
+              help="pack chunks into shards of about N MiB (fewer objects on object stores)")
 @click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -104,20 +108,21 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @friendly
-def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views,
-          batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
+def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
+          flip_views, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
         refuse_image_options(ctx)
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
-                                           batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
-                                           overwrite=overwrite), progress=not as_json)
+                                           codec=codec, shard_mb=shard_mb, batch_size=batch_size,
+                                           chunk_mb=chunk_mb, device=device, resume=resume, overwrite=overwrite),
+                              progress=not as_json)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size,
-                                      dtype=dtype or "float16",
+                                      dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
                                       flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=not as_json)
@@ -162,6 +167,7 @@ def info(path: str, as_json: bool) -> None:
                   f"data     {d['data']}, {d['classes']} classes, {d['preprocess']['image_size']}px, {d['dtype']}\n"
                   f"codec    {' → '.join(c['name'] for c in d['codecs'])} "
                   f"{d['codecs'][-1].get('configuration', '')}\n"
+                  f"format   {d['format_version']}, checksums {'crc32c' if d['checksums'] else 'none'}\n"
                   f"size     {fmt_int(d['bytes_on_disk'])}B on disk, {fmt_int(d['bytes_float32'])}B as float32 "
                   f"(×{d['compression_ratio'] or 0:.2f})")
     table = Table()
@@ -171,6 +177,30 @@ def info(path: str, as_json: bool) -> None:
         for name, a in arrays.items():
             table.add_row(split, name, "×".join(map(str, a["shape"])), "×".join(map(str, a["chunks"])), a["dtype"])
     console.print(table)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def verify(path: str, as_json: bool) -> None:
+    """Decode every chunk of a cache (checksums) and list the damaged or missing ones; exit 1 when any."""
+    from subcache.verify import verify_cache
+
+    d = verify_cache(path)
+    if as_json:
+        emit_json(d)
+    else:
+        for b in d["bad"]:
+            console.print(f"[red]corrupt[/] {b['split']}/{b['array']} chunk {b['chunk']}: {b['error']}")
+        for m in d["missing"]:
+            console.print(f"[red]missing[/] {m['split']}/{m['array']} object {m['object']}")
+        verdict = "[green]ok[/]" if d["ok"] else f"[red]{len(d['bad'])} corrupt, {len(d['missing'])} missing[/]"
+        console.print(f"{path}: {d['chunks_checked']} chunks decoded, {verdict}"
+                      f"{'' if d['checksums'] else ' (format 1: no checksums, only codec errors are caught)'}"
+                      f"{'' if d['ok'] else ' — rerun the build with --resume to recompute them'}")
+    if not d["ok"]:
+        sys.exit(1)
 
 
 # -- train / evaluate ----------------------------------------------------------------------------------------------

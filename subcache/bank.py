@@ -39,7 +39,7 @@ class ActivationBank:
         if key in self._acts:
             return self._acts[key]
         if layer == self.cache.layer:
-            h = read_rows(self.cache, split, None).to(self.device).to(self.dtype)
+            h = self.cache.decode(read_rows(self.cache, split, None).to(self.device)).to(self.dtype)
         elif layer == NECK:
             last = self.at(split, self.backbone.num_blocks)
             h = self._map(last, lambda x: self.backbone.neck(self.backbone.block(self.backbone.num_blocks)(x)))

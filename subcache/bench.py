@@ -117,7 +117,8 @@ def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     result = {"images": len(source), "layer": layer, "device": str(device),
               "forward_images_per_second": len(source) / forward_s, "build_images_per_second": len(source) / build_s,
               "build_vs_forward": forward_s / build_s, "bytes_on_disk": x_bytes, "bytes_float32": raw,
-              "bytes_ratio": x_bytes / raw}
+              "bytes_ratio": x_bytes / raw, "codec": x.attrs.get("codec"),
+              "decode_mb_per_s": x.nbytes / 1e6 / min(_timed(lambda: x[:], device) for _ in range(3))}
     return result
 
 
@@ -144,7 +145,7 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
         _sync(device)
         return time.perf_counter() - t0
 
-    in_memory = read_rows(cache, "train", None).to(device)
+    in_memory = cache.decode(read_rows(cache, "train", None).to(device))
     run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))  # warm-up
     memory_s = run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))
     device_s = run(lambda: DeviceLoader.from_cache(cache, "train", None, y, config.batch_size, 0, device))

@@ -8,6 +8,8 @@ compression, which releases the GIL) behind in another, so both hide behind the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -30,8 +32,11 @@ from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .faults import fault
 from .progress import progress_bar
-from .store import (DTYPES, FORMAT, FORMAT_VERSION, Cache, check_writable, chunk_length, create_cache, exists,
-                    is_local, local_path, open_cache, remove, sweep_partials, to_storage, written_chunks)
+from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, channel_axis, check_writable,
+                    choose_codec, chunk_length, create_cache, exists, good_chunks, is_local, local_path, open_cache,
+                    quantize_scale, remove, sweep_partials, to_storage, write_len, written_chunks)
+
+CALIBRATION = 1024  # int8 scales: max |x| per channel over the first this-many items of the first split
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,9 @@ class BuildConfig:
     splits: tuple[str, ...] = ("train", "test")
     limit: int | None = None  # first N images of each split
     image_size: int | None = None  # pixels; default: the weights' native size
-    dtype: str = "float16"  # float16 | bfloat16 | float32
+    dtype: str = "float16"  # float16 | bfloat16 | float32 | int8 (per-channel scales from the first items)
+    codec: str = "auto"  # auto | zstd | lz4 | none (auto: measured on the first chunk)
+    shard_mb: float | None = None  # pack chunks into shards of about this many MiB (object stores)
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
     batch_size: int = 128
     chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
@@ -90,12 +97,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
     ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
     config, data = with_objects(config, data)
-    if config.dtype not in DTYPES:
-        raise StoreError(f"unknown dtype {config.dtype!r}; allowed: {', '.join(DTYPES)}")
-    if config.chunk_mb <= 0:
-        raise StoreError(f"--chunk-mb must be positive, got {config.chunk_mb}")
-    if config.batch_size <= 0:
-        raise StoreError(f"--batch-size must be positive, got {config.batch_size}")
+    check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
     if config.resume and config.overwrite:
         raise StoreError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
                          "discards them")
@@ -112,26 +114,31 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     paths = out_paths(config.out, layers)
     backbone.to(device)
     shapes = {layer: backbone.input_shape(layer) for layer in layers}
-    itemsize = np.dtype(DTYPES[config.dtype]).itemsize
-    chunks = {layer: {s: chunk_length(shapes[layer], itemsize, len(src), config.chunk_mb)
-                      for s, src in sources.items()}
-              for layer in layers}
-    sizes = {s: len(src) for s, src in sources.items()}
+    layouts = {layer: layout(shapes[layer], config.dtype, {s: len(src) for s, src in sources.items()},
+                             config.chunk_mb, config.shard_mb) for layer in layers}
     origin = {"data": config.data, "sha256": source_fingerprint(sources)}
+    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
+                       np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
+
+    def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
+        job = next(iter(jobs.values()))
+        images = job.load(0, min(job.n, calibration_len(layouts)))
+        return _forward_unit(backbone, layers, images.to(device), replace(config, dtype="float32", flip_views=False))
 
     def create() -> list[Cache]:
         check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
                       sources=[config.data] if Path(config.data).exists() else [])
+        plans = Planner(first_items, config.dtype, config.codec, layouts)
         return [open_or_create(path, {**_attrs(config, backbone, layer, shapes[layer], sources), "source": origin},
-                               sizes, chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
+                               layouts[layer], resume=config.resume, plan=functools.partial(plans, layer))
+                for path, layer in zip(paths, layers)]
 
-    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
-                       np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
     with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
+        scales = {c.layer: c.scale() for c in stores}
         start = time.perf_counter()
-        images, skipped = run_units(stores, layers, jobs, chunks,
-                                    lambda x: _forward_unit(backbone, layers, x, config), device,
+        images, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
+                                    lambda x: _forward_unit(backbone, layers, x, config, scales), device,
                                     progress and ranks.main, ranks)
         finish_all(ranks, stores)
     return BuildResult(paths, ranks.sum(images), time.perf_counter() - start, ranks.sum(skipped), layers)
@@ -145,6 +152,58 @@ def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | No
         return config, None
     data = data if isinstance(data, dict) else {config.splits[0]: data}
     return replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}"), data
+
+
+def check_storage(dtype: str, codec: str, chunk_mb: float, shard_mb: float | None, batch_size: int = 1) -> None:
+    if batch_size <= 0:
+        raise StoreError(f"--batch-size must be positive, got {batch_size}")
+    if dtype not in DTYPES:
+        raise StoreError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if codec not in CODECS:
+        raise StoreError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+    if chunk_mb <= 0:
+        raise StoreError(f"--chunk-mb must be positive, got {chunk_mb}")
+    if shard_mb is not None and shard_mb < chunk_mb:
+        raise StoreError(f"--shard-mb must be at least --chunk-mb ({chunk_mb}), got {shard_mb}")
+
+
+def layout(shape: tuple[int, ...], dtype: str, sizes: dict[str, int], chunk_mb: float,
+           shard_mb: float | None) -> Layout:
+    """Samples per chunk (and per shard with ``shard_mb``) for each split of one store."""
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    chunks = {s: chunk_length(shape, itemsize, n, chunk_mb) for s, n in sizes.items()}
+    shards = {s: None if shard_mb is None else max(chunks[s], chunk_length(shape, itemsize, n, shard_mb))
+              for s, n in sizes.items()}
+    return Layout(sizes, chunks, shards, shape)
+
+
+def calibration_len(layouts: dict[int, Layout]) -> int:
+    """Items measured before a store is created: the first chunk of every layer, and ≥ CALIBRATION for int8."""
+    return max(CALIBRATION, *(next(iter(lay.chunk_len.values())) for lay in layouts.values()))
+
+
+class Planner:
+    """Measures the first items once (only when a store is created) and plans each layer's storage from them: the
+    codec chosen on the first chunk, and int8 scales (max |x| per channel / 127). Stored once, so a resumed or
+    multi-rank build reuses them and stays bit-identical."""
+
+    def __init__(self, first_items: Callable[[], dict[int, dict[str, np.ndarray]]], dtype: str, codec: str,
+                 layouts: dict[int, Layout]):
+        self.first_items, self.dtype, self.codec, self.layouts = first_items, dtype, codec, layouts
+        self.acts: dict[int, dict[str, np.ndarray]] | None = None
+
+    def __call__(self, layer: int) -> dict:
+        if self.dtype != "int8" and self.codec != "auto":
+            return {"codec": self.codec}
+        if self.acts is None:
+            self.acts = self.first_items()
+        t = torch.from_numpy(self.acts[layer]["x"])
+        scale = None
+        if self.dtype == "int8":
+            scale = quantize_scale(t.abs().amax(dim=[d for d in range(t.dim()) if d != channel_axis(t.dim())]))
+        first = to_storage(t[:next(iter(self.layouts[layer].chunk_len.values()))], self.dtype, scale)
+        codec, measured = choose_codec(first, self.codec)
+        return {"codec": codec, "codec_measured": measured, "scale": None if scale is None else scale.numpy()}
 
 
 def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
@@ -215,7 +274,7 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
 
     Returns (items computed, units skipped because a previous run finished them)."""
     done, skipped = 0, 0
-    with _Writer() as writer, progress_bar(progress) as bar:
+    with _disk_full_is_clear(stores), _Writer() as writer, progress_bar(progress) as bar:
         for split, job in jobs.items():
             unit = max(chunks[layer][split] for layer in layers)
             mine = ranks.shard([(a, min(a + unit, job.n)) for a in range(0, job.n, unit)])
@@ -231,6 +290,18 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
                 done += b - a
                 bar.update(task, advance=b - a)
     return done, skipped
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(stores: list[Cache]) -> Iterator[None]:
+    """A full disk while writing → one line; the store stays `building` and --resume finishes it later."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise StoreError(f"no space left on the device while writing {', '.join(c.path for c in stores)}; the "
+                         f"store stays incomplete: free space and rerun the same command with --resume") from None
 
 
 # -- store set-up and resume -------------------------------------------------------------------------------------
@@ -255,8 +326,7 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
     }
 
 
-def open_or_create(path: str, attrs: dict, sizes: dict[str, int], chunk_len: dict[str, int], *,
-                   resume: bool) -> Cache:
+def open_or_create(path: str, attrs: dict, layout: Layout, *, resume: bool, plan: Callable[[], dict]) -> Cache:
     """A new store (status building) — or, with ``resume``, the existing one if it was started with the same
     options and weights (``attrs['build']`` and the weights sha256), its `.partial` litter swept."""
     if resume and exists(path):
@@ -272,13 +342,11 @@ def open_or_create(path: str, attrs: dict, sizes: dict[str, int], chunk_len: dic
         return cache
     if exists(path):
         remove(path)
-    shape = tuple(attrs["sample_shape"])
-    layout = {s: (n, shape) for s, n in sizes.items()}
     if not is_local(path):
-        return create_cache(path, attrs, layout, chunk_len, flip_views=attrs["flip_views"])
+        return create_cache(path, attrs, layout, flip_views=attrs["flip_views"], **plan())
     staging = f"{local_path(path)}.creating"  # built aside, renamed into place whole: a kill leaves no half store
     remove(staging)
-    create_cache(staging, attrs, layout, chunk_len, flip_views=attrs["flip_views"])
+    create_cache(staging, attrs, layout, flip_views=attrs["flip_views"], **plan())
     os.rename(staging, local_path(path))
     return open_cache(path, require_complete=False, mode="r+")
 
@@ -290,7 +358,7 @@ def _arrays(cache: Cache, split: str) -> list:
 
 def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tuple[int, int]]:
     """Units [a, b) not yet fully on disk in every store (the last unit may be short)."""
-    present = [(a.chunks[0], written_chunks(a)) for c in stores for a in _arrays(c, split)]
+    present = [(write_len(a), good_chunks(a)) for c in stores for a in _arrays(c, split)]
     todo = []
     for a in range(0, n, unit):
         b = min(a + unit, n)
@@ -326,13 +394,13 @@ def _prefetch(load: Callable[[int, int], Any], units: list[tuple[int, int]], dev
 
 
 def capture_inputs(backbone: Backbone, h: torch.Tensor, first: int, layers: list[int],
-                   dtype: str) -> dict[int, np.ndarray]:
+                   dtype: str, scales: dict | None = None) -> dict[int, np.ndarray]:
     """Run blocks ``first``.. over ``h`` (the input of block ``first``), keeping the input of every block in
     ``layers`` in the storage dtype. Shared by `build` (from the stem) and `build --from` (from a cache)."""
     kept = {}
     for index in range(first, layers[-1] + 1):
         if index in layers:
-            kept[index] = to_storage(h, dtype)
+            kept[index] = to_storage(h, dtype, (scales or {}).get(index))
         if index < layers[-1]:
             h = backbone.block(index)(h)
     return kept
@@ -344,14 +412,14 @@ def join_views(parts: dict[int, dict[str, list[np.ndarray]]]) -> dict[int, dict[
 
 @torch.inference_mode()
 def _forward_unit(backbone: Backbone, layers: list[int], images: torch.Tensor,
-                  config: BuildConfig) -> dict[int, dict[str, np.ndarray]]:
+                  config: BuildConfig, scales: dict | None = None) -> dict[int, dict[str, np.ndarray]]:
     """Activations at each layer's input for one unit, in fixed batches from the unit's start (→ same bits)."""
     views = {"x": False, "x_flip": True} if config.flip_views else {"x": False}
     parts: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
     for i in range(0, len(images), config.batch_size):
         for view, flip in views.items():
             h = backbone.stem(to_input(images[i:i + config.batch_size], backbone.preprocess, flip=flip))
-            for layer, kept in capture_inputs(backbone, h, 1, layers, config.dtype).items():
+            for layer, kept in capture_inputs(backbone, h, 1, layers, config.dtype, scales).items():
                 parts[layer][view].append(kept)
     return join_views(parts)
 
@@ -398,7 +466,7 @@ def finish(cache: Cache) -> None:
     """Verify every chunk of every array is on disk, then mark the store complete."""
     for split in cache.splits:
         for arr in _arrays(cache, split):
-            n_chunks = -(-arr.shape[0] // arr.chunks[0])
+            n_chunks = -(-arr.shape[0] // write_len(arr))
             missing = set(range(n_chunks)) - written_chunks(arr)
             if missing:
                 raise StoreError(f"{cache.path}: {arr.path} is missing chunks {sorted(missing)[:5]} after the build;"

@@ -5,6 +5,7 @@ source has them). Same ids, labels and splits; the same resumable, chunked pipel
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -13,11 +14,11 @@ import torch
 
 from .backbones import Backbone, backbone_for
 from .devices import resolve_device
-from .build import (BuildResult, Job, capture_inputs, check_outputs, finish_all, join_views, open_or_create,
-                    open_stores, out_paths, run_units)
+from .build import (BuildResult, Job, Planner, calibration_len, capture_inputs, check_outputs, check_storage,
+                    finish_all, join_views, layout, open_or_create, open_stores, out_paths, run_units)
 from .distributed import Dist, store_locks
-from .errors import BlockError, StoreError
-from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read
+from .errors import BlockError
+from .store import Cache, from_storage, open_cache, read
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class DeriveConfig:
     out: str
     layers: tuple[str, ...]  # later blocks whose inputs to store
     dtype: str | None = None  # default: the source's dtype
+    codec: str = "auto"
+    shard_mb: float | None = None
     batch_size: int = 256
     chunk_mb: float = 1.0
     device: str = "auto"
@@ -39,8 +42,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     backbone = backbone or backbone_for(src.backbone)
     src.check_backbone(backbone.identity())
     dtype = config.dtype or src.dtype
-    if dtype not in DTYPES:
-        raise StoreError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    check_storage(dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
     if layers[0] <= src.layer:
         raise BlockError(f"--from cache {config.source} holds block {src.layer}'s input; a derived layer must come "
@@ -51,21 +53,27 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     backbone.to(device)
     shapes = derived_shapes(src, backbone, layers)
     sizes = {s: len(src.split(s)) for s in src.splits}
-    itemsize = np.dtype(DTYPES[dtype]).itemsize
-    chunks = {layer: {s: chunk_length(shapes[layer], itemsize, n, config.chunk_mb) for s, n in sizes.items()}
-              for layer in layers}
+    layouts = {layer: layout(shapes[layer], dtype, sizes, config.chunk_mb, config.shard_mb) for layer in layers}
+    jobs = {s: _job(src, s) for s in src.splits}
+
+    def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
+        job = next(iter(jobs.values()))
+        views = {"x": job.load(0, min(job.n, calibration_len(layouts)))["x"].to(device)}
+        return _forward(backbone, src, layers, views, "float32", config.batch_size)
 
     def create() -> list[Cache]:
         check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume, sources=[config.source])
-        return [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), sizes,
-                               chunks[layer], resume=config.resume) for path, layer in zip(paths, layers)]
+        plans = Planner(first_items, dtype, config.codec, layouts)
+        return [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), layouts[layer],
+                               resume=config.resume, plan=functools.partial(plans, layer))
+                for path, layer in zip(paths, layers)]
 
-    jobs = {s: _job(src, s) for s in src.splits}
     with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
+        scales = {c.layer: c.scale() for c in stores}
         start = time.perf_counter()
-        done, skipped = run_units(stores, layers, jobs, chunks,
-                                  lambda views: _forward(backbone, src.layer, layers, views, dtype, config.batch_size),
+        done, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
+                                  lambda v: _forward(backbone, src, layers, v, dtype, config.batch_size, scales),
                                   device, progress and ranks.main, ranks)
         finish_all(ranks, stores)
     return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)
@@ -84,7 +92,8 @@ def _attrs(src: Cache, config: DeriveConfig, backbone: Backbone, layer: int, sha
         "sample_shape": list(shape), "dtype": dtype,
         "source": {"cache": src.identity(), "images": src.attrs.get("source")},
         "build": {"derived_from": config.source, "source_layer": src.layer, "source_build": src.attrs.get("build"),
-                  "dtype": dtype, "batch_size": config.batch_size, "chunk_mb": config.chunk_mb},
+                  "dtype": dtype, "batch_size": config.batch_size, "chunk_mb": config.chunk_mb,
+                  "codec": config.codec, "shard_mb": config.shard_mb},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return attrs
@@ -101,11 +110,13 @@ def _job(src: Cache, split: str) -> Job:
 
 
 @torch.inference_mode()
-def _forward(backbone: Backbone, start: int, layers: list[int], views: dict[str, torch.Tensor], dtype: str,
-             batch: int) -> dict[int, dict[str, np.ndarray]]:
+def _forward(backbone: Backbone, src: Cache, layers: list[int], views: dict[str, torch.Tensor], dtype: str,
+             batch: int, scales: dict | None = None) -> dict[int, dict[str, np.ndarray]]:
+    """Stored rows of the source (on the device; int8 dequantized there) → each layer's input, stored as dtype."""
     parts: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
     for view, x in views.items():
         for i in range(0, len(x), batch):
-            for layer, kept in capture_inputs(backbone, x[i:i + batch].float(), start, layers, dtype).items():
+            h = src.decode(x[i:i + batch]).float()
+            for layer, kept in capture_inputs(backbone, h, src.layer, layers, dtype, scales).items():
                 parts[layer][view].append(kept)
     return join_views(parts)

@@ -30,6 +30,10 @@ class StoreError(SubcacheError):
     """A cache store cannot be used as asked."""
 
 
+class CorruptChunkError(StoreError, ValueError):
+    """A chunk of a cache array fails to decode (its checksum or its codec says the bytes are damaged)."""
+
+
 class StoreExistsError(StoreError, FileExistsError):
     """The output exists and --overwrite/--resume was not given."""
 

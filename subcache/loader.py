@@ -76,8 +76,9 @@ class DeviceLoader:
     """Tensors resident on the device; each epoch is a device-side gather along a seeded permutation."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 x_flip: torch.Tensor | None = None):
+                 x_flip: torch.Tensor | None = None, decode=None):
         self.x, self.y, self.x_flip = x, y, x_flip
+        self.decode = decode  # int8 caches: codes stay resident, each batch dequantized here
         self.batch_size, self.seed = batch_size, seed
         self.num_samples = len(y)
         self.steps_per_epoch = len(batch_order(self.num_samples, batch_size, seed, 0))
@@ -87,11 +88,14 @@ class DeviceLoader:
                    batch_size: int, seed: int, device: torch.device, flip_views: bool = False) -> "DeviceLoader":
         x = read_rows(cache, split, indices).to(device)
         x_flip = read_rows(cache, split, indices, flip=True).to(device) if flip_views else None
-        return cls(x, labels.to(device), batch_size, seed, x_flip)
+        return cls(x, labels.to(device), batch_size, seed, x_flip, cache.decode)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch, self.x.device):
-            yield self.x[idx], None if self.x_flip is None else self.x_flip[idx], self.y[idx]
+            x, x_flip = self.x[idx], None if self.x_flip is None else self.x_flip[idx]
+            if self.decode is not None:
+                x, x_flip = self.decode(x), None if x_flip is None else self.decode(x_flip)
+            yield x, x_flip, self.y[idx]
 
 
 class Stager:
@@ -220,7 +224,7 @@ class StreamLoader:
             cut = len(y) if upcoming is None else len(y) // self.batch_size * self.batch_size
             for idx in perm[:cut].split(self.batch_size):
                 if len(idx) >= 2:
-                    yield x[idx], None if xf is None else xf[idx], y[idx]
+                    yield (self.cache.decode(x[idx]), None if xf is None else self.cache.decode(xf[idx]), y[idx])
             left = perm[cut:]
             rest = [None if t is None else t[left] for t in (x, xf, y)]
 

@@ -2,11 +2,14 @@
 
 ```
 cache.zarr/  zarr.json (attrs: format, backbone, weights sha256, layer, preprocessing, dtype, versions, status)
-  train/ x (N, C, H, W) or (N, T, D)   y (N,) int64   id (N,) int64   key (N,) str   [x_flip]   [labels/NAME]
+  train/ x (N, C, H, W) or (N, T, D)   y (N,) int64   id (N,) int64   key (N,) str   [x_flip]   [x_scale (C,) int8 only]
   test/  ...
 ```
-Chunks hold whole samples along N (≥ ~1 MiB each, a power of two in samples) so a chunk is the unit of resume
-and of parallel writing. A store is usable only once its attrs say ``status: complete``.
+Chunks hold whole samples along N (≥ ~1 MiB each, a power of two in samples). With ``--shard-mb`` whole chunks
+are packed into shards (zarr's sharding codec); the write unit (a shard, else a chunk) is the unit of resume and of
+parallel writing. Format 2: every chunk ends in a crc32c checksum; each array carries ``dimension_names`` and
+attrs saying what it holds and how to read it; the codec (zstd, lz4 or none) is chosen per store by measuring
+the first chunk. A store is usable only once its attrs say ``status: complete``.
 """
 from __future__ import annotations
 
@@ -22,20 +25,70 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
+from .errors import CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
 from .faults import fault
 
 FORMAT = "subcache-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crc32c per chunk, dimension_names and per-array attrs, measured codec, int8, sharding
 MAX_CHUNK_SAMPLES = 16384
-DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bfloat16 kept as its raw bits
+# bfloat16 kept as its raw bits; int8 as symmetric per-channel codes with float32 scales in x_scale
+DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+CODECS = ("auto", "zstd", "lz4", "none")
+ZSTD_MIN_SAVING = 0.15  # `auto` keeps zstd only where it saves this much over the fast choice on the first chunk
+# what a damaged chunk raises while decoding: crc32c mismatch (ValueError), blosc (RuntimeError)
+DECODE_ERRORS = (ValueError, RuntimeError)
 
 
-def codec() -> BloscCodec:
-    """zstd level 3 with byte shuffle: ~2.5× on float16 activations, ~90 MB/s per core (bench build)."""
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
+def compressors(name: str, dtype, *, checksum: bool = True) -> list:
+    """Blosc zstd-3 / lz4 (byte shuffle, typesize = the array's item size) or nothing, then crc32c."""
+    if name not in CODECS[1:]:
+        raise StoreError(f"unknown codec {name!r}; allowed: {', '.join(CODECS)}")
+    size = np.dtype(dtype).itemsize
+    blosc = [] if name == "none" else [BloscCodec(cname=name, clevel=3 if name == "zstd" else 5,
+                                                  shuffle="shuffle" if size > 1 else "noshuffle", typesize=size)]
+    return blosc + ([Crc32cCodec()] if checksum else [])
+
+
+def choose_codec(first_chunk: np.ndarray, asked: str = "auto") -> tuple[str, dict]:
+    """``asked`` unless it is ``auto``: then zstd only where it saves ≥ 15 % over lz4 (or raw) on the first chunk,
+    else lz4 where it saves anything over raw, else none. Returns (codec, the bytes measured)."""
+    import numcodecs
+
+    raw = first_chunk.nbytes
+    sizes = {c: len(numcodecs.Blosc(c, clevel=3 if c == "zstd" else 5, shuffle=numcodecs.Blosc.SHUFFLE)
+                    .encode(np.ascontiguousarray(first_chunk))) for c in ("zstd", "lz4")}
+    measured = {"raw_bytes": raw, "zstd_bytes": sizes["zstd"], "lz4_bytes": sizes["lz4"]}
+    if asked != "auto":
+        return asked, measured
+    fast = "lz4" if sizes["lz4"] < raw else "none"
+    if sizes["zstd"] <= (1 - ZSTD_MIN_SAVING) * min(sizes["lz4"], raw):
+        return "zstd", measured
+    return fast, measured
+
+
+def dimension_names(ndim: int) -> tuple[str, ...]:
+    """Axis names other tools (xarray) read: images (N, C, H, W), tokens (N, T, D), labels/ids (N,)."""
+    return {1: ("sample",), 2: ("sample", "dim"), 3: ("sample", "token", "dim"),
+            4: ("sample", "channel", "height", "width")}.get(ndim, ("sample", *(f"axis{i}" for i in range(1, ndim))))
+
+
+def channel_axis(ndim: int) -> int:
+    """The axis int8 scales run along: channels of (N, C, H, W), the embedding dim of (N, T, D)."""
+    return 1 if ndim == 4 else ndim - 1
+
+
+def storage_note(dtype: str, ndim: int) -> str:
+    """How another tool turns the stored values into activations."""
+    return {"bfloat16": "bfloat16 stored as its raw uint16 bits: float32 = (uint32(x) << 16) viewed as float32",
+            "int8": f"int8 symmetric per-channel codes: activation = float32(x) * x_scale, x_scale broadcast along "
+                    f"axis {channel_axis(ndim)}"}.get(dtype, f"{dtype} values as computed (rounded to {dtype})")
+
+
+def quantize_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel symmetric scale from per-channel max |x| (all-zero channels get scale 1)."""
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
 
 
 def chunk_length(sample_shape: tuple[int, ...], itemsize: int, num_items: int, chunk_mb: float = 1.0) -> int:
@@ -47,8 +100,14 @@ def chunk_length(sample_shape: tuple[int, ...], itemsize: int, num_items: int, c
     return min(want, need, MAX_CHUNK_SAMPLES)
 
 
-def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """Activations → the array stored (float16/float32 as is; bfloat16 as uint16 bits)."""
+def to_storage(x: torch.Tensor, dtype: str, scale: torch.Tensor | None = None) -> np.ndarray:
+    """Activations → the array stored (float16/float32 as is; bfloat16 as uint16 bits; int8 as codes of
+    ``scale``, computed on x's device)."""
+    if dtype == "int8":
+        shape = [1] * x.dim()
+        shape[channel_axis(x.dim())] = -1
+        codes = torch.round(x.float() / scale.to(x.device).view(shape)).clamp_(-127, 127)
+        return codes.to(torch.int8).cpu().numpy()
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     return x.to(getattr(torch, dtype)).cpu().numpy()
@@ -59,14 +118,48 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def write_len(array: zarr.Array) -> int:
+    """Samples per stored object along N: a shard when the array is sharded, else a chunk."""
+    return (array.shards or array.chunks)[0]
+
+
+def bad_chunk(array: zarr.Array, index: int, length: int | None = None) -> str | None:
+    """Why chunk ``index`` (of ``length`` samples; default: a chunk) fails to decode, or None when it decodes."""
+    length = length or array.chunks[0]
+    try:
+        array[index * length:(index + 1) * length]
+    except DECODE_ERRORS as exc:
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return None
+
+
 def read(array: zarr.Array, selection, *, orthogonal: bool = False) -> np.ndarray:
-    """Read from a cache array; a chunk that fails to decode becomes one clear StoreError."""
+    """Read from a cache array; a chunk that fails to decode becomes one CorruptChunkError naming it."""
     try:
         return array.oindex[selection] if orthogonal else array[selection]
-    except Exception as exc:  # noqa: BLE001 - codecs raise many types for damaged bytes
-        raise StoreError(f"cache array {array.path} in {array.store} is corrupt or unreadable "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); rebuild it "
-                         f"with `subcache build ... --overwrite`") from None
+    except DECODE_ERRORS:
+        for index in range(-(-array.shape[0] // array.chunks[0])):
+            if (why := bad_chunk(array, index)) is not None:
+                raise CorruptChunkError(corrupt_message(array, index, why)) from None
+        raise
+
+
+def corrupt_message(array: zarr.Array, index: int, why: str) -> str:
+    split, name = array.path.split("/")[-2:]
+    return (f"cache {array.store}: split {split}, array {name}, chunk {index} (samples "
+            f"{index * array.chunks[0]}–{min(array.shape[0], (index + 1) * array.chunks[0]) - 1}) is corrupt "
+            f"({why[:80]}); rerun the build with --resume to recompute it (`subcache verify` lists every bad chunk)")
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """Whether every chunk of ``array`` carries a crc32c (format 2; format 1 stores have none)."""
+    def names(codecs) -> list[str]:
+        out = []
+        for c in codecs:
+            d = c if isinstance(c, dict) else c.to_dict()
+            out += [d["name"], *names(d.get("configuration", {}).get("codecs", []))]
+        return out
+    return "crc32c" in names(array.metadata.codecs)
 
 
 @dataclass
@@ -79,6 +172,8 @@ class Split:
     id: zarr.Array
     x_flip: zarr.Array | None
     key: zarr.Array | None = None  # where each item came from (None in caches made before keys existed)
+
+    x_scale: zarr.Array | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -134,12 +229,12 @@ class Cache:
         try:
             g = self.group[name]
             arrays = {k: _writable(g[k]) for k in ("x", "y", "id")}
-            flip = _writable(g["x_flip"]) if "x_flip" in g else None
-            key = g["key"] if "key" in g else None
+            opt = {k: g[k] if k in g else None for k in ("x_flip", "x_scale", "key")}
         except KeyError as exc:
             raise StoreError(f"cache {self.path} is damaged: split {name!r} lacks {exc}; rebuild it with "
                              f"`subcache build ... --overwrite`") from None
-        return Split(name, arrays["x"], arrays["y"], arrays["id"], flip, key)
+        flip = None if opt["x_flip"] is None else _writable(opt["x_flip"])
+        return Split(name, arrays["x"], arrays["y"], arrays["id"], flip, opt["key"], opt["x_scale"])
 
     def read_keys(self, split: str) -> np.ndarray:
         """Each item's source key (path under an ImageFolder root, else its index) as strings."""
@@ -156,9 +251,27 @@ class Cache:
         return {"path": path, "attrs_sha256": digest}
 
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
+        """Activations (float16/bfloat16/float32 as stored; int8 caches dequantized to float32)."""
         s = self.split(split)
         arr = s.x_flip if flip else s.x
-        return from_storage(read(arr, slice(start, stop)), self.dtype)
+        return self.decode(from_storage(read(arr, slice(start, stop)), self.dtype), split)
+
+    def scale(self, split: str | None = None) -> torch.Tensor | None:
+        """The int8 per-channel scales (float32, CPU; same in every split), None for float caches."""
+        if self.dtype != "int8":
+            return None
+        if not hasattr(self, "_scale"):
+            self._scale = torch.from_numpy(read(self.split(split or self.splits[0]).x_scale, slice(None)))
+        return self._scale
+
+    def decode(self, x: torch.Tensor, split: str | None = None) -> torch.Tensor:
+        """Stored rows (on any device) → activations there: int8 codes × scales (float32); others unchanged."""
+        scale = self.scale(split)
+        if scale is None:
+            return x
+        shape = [1] * x.dim()
+        shape[channel_axis(x.dim())] = -1
+        return x.float() * scale.to(x.device).view(shape)
 
     def read_y(self, split: str) -> torch.Tensor:
         return torch.from_numpy(read(self.split(split).y, slice(None)).astype(np.int64))
@@ -199,14 +312,15 @@ def exists(path: str) -> bool:
 
 
 def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: str = "r") -> Cache:
-    """Open a cache; refuse foreign stores and (unless asked) incomplete ones with a message saying how to resume."""
+    """Open a cache; refuse foreign, damaged and (unless asked) incomplete stores with a message saying what to do."""
     path = str(path)
     if is_local(path) and not local_path(path).exists():
         raise StoreError(f"cache {path} does not exist; create it with `subcache build ... --out {path}`")
     try:
         group = zarr.open_group(path, mode=mode)
     except Exception:  # noqa: BLE001 - a missing or unreadable zarr.json means "not a cache" for the user
-        raise ForeignStoreError(f"{path} is not a subcache cache (no readable Zarr group)") from None
+        raise ForeignStoreError(f"{path} is not a subcache cache (no readable Zarr group: its zarr.json is missing, "
+                                f"truncated or not JSON)") from None
     cache = Cache(group, path)
     if cache.attrs.get("format") != FORMAT:
         raise ForeignStoreError(f"{path} is a Zarr group but not a subcache cache (attrs have no format "
@@ -217,27 +331,84 @@ def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: 
     if require_complete and cache.status != "complete":
         raise IncompleteStoreError(f"cache {path} is incomplete (status {cache.status}): rerun the same "
                                    f"`subcache build` command with --resume to finish it")
+    check_arrays(cache)
     return cache
 
 
-def create_cache(path: str, attrs: dict, layout: dict[str, tuple[int, tuple[int, ...]]], chunk_len: dict[str, int],
-                 *, flip_views: bool) -> Cache:
-    """Create an empty store (status ``building``): per split (N, sample shape) and samples per chunk."""
-    dtype = DTYPES[attrs["dtype"]]
-    group = zarr.open_group(path, mode="w", attributes={**attrs, "status": "building"})
-    for split, (n, shape) in layout.items():
+def check_arrays(cache: Cache) -> None:
+    """Every split has x, y, id (x_flip with flip views, x_scale for int8) with readable metadata."""
+    wanted = ["x", "y", "id"] + ["x_flip"] * bool(cache.attrs.get("flip_views")) + ["x_scale"] * (cache.dtype == "int8")
+    for split in cache.splits:
+        try:
+            names = set(cache.group[split].array_keys())
+        except Exception:  # noqa: BLE001 - a missing or damaged group's zarr.json
+            names = set()
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            why = " (an int8 cache needs its scales to be read)" if missing == ["x_scale"] else ""
+            raise StoreError(f"cache {cache.path}: split {split} has no readable array {', '.join(missing)}{why}; "
+                             f"the store is damaged: rebuild it with `subcache build ... --overwrite`")
+
+
+@dataclass
+class Layout:
+    """How a store's arrays are laid out: per split (N, samples per chunk, samples per shard or None)."""
+
+    sizes: dict[str, int]
+    chunk_len: dict[str, int]
+    shard_len: dict[str, int | None]
+    sample_shape: tuple[int, ...]
+
+    @property
+    def unit(self) -> dict[str, int]:
+        """Samples per write unit (shard, else chunk) per split: the unit of resume and of rank ownership."""
+        return {s: self.shard_len[s] or c for s, c in self.chunk_len.items()}
+
+
+def create_cache(path: str, attrs: dict, layout: Layout, *, flip_views: bool, codec: str = "zstd",
+                 codec_measured: dict | None = None, scale: np.ndarray | None = None) -> Cache:
+    """Create an empty store (status ``building``), every array with crc32c checksums, dimension names and attrs
+    saying what it holds; an int8 store gets its scales (``x_scale``) now, once."""
+    dtype, ndim = attrs["dtype"], 1 + len(layout.sample_shape)
+    group = zarr.open_group(path, mode="w", attributes={**attrs, "status": "building", "checksums": "crc32c"})
+    layer = attrs["layer"]
+    for split, n in layout.sizes.items():
         g = group.create_group(split)
+        clen, slen = layout.chunk_len[split], layout.shard_len[split]
+        arrays = {"x": f"activations at the input of block {layer['index']} ({layer['name']})",
+                  "x_flip": f"activations at the input of block {layer['index']} of the mirrored image",
+                  "y": "class index into the root attrs' classes", "id": "position of the item in its source split"}
+        for name, holds in arrays.items():
+            if name == "x_flip" and not flip_views:
+                continue
+            wide = name.startswith("x")
+            shape, np_dtype = ((n, *layout.sample_shape), DTYPES[dtype]) if wide else ((n,), np.int64)
+            note = {"codec": codec, "codec_measured": codec_measured} if wide else {"codec": "zstd"}
+            g.create_array(name, shape=shape, chunks=(clen, *shape[1:]),
+                           shards=None if slen is None else (slen, *shape[1:]), dtype=np_dtype,
+                           compressors=compressors(codec if wide else "zstd", np_dtype), fill_value=0,
+                           dimension_names=dimension_names(len(shape)), config={"write_empty_chunks": True},
+                           attributes={"holds": holds, "storage": storage_note(dtype, ndim) if wide else "int64",
+                                       **note})
+        g.create_array("key", shape=(n,), chunks=(clen,), shards=None if slen is None else (slen,), dtype=str,
+                       compressors=compressors("zstd", np.uint8),
+                       fill_value="", dimension_names=("sample",), config={"write_empty_chunks": True},
+                       attributes={"holds": "where each item came from: its path under an ImageFolder root, else "
+                                            "its index in the source split", "storage": "variable-length UTF-8"})
         fault("store-created")
-        names = ("x", "x_flip") if flip_views else ("x",)
-        for name in names:
-            g.create_array(name, shape=(n, *shape), chunks=(chunk_len[split], *shape), dtype=dtype,
-                           compressors=[codec()], fill_value=0, config={"write_empty_chunks": True})
-        for name in ("y", "id"):
-            g.create_array(name, shape=(n,), chunks=(chunk_len[split],), dtype=np.int64,
-                           compressors=[codec()], fill_value=0, config={"write_empty_chunks": True})
-        g.create_array("key", shape=(n,), chunks=(chunk_len[split],), dtype=str, fill_value="",
-                       config={"write_empty_chunks": True})  # variable-length UTF-8: source path or index
+        if scale is not None:
+            _write_scale(g, scale, ndim)
     return Cache(group, path)
+
+
+def _write_scale(group: zarr.Group, scale: np.ndarray, ndim: int) -> None:
+    axis = channel_axis(ndim)
+    arr = group.create_array("x_scale", shape=scale.shape, dtype=np.float32, compressors=[Crc32cCodec()],
+                             dimension_names=(dimension_names(ndim)[axis],),
+                             attributes={"holds": "float32 per-channel scales of the int8 arrays x and x_flip",
+                                         "quantization": "symmetric per-channel int8, codes in [-127, 127]",
+                                         "axis": axis, "dequantize": "x * x_scale (broadcast along axis)"})
+    arr[:] = scale.astype(np.float32)
 
 
 def written_chunks(array: zarr.Array) -> set[int]:
@@ -249,6 +420,12 @@ def written_chunks(array: zarr.Array) -> set[int]:
 
     keys = sync(collect())
     return {int(k[len(array.path) + 3:].split("/")[0]) for k in keys if not k.endswith(".partial")}
+
+
+def good_chunks(array: zarr.Array) -> set[int]:
+    """The written objects (shards, else chunks) that also decode: a damaged one counts as missing on resume."""
+    length = write_len(array)
+    return {i for i in written_chunks(array) if bad_chunk(array, i, length) is None}
 
 
 def sweep_partials(path: str) -> int:

@@ -142,8 +142,10 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
                                      device, flip_views)
     if augments or model.start == model.first_trainable:
         return loader, False
-    keep = resident_dtype(loader.x.numel() * 4 * 2, loader.x.dtype, device)  # the cache's 16-bit if fp32 won't fit
-    loader.x = run_frozen(model, loader.x, keep)  # frozen bridge once, not every epoch
+    x = loader.x if loader.decode is None else loader.decode(loader.x)
+    stored = loader.x.dtype if loader.x.is_floating_point() else torch.float32  # int8 codes: keep float32
+    keep = resident_dtype(x.numel() * 4 * 2, stored, device)  # the cache's 16-bit if fp32 won't fit
+    loader.x, loader.decode = run_frozen(model, x, keep), None  # frozen bridge once, not every epoch
     return loader, True
 
 
@@ -165,7 +167,7 @@ def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.dev
     step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
     out = []
     for a in range(0, len(s), step):
-        x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device)
+        x = cache.decode(from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device))
         out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
     model.train(was_training)
     return torch.cat(out)
@@ -417,7 +419,7 @@ def _scorer(model: TunedModel, cache: Cache, config: TrainConfig, train_labels: 
     if bank is None and rows is None:
         return lambda: evaluate(model, cache, split, y, device)
     if bank is None:
-        return lambda: accuracy(model, read_rows(cache, split, np.sort(rows.numpy())).to(device).float(),
+        return lambda: accuracy(model, cache.decode(read_rows(cache, split, np.sort(rows.numpy())).to(device)).float(),
                                 labels[torch.from_numpy(np.sort(rows.numpy()))])
     x = lambda: bank.input_of(split, model.first_trainable)  # noqa: E731 - evaluated lazily, memoised by the bank
     return lambda: accuracy(model.trainable_part, x() if rows is None else x()[rows.to(device)], y, model)
