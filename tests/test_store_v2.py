@@ -263,7 +263,7 @@ def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):  # noqa: 
     listed = {name: boto3.client("s3").list_objects_v2(Bucket="caches", Prefix=f"{name}.zarr/")["Contents"]
               for name in ("sharded", "chunked")}
     data = {name: sum("/c/" in o["Key"] for o in objects) for name, objects in listed.items()}
-    assert data == {"sharded": 12, "chunked": 48}  # 4 chunks per shard: a quarter of the data objects
+    assert data == {"sharded": 16, "chunked": 64}  # x, y, id, key × 2 splits; 4 chunks per shard: a quarter
 
 
 def test_shard_smaller_than_a_chunk_is_refused(tmp_path, npz_path, resnet18):
