@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from subcache.cli.main import main
 
 
 def run(*args):

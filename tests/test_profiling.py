@@ -105,7 +105,7 @@ def test_derived_cache_equals_a_direct_build(tmp_path, npz_path, resnet18, resne
 def test_profile_and_greedy_from_the_cli(resnet_cache, tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import main
+    from subcache.cli.main import main
 
     r = CliRunner().invoke(main, ["profile", "--cache", resnet_cache, "--blocks", "7-8", "--width", "1", "--epochs",
                                   "1", "--out", str(tmp_path / "p"), "--json"])
