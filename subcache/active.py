@@ -107,7 +107,7 @@ def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.devic
 
 def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",
                exclude: np.ndarray | None = None, device: str = "auto",
-               backbone: Backbone | None = None) -> PoolScores:
+               backbone: Backbone | None = None, progress: bool = False) -> PoolScores:
     """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
     if metric not in METRICS:
         raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
@@ -117,7 +117,7 @@ def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: s
     backbone = backbone or backbone_for(cache.backbone)
     dev = resolve_device(device)
     model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
-    logits = pool_logits(model, cache, split, dev)
+    logits = cached_logits(model, cache, split, dev, progress=progress)
     ids = read(cache.split(split).id, slice(None))
     keep = np.ones(len(ids), bool) if exclude is None else ~np.isin(ids, exclude)
     score, unc = uncertainty(logits, metric)
@@ -158,7 +158,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
     bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
     total = config.seeds * len(config.budgets)
-    with progress_bar(progress, "rounds/s") as bar:
+    with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
         task = bar.add_task(f"active learning ({config.strategy})", total=total,
                             completed=sum(len(s["curve"]) for s in state["seeds"].values()))
         for seed in range(config.seeds):
@@ -184,7 +184,8 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                     run["labelled"] = np.sort(np.concatenate(
                         [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
                 _save_state(folder, state)  # atomic: a killed run resumes at this round
-                bar.advance(task)
+                bar.advance(task, note=f"seed {seed}, {len(labelled)} labelled: test accuracy "
+                                       f"{result.test_accuracy:.4f}")
     curve = _curve(state, config)
     _write_curve(folder, curve, config)
     return ALResult(curve)

@@ -30,7 +30,8 @@ def parse_range(spec: str | None, cache: Cache, backbone: Backbone) -> tuple[int
         return cache.layer, backbone.num_blocks
     parts = spec.split("-")
     if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise BlockError(f"block range {spec!r} must be LOW-HIGH, e.g. {cache.layer}-{backbone.num_blocks}")
+        raise BlockError(f"block range {spec!r} must be LOW-HIGH, e.g. {cache.layer}-{backbone.num_blocks}: --range "
+                         f"bounds the windows tried (the set of blocks to tune, like 13,15, is train's --blocks)")
     lo, hi = (backbone.resolve(p) for p in parts)
     if hi < lo:
         raise BlockError(f"block range {spec!r} is reversed; write {hi}-{lo}")
@@ -119,7 +120,7 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train)
-    with progress_bar(progress, "runs/s") as bar:
+    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
         for width, win, seed in todo:
             run = train(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone=backbone, bank=bank)
@@ -131,7 +132,7 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
                 _save(out, rows, config, cache)
             if on_run:
                 on_run(row)
-            bar.advance(task)
+            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {run.test_accuracy:.4f}")
     result = ProfileResult(rows, out)
     if out:
         plot_profile(result, Path(out) / "profile.png", cache)
@@ -278,8 +279,8 @@ def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, 
     memo: dict[tuple[int, ...], float] = {}
     folds = _folds(cache, tcfg, config.folds) if config.folds else None
 
-    with progress_bar(progress, "runs/s") as bar:
-        task = bar.add_task("greedy", total=None)
+    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
+        task = bar.add_task("greedy run", total=None)
 
         def score(blocks: tuple[int, ...]) -> float:
             if blocks not in memo:
@@ -290,7 +291,7 @@ def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, 
                     memo[blocks] = statistics.fmean(
                         train(cache, cfg, backbone=backbone, bank=bank, train_indices=fit_idx,
                               eval_indices=val_idx).test_accuracy for fit_idx, val_idx in folds)
-                bar.advance(task)
+                bar.advance(task, note=f"blocks {spec_of(blocks)}: score {memo[blocks]:.4f}")
             return memo[blocks]
 
         result = greedy_search(score, list(range(lo, hi + 1)), epsilon=config.epsilon, start=config.start,

@@ -7,6 +7,7 @@ split (an in-memory derived cache), not every epoch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
@@ -23,7 +24,7 @@ from .distributed import Dist
 from .errors import BlockError, DataError, SubcacheError, TrainingError
 from .labels import label_classes, read_labels
 from .loader import DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, split_nbytes
-from .progress import progress_bar
+from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, from_storage, open_cache, read
@@ -84,7 +85,7 @@ def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray |
     if limit is None:
         return None
     if limit <= 0:
-        raise DataError(f"--limit must be at least 1 training example, got {limit}")
+        raise DataError(f"--examples must be at least 1 training example, got {limit}")
     if limit >= len(y):
         return None
     rng = np.random.default_rng(seed)
@@ -147,7 +148,7 @@ def run_frozen(model: TunedModel, x: torch.Tensor, batch: int = 1024) -> torch.T
 
 @torch.inference_mode()
 def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.device | None = None,
-                  batch: int = 1024) -> torch.Tensor:
+                  batch: int = 1024, progress: bool = False) -> torch.Tensor:
     """float32 logits (N, classes) on the CPU for every item of a cached split, read by whole chunks, in eval mode
     (tuned BatchNorms use their running statistics)."""
     device = device or next(model.head.parameters()).device
@@ -156,18 +157,21 @@ def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.dev
     s = cache.split(split)
     step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
     out = []
-    for a in range(0, len(s), step):
-        x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device)
-        out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"inference on {split}", total=len(s))
+        for a in range(0, len(s), step):
+            x = from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device)
+            out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
+            bar.advance(task, len(x))
     model.train(was_training)
     return torch.cat(out)
 
 
 def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch.Tensor | None = None,
-             device: torch.device | None = None, batch: int = 1024) -> float:
+             device: torch.device | None = None, batch: int = 1024, progress: bool = False) -> float:
     """Top-1 accuracy of ``model`` on a cached split."""
     y = cache.read_y(split) if labels is None else labels
-    return (cached_logits(model, cache, split, device, batch).argmax(1) == y).sum().item() / len(y)
+    return (cached_logits(model, cache, split, device, batch, progress).argmax(1) == y).sum().item() / len(y)
 
 
 def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *, precomputed: bool,
@@ -185,7 +189,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
         model.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
     history, seconds = [], 0.0
-    with progress_bar(progress, "steps/s") as bar:
+    with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
         task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
         for epoch in range(config.epochs):
             model.train()
@@ -210,7 +214,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
                 bar.advance(task)
             if cuda:
                 torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
+            epoch_seconds = time.perf_counter() - t0
+            seconds += epoch_seconds
             mean_loss = loss_sum.item() / max(seen, 1)  # one host sync per epoch
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr "
@@ -220,6 +225,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             history.append(row)
             if on_epoch:
                 on_epoch(row)
+            bar.line(epoch_line(row, config.epochs, seen / max(epoch_seconds, 1e-9)))
     return history, seconds
 
 
@@ -380,8 +386,8 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
     }
 
 
-def evaluate_task(task_dir: str, cache: Cache | str, *, split: str = "test", device: str = "auto",
-                  backbone: Backbone | None = None) -> float:
+def evaluate_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, *, split: str = "test",
+                  device: str = "auto", backbone: Backbone | None = None, progress: bool = False) -> float:
     """Accuracy of a saved task on a cached split. The cache must come from the task's backbone."""
     from .task import load_task
 
@@ -392,7 +398,7 @@ def evaluate_task(task_dir: str, cache: Cache | str, *, split: str = "test", dev
     dev = resolve_device(device)
     model = task.model(backbone.to(dev), start=cache.layer).to(dev)
     labels = labels_for(cache, split, task.meta.get("labels"))[0]
-    return evaluate(model, cache, split, labels, dev)
+    return evaluate(model, cache, split, labels, dev, progress=progress)
 
 
 def train_reference(source, backbone: Backbone, layer: int, config: TrainConfig, num_classes: int,
