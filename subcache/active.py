@@ -105,13 +105,13 @@ def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.devic
     return torch.cat([model.trainable_part(x[i:i + batch]) for i in range(0, len(x), batch)]).float().cpu()
 
 
-def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",
-               exclude: np.ndarray | None = None, device: str = "auto",
+def score_pool(cache: Cache | str | os.PathLike, task: str | os.PathLike, *, split: str = "train",
+               metric: str = "margin", exclude: np.ndarray | None = None, device: str = "auto",
                backbone: Backbone | None = None, progress: bool = False) -> PoolScores:
     """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
     if metric not in METRICS:
         raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     saved = load_task(task)
     cache.check_backbone(saved.meta["backbone"])
     backbone = backbone or backbone_for(cache.backbone)
@@ -144,8 +144,8 @@ class ALResult:
     waiting: str | None = None  # path of to_label.csv when the run stopped for labels
 
 
-def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone: Backbone | None = None,
-                    progress: bool = False) -> ALResult:
+def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: str | os.PathLike,
+                    backbone: Backbone | None = None, progress: bool = False) -> ALResult:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
@@ -303,8 +303,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str
     plt.close(fig)
 
 
-def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[str, ...], *, out: str,
-                       backbone: Backbone | None = None, progress: bool = False) -> dict[str, ALResult]:
+def compare_strategies(cache: Cache | str | os.PathLike, config: ALConfig, strategies: tuple[str, ...], *,
+                       out: str | os.PathLike, backbone: Backbone | None = None,
+                       progress: bool = False) -> dict[str, ALResult]:
     """Run the same budgets with several strategies (``out/STRATEGY``) and plot them together (``out/al.png``)."""
     cache, backbone = open_for_training(cache, backbone)
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,

@@ -5,6 +5,7 @@ source has them). Same ids, labels and splits; the same resumable, chunked pipel
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ import torch
 
 from .backbones import Backbone
 from .build import (BuildResult, Job, capture_inputs, check_outputs, finish_all, join_views, open_or_create,
-                    open_stores, out_paths, resolve_device, run_units)
+                    open_stores, out_paths, resolve_device, run_units, text_paths)
 from .distributed import Dist, WriterLock
 from .errors import BlockError, StoreError
 from .store import DTYPES, Cache, chunk_length, from_storage, open_cache, read
@@ -22,8 +23,8 @@ from .task import backbone_for
 
 @dataclass(frozen=True)
 class DeriveConfig:
-    source: str  # a complete cache
-    out: str
+    source: str | os.PathLike  # a complete cache
+    out: str | os.PathLike
     layers: tuple[str, ...]  # later blocks whose inputs to store
     dtype: str | None = None  # default: the source's dtype
     batch_size: int = 256
@@ -31,6 +32,9 @@ class DeriveConfig:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        text_paths(self, "source", "out")
 
 
 def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return ids, [str(r["label"]) for r in rows]
 
 
-def add_labels(cache_path: str, name: str, file: str, split: str = "train") -> dict:
+def add_labels(cache_path: str | os.PathLike, name: str, file: str | os.PathLike, split: str = "train") -> dict:
     """Attach a label set to a split; every item of the split labelled once, by its id. Returns a summary."""
     if not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"label set name {name!r} must be letters, digits, - or _")

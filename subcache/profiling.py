@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -104,8 +105,8 @@ class ProfileResult:
         return max(windows_only, key=lambda s: s["mean"]) if windows_only else None
 
 
-def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), *, out: str | None = None,
-                   backbone: Backbone | None = None, progress: bool = False,
+def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = ProfileConfig(), *,
+                   out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
                    on_run: Callable[[dict], None] | None = None) -> ProfileResult:
     """Train every window of each width in the range (and the probe) from one cache. Resumable through ``out``:
     finished runs are read back from ``profile.json`` and skipped."""
@@ -267,8 +268,9 @@ class GreedyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, out: str | None = None,
-                  backbone: Backbone | None = None, progress: bool = False) -> GreedyResult:
+def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = GreedyConfig(), *,
+                  out: str | os.PathLike | None = None, backbone: Backbone | None = None,
+                  progress: bool = False) -> GreedyResult:
     """Greedy block selection on a cache; the test split scores the final choice (or every step when folds=0)."""
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)

@@ -112,8 +112,8 @@ def labels_for(cache: Cache, split: str, name: str | None) -> tuple[torch.Tensor
     return read_labels(cache, split, name)
 
 
-def open_for_training(cache: Cache | str, backbone: Backbone | None) -> tuple[Cache, Backbone]:
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+def open_for_training(cache: Cache | str | os.PathLike, backbone: Backbone | None) -> tuple[Cache, Backbone]:
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if backbone is None:
         backbone = backbone_for(cache.backbone)
     cache.check_backbone(backbone.identity())
@@ -229,8 +229,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     return history, seconds
 
 
-def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
-          backbone: Backbone | None = None, progress: bool = False,
+def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(), *,
+          out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
           on_epoch: Callable[[dict], None] | None = None, bank: "ActivationBank | None" = None,
           train_indices: np.ndarray | None = None, eval_indices: np.ndarray | None = None,
           labels_override: torch.Tensor | None = None) -> TrainResult:
@@ -392,7 +392,7 @@ def evaluate_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike,
     from .task import load_task
 
     task = load_task(task_dir)
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     cache.check_backbone(task.meta["backbone"])
     backbone = backbone or backbone_for(cache.backbone)
     dev = resolve_device(device)
