@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,12 +20,15 @@ from .backbones import Backbone
 from .bank import ActivationBank
 from .build import resolve_device
 from .errors import DataError, SubcacheError
-from .profiling import shared_bank
+from .profiling import describe_runs, new_figure, save_figure, shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
 from .task import backbone_for, load_task
 from .train import TrainConfig, cached_logits, labels_for, open_for_training, train
 from .tuned import TunedModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS = ("margin", "entropy", "least-confidence")
 STRATEGIES = (*METRICS, "random")
@@ -278,14 +282,12 @@ def _write_curve(folder: Path, curve: list[dict], config: ALConfig) -> None:
         w.writerows(curve)
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> None:
-    """Accuracy vs labelled budget, one line per strategy, mean ± std over seeds (the paper's Figure 5 shape)."""
-    import matplotlib
+def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike | None, title: str = "") -> "Figure":
+    """Accuracy vs labelled budget (ticks at the budgets, log scale), one line per strategy, mean ± std over seeds
+    (the paper's Figure 5 shape). Returns the figure (also written to ``path`` when given)."""
+    from matplotlib.ticker import NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig, ax = new_figure(6.5, 4.2)
     for name, curve in runs.items():
         budgets = sorted({c["budget"] for c in curve})
         accs = [[c["accuracy"] for c in curve if c["budget"] == b] for b in budgets]
@@ -293,14 +295,15 @@ def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str
         ax.plot(budgets, m, marker="o", label=name)
         ax.fill_between(budgets, m - s, m + s, alpha=0.2)
     ax.set_xscale("log")
+    ticks = sorted({c["budget"] for curve in runs.values() for c in curve})
+    ax.set_xticks(ticks, [f"{b:,}" for b in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("labelled examples")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title or "Active learning")
+    ax.set_title(title or "Active learning", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
 def compare_strategies(cache: Cache | str | os.PathLike, config: ALConfig, strategies: tuple[str, ...], *,
@@ -311,7 +314,8 @@ def compare_strategies(cache: Cache | str | os.PathLike, config: ALConfig, strat
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
                                   progress=progress) for s in strategies}
     if not any(r.waiting for r in results.values()):
-        b = cache.backbone
+        tuned = "linear probe" if config.blocks == "none" else f"SubTuning blocks {config.blocks}"
         plot_curves({s: r.curve for s, r in results.items()}, Path(out) / "al.png",
-                    f"Active learning: SubTuning {config.blocks}, {b['model']}")
+                    f"Active learning: {tuned}, {cache.backbone['model']}\n"
+                    f"{describe_runs(cache, config.train, config.seeds, examples=False)}")
     return results

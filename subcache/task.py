@@ -78,10 +78,17 @@ def save_task(path: str | os.PathLike, model: TunedModel, meta: dict) -> None:
     with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
         tmp = f.name
     save_file(model.task_state(), tmp, metadata={"format": TASK_FORMAT})
+    os.chmod(tmp, 0o666 & ~_umask())  # a temporary file is private (0600); a checkpoint is an ordinary file
     os.replace(tmp, out / "task.safetensors")
     tmp = out / "task.json.tmp"
     tmp.write_text(json.dumps({"format": TASK_FORMAT, **meta}, indent=2, default=str))
     os.replace(tmp, out / "task.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Task:
