@@ -110,13 +110,13 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
 
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
                                            batch_size=batch_size, chunk_mb=chunk_mb, device=device, resume=resume,
-                                           overwrite=overwrite), progress=not as_json)
+                                           overwrite=overwrite), progress=True)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
                                       flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
-        result = subcache.build_cache(config, progress=not as_json)
+        result = subcache.build_cache(config, progress=True)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
                "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
                "resumed_units": result.skipped_units}
@@ -160,18 +160,19 @@ def info(path: str, as_json: bool) -> None:
 # -- train / evaluate ----------------------------------------------------------------------------------------------
 def refuse_limit(_ctx, _param, value):
     if value is not None:
-        raise click.BadParameter("in commands that train, a class-balanced subset of N training examples is "
-                                 "--examples N (--limit N is build's and predict's: the first N images)")
+        raise click.BadParameter("al trains on the examples it picks (--budgets); there is no subset to limit")
 
 
-def renamed(old: str, new: str, **option_kw):
-    """Keep ``old`` working as a hidden spelling of the option whose parameter is ``new`` (README: Options)."""
+def renamed(old: str, new: str, new_spelling: str, **option_kw):
+    """Keep ``old`` working as a hidden spelling of ``new_spelling`` (parameter ``new``), with a note on stderr."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def merged(*args, **kw):
             value = kw.pop(f"old_{new}")
-            kw[new] = kw[new] if value is None else value
+            if value is not None:
+                click.echo(f"note: {old} is now {new_spelling}", err=True)
+                kw[new] = value
             return fn(*args, **kw)
 
         return click.option(old, f"old_{new}", hidden=True, **option_kw)(merged)
@@ -183,6 +184,10 @@ def train_options(fn=None, *, examples: bool = True):
     """Options shared by every command that trains (train, profile, greedy, al; al picks its own examples)."""
     if fn is None:
         return functools.partial(train_options, examples=examples)
+    if examples:  # --limit N (the first N images in build and predict) was this option's old spelling
+        fn = renamed("--limit", "limit", "--examples", type=int)(fn)
+    else:
+        fn = click.option("--limit", "refused_limit", hidden=True, expose_value=False, callback=refuse_limit)(fn)
     for decorator in reversed([
         click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True),
@@ -191,7 +196,6 @@ def train_options(fn=None, *, examples: bool = True):
         click.option("--augment", default="none", show_default=True, help="flip, crop, flip,crop or none"),
         *([click.option("--examples", "limit", type=int, help="a seeded, class-balanced subset of N training "
                                                              "examples [default: all]")] if examples else []),
-        click.option("--limit", "refused_limit", hidden=True, expose_value=False, callback=refuse_limit),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
         click.option("--loader", type=click.Choice(["auto", "memory", "stream"]), default="auto",
                      show_default=True, help="resident on the device, or streamed by chunks"),
@@ -233,7 +237,7 @@ def history_table(history: list[dict]) -> Table:
 @friendly
 def train(cache, out, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=not as_json)
+    result = subcache.train(cache, train_config(**kw), out=out, progress=True)
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
@@ -254,7 +258,7 @@ def train(cache, out, as_json, **kw) -> None:
 @friendly
 def evaluate(task_dir, cache, split, device, as_json) -> None:
     """Re-score a saved task on a cached split."""
-    accuracy = subcache.evaluate_task(task_dir, cache, split=split, device=device, progress=not as_json)
+    accuracy = subcache.evaluate_task(task_dir, cache, split=split, device=device, progress=True)
     if as_json:
         emit_json({"task": task_dir, "split": split, "accuracy": accuracy, f"{split}_accuracy": accuracy})
     else:
@@ -284,8 +288,8 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
-@renamed("--blocks", "block_range")
-@renamed("--seeds", "seeds", type=click.IntRange(min=1))
+@renamed("--blocks", "block_range", "--range")
+@renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
 def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
@@ -293,7 +297,7 @@ def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> 
 
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw))
-    result = profile_blocks(cache, config, out=out, progress=not as_json)
+    result = profile_blocks(cache, config, out=out, progress=True)
     best = result.best()
     if as_json:
         emit_json({"summary": result.summary(), "best": best, "out": out})
@@ -322,7 +326,7 @@ def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> 
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of every run")
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
-@renamed("--blocks", "block_range")
+@renamed("--blocks", "block_range", "--range")
 @friendly
 def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
@@ -330,7 +334,7 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, o
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw))
-    result = greedy_select(cache, config, out=out, progress=not as_json)
+    result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
                    "path": result.path, "out": out})
@@ -362,7 +366,7 @@ def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_jso
     """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
     exclude = read_ids(exclude_file) if exclude_file else None
     scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device,
-                                 progress=not as_json)
+                                 progress=True)
     scores.save(out)
     picked = scores.top(top) if top else []
     if as_json:
@@ -407,7 +411,7 @@ def read_ids(path: str):
 @train_options(examples=False)
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
-@renamed("--seeds", "seeds", type=click.IntRange(min=1))
+@renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
 def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
     """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
@@ -419,7 +423,7 @@ def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> N
     strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
     config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
                                oracle=oracle, train=train_config(**kw))
-    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=not as_json)
+    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=True)
     waiting = {s: r.waiting for s, r in results.items() if r.waiting}
     if as_json:
         emit_json({"curves": {s: r.curve for s, r in results.items()}, "waiting": waiting, "out": out})
@@ -472,7 +476,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
-                              progress=not as_json)
+                              progress=True)
     if out:
         result.save(out)
     rows = result.rows()
@@ -538,7 +542,7 @@ def bench(what, as_json, **kw) -> None:
     """Measure a capability against its baseline in one run and print the ratio."""
     from subcache import bench as benches
 
-    result = getattr(benches, f"bench_{what}")(benches.BenchConfig(**kw), progress=not as_json)
+    result = getattr(benches, f"bench_{what}")(benches.BenchConfig(**kw), progress=True)
     if as_json:
         emit_json(result)
         return
