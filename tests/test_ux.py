@@ -187,8 +187,9 @@ def other_backend():
     before = matplotlib.get_backend()
     matplotlib.use("pdf")
     yield
-    assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []
+    after, figures = matplotlib.get_backend(), plt.get_fignums()
     matplotlib.use(before)
+    assert after == "pdf" and figures == []
 
 
 def test_profile_plot_marks_the_best_window_and_the_probe_band(resnet_cache, other_backend, tmp_path):
