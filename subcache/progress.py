@@ -1,4 +1,4 @@
-"""Progress on stderr for every long loop (disabled in quiet/JSON mode and in tests).
+"""Progress on stderr for every long loop (the library default is off; the CLI turns it on, --json or not).
 
 On a terminal: rich bars. Anywhere else (a log file, a pipe, a batch scheduler): plain lines, each flushed at once —
 every ``every`` of the total (10 % by default), one per step when ``every=0``, or only the lines a loop writes
