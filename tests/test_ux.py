@@ -3,6 +3,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -119,8 +120,9 @@ def test_python_dash_m_subcache_is_the_command():
 
 
 def test_install_puts_the_cli_under_the_package(tmp_path):
-    target = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", str(ROOT), "--target", str(target), "--no-deps",
+    source, target = tmp_path / "src", tmp_path / "site"  # a clean copy: no stale build/ from earlier builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs"))
+    done = subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--target", str(target), "--no-deps",
                            "--no-build-isolation", "--no-index", "-q"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (target / "cli").exists() and (target / "subcache" / "cli" / "main.py").is_file()
