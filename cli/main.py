@@ -118,14 +118,14 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
         result = derive_cache(DeriveConfig(source=source_cache, out=out, layers=tuple(layers), dtype=dtype,
                                            codec=codec, shard_mb=shard_mb, batch_size=batch_size,
                                            chunk_mb=chunk_mb, device=device, resume=resume, overwrite=overwrite),
-                              progress=not as_json)
+                              progress=True)
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
                                       flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
-        result = subcache.build_cache(config, progress=not as_json)
+        result = subcache.build_cache(config, progress=True)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
                "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
                "resumed_units": result.skipped_units}
@@ -204,15 +204,44 @@ def verify(path: str, as_json: bool) -> None:
 
 
 # -- train / evaluate ----------------------------------------------------------------------------------------------
-def train_options(fn):
-    """Options shared by every command that trains (train, profile, greedy, al)."""
+def refuse_limit(_ctx, _param, value):
+    if value is not None:
+        raise click.BadParameter("al trains on the examples it picks (--budgets); there is no subset to limit")
+
+
+def renamed(old: str, new: str, new_spelling: str, **option_kw):
+    """Keep ``old`` working as a hidden spelling of ``new_spelling`` (parameter ``new``), with a note on stderr."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def merged(*args, **kw):
+            value = kw.pop(f"old_{new}")
+            if value is not None:
+                click.echo(f"note: {old} is now {new_spelling}", err=True)
+                kw[new] = value
+            return fn(*args, **kw)
+
+        return click.option(old, f"old_{new}", hidden=True, **option_kw)(merged)
+
+    return decorate
+
+
+def train_options(fn=None, *, examples: bool = True):
+    """Options shared by every command that trains (train, profile, greedy, al; al picks its own examples)."""
+    if fn is None:
+        return functools.partial(train_options, examples=examples)
+    if examples:  # --limit N (the first N images in build and predict) was this option's old spelling
+        fn = renamed("--limit", "limit", "--examples", type=int)(fn)
+    else:
+        fn = click.option("--limit", "refused_limit", hidden=True, expose_value=False, callback=refuse_limit)(fn)
     for decorator in reversed([
         click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True),
         click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True),
         click.option("--augment", default="none", show_default=True, help="flip, crop, flip,crop or none"),
-        click.option("--limit", type=int, help="seeded class-balanced subset of N training examples"),
+        *([click.option("--examples", "limit", type=int, help="a seeded, class-balanced subset of N training "
+                                                             "examples [default: all]")] if examples else []),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda"),
         click.option("--loader", type=click.Choice(["auto", "memory", "stream"]), default="auto",
                      show_default=True, help="resident on the device, or streamed by chunks"),
@@ -259,7 +288,7 @@ def history_table(history: list[dict]) -> Table:
 @friendly
 def train(cache, out, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=not as_json)
+    result = subcache.train(cache, train_config(**kw), out=out, progress=True)
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
@@ -276,13 +305,13 @@ def train(cache, out, as_json, **kw) -> None:
 @click.option("--cache", required=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and SPLIT_accuracy (test_accuracy)")
 @friendly
 def evaluate(task_dir, cache, split, device, as_json) -> None:
     """Re-score a saved task on a cached split."""
-    accuracy = subcache.evaluate_task(task_dir, cache, split=split, device=device)
+    accuracy = subcache.evaluate_task(task_dir, cache, split=split, device=device, progress=True)
     if as_json:
-        emit_json({"task": task_dir, "split": split, "accuracy": accuracy})
+        emit_json({"task": task_dir, "split": split, "accuracy": accuracy, f"{split}_accuracy": accuracy})
     else:
         console.print(f"{task_dir} on {cache} ({split}): accuracy [bold]{accuracy:.4f}[/]")
 
@@ -300,26 +329,31 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 
 @main.command()
 @click.option("--cache", required=True)
-@click.option("--blocks", help="range LOW-HIGH of blocks to profile [default: cached layer to last block]")
+@click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
+                                               "block]")
 @click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
               help="window widths, e.g. 1,2,3")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="runs per window")
+@click.option("--repeats", "seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="runs per window, with seeds 0..K-1 (mean ± std)")
 @click.option("--no-probe", is_flag=True, help="skip the linear-probe baseline")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
+@renamed("--blocks", "block_range", "--range")
+@renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
-def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
+def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
     from subcache.profiling import ProfileConfig, profile_blocks
 
-    config = ProfileConfig(blocks=blocks, widths=widths, seeds=seeds, probe=not no_probe, train=train_config(**kw))
-    result = profile_blocks(cache, config, out=out, progress=not as_json)
+    config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
+                           train=train_config(**kw))
+    result = profile_blocks(cache, config, out=out, progress=True)
     best = result.best()
     if as_json:
         emit_json({"summary": result.summary(), "best": best, "out": out})
         return
-    table = Table(title=f"finetuning profile ({seeds} seed{'s' if seeds > 1 else ''} per window)")
+    table = Table(title=f"finetuning profile ({seeds} run{'s' if seeds > 1 else ''} per window)")
     for col in ("blocks", "width", "test accuracy", "± std", "trainable params"):
         table.add_column(col, justify="right")
     for s in result.summary():
@@ -332,7 +366,7 @@ def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
 
 @main.command()
 @click.option("--cache", required=True)
-@click.option("--blocks", help="candidate range LOW-HIGH [default: cached layer to last block]")
+@click.option("--range", "block_range", help="candidate blocks LOW-HIGH [default: cached layer to last block]")
 @click.option("--epsilon", type=float, default=0.01, show_default=True, help="stop when the gain is below this")
 @click.option("--start", type=click.Choice(["empty", "full"]), default="empty", show_default=True)
 @click.option("--consecutive", is_flag=True, help="keep the chosen set a window of consecutive blocks")
@@ -340,16 +374,18 @@ def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
 @click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
               help="choose by k-fold CV on the training split (0: by test accuracy)")
 @train_options
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of every run")
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
+@renamed("--blocks", "block_range", "--range")
 @friendly
-def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
+def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
     from subcache.profiling import GreedyConfig, greedy_select
 
-    config = GreedyConfig(blocks=blocks, epsilon=epsilon, start=start, consecutive=consecutive,
+    config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw))
-    result = greedy_select(cache, config, out=out, progress=not as_json)
+    result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
                    "path": result.path, "out": out})
@@ -380,7 +416,8 @@ def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, a
 def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
     """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
     exclude = read_ids(exclude_file) if exclude_file else None
-    scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device)
+    scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device,
+                                 progress=True)
     scores.save(out)
     picked = scores.top(top) if top else []
     if as_json:
@@ -418,12 +455,14 @@ def read_ids(path: str):
 @click.option("--budgets", required=True, help="labelled-set sizes per round, e.g. 100,500,1000")
 @click.option("--strategy", default="margin", show_default=True,
               help="margin | entropy | least-confidence | random, or several: margin,random")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeats", "seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="runs with seeds 0..K-1: initial labelled set and training (mean ± std)")
 @click.option("--oracle", type=click.Path(dir_okay=False),
               help="CSV id,label filled in by a person; the run stops at each round with OUT/STRATEGY/to_label.csv")
-@train_options
+@train_options(examples=False)
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
+@renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
 def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
     """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
@@ -435,7 +474,7 @@ def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> N
     strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
     config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
                                oracle=oracle, train=train_config(**kw))
-    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=not as_json)
+    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=True)
     waiting = {s: r.waiting for s, r in results.items() if r.waiting}
     if as_json:
         emit_json({"curves": {s: r.curve for s, r in results.items()}, "waiting": waiting, "out": out})
@@ -477,7 +516,7 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
 @click.option("--data", required=True, help="a dataset spec (split --split), an unlabelled folder, or one image file")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
@@ -488,7 +527,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
-                              progress=not as_json)
+                              progress=True)
     if out:
         result.save(out)
     rows = result.rows()
@@ -539,7 +578,8 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
 @click.option("--weights", default="imagenet", show_default=True)
 @click.option("--data", default="fashion-mnist", show_default=True)
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
-@click.option("--limit", type=click.IntRange(min=2), default=2000, show_default=True, help="training images used")
+@click.option("--limit", type=click.IntRange(min=2), default=2000, show_default=True,
+              help="first N images of the train split")
 @click.option("--layer", default="13", show_default=True, help="cached layer")
 @click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train), profiled range (profile)")
 @click.option("--width", type=click.IntRange(min=1), default=1, show_default=True, help="window width (profile)")
@@ -553,7 +593,7 @@ def bench(what, as_json, **kw) -> None:
     """Measure a capability against its baseline in one run and print the ratio."""
     from subcache import bench as benches
 
-    result = getattr(benches, f"bench_{what}")(benches.BenchConfig(**kw), progress=not as_json)
+    result = getattr(benches, f"bench_{what}")(benches.BenchConfig(**kw), progress=True)
     if as_json:
         emit_json(result)
         return

@@ -8,7 +8,7 @@ SEEDS=${SEEDS:-2}; EPOCHS=${EPOCHS:-10}; TRAIN=${TRAIN:-1000}; RANGE=${RANGE:-9-
 if [[ "${QUICK:-0}" == 1 ]]; then SEEDS=1; EPOCHS=1; TRAIN=100; RANGE=15-16; fi
 [[ -e "$OUT/fmnist-b9.zarr" ]] || OUT="$OUT" QUICK="${QUICK:-0}" bash "$(dirname "$0")/quickstart.sh"
 
-subcache profile --cache "$OUT/fmnist-b9.zarr" --blocks "$RANGE" --width 1,2 --seeds "$SEEDS" \
-  --epochs "$EPOCHS" --limit "$TRAIN" --out "$OUT/profile"
-subcache greedy --cache "$OUT/fmnist-b9.zarr" --blocks "$RANGE" --epsilon 0.005 --epochs "$EPOCHS" \
-  --limit "$TRAIN" --out "$OUT/greedy"
+subcache profile --cache "$OUT/fmnist-b9.zarr" --range "$RANGE" --width 1,2 --repeats "$SEEDS" \
+  --epochs "$EPOCHS" --examples "$TRAIN" --out "$OUT/profile"
+subcache greedy --cache "$OUT/fmnist-b9.zarr" --range "$RANGE" --epsilon 0.005 --epochs "$EPOCHS" \
+  --examples "$TRAIN" --out "$OUT/greedy"

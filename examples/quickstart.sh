@@ -14,9 +14,9 @@ subcache build --model efficientnet_lite0 --data fashion-mnist --image-size 64 -
   --layer 9 --out "$OUT/fmnist-b9.zarr" --resume
 subcache info "$OUT/fmnist-b9.zarr"
 
-subcache train --cache "$OUT/fmnist-b9.zarr" --blocks none  --limit "$TRAIN" --epochs "$EPOCHS" \
+subcache train --cache "$OUT/fmnist-b9.zarr" --blocks none  --examples "$TRAIN" --epochs "$EPOCHS" \
   --out "$OUT/probe" --json > "$OUT/probe.json"
-subcache train --cache "$OUT/fmnist-b9.zarr" --blocks 14-16 --limit "$TRAIN" --epochs "$EPOCHS" \
+subcache train --cache "$OUT/fmnist-b9.zarr" --blocks 14-16 --examples "$TRAIN" --epochs "$EPOCHS" \
   --out "$OUT/subtune-14-16" --json > "$OUT/subtune.json"
 
 python - "$OUT" <<'PY'

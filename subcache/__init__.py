@@ -5,6 +5,13 @@ a chunked, compressed Zarr array, and train only the chosen blocks plus a new he
 """
 __version__ = "0.1.0"
 
+import pathlib as _pathlib
+
+# The command line lives in the repository's cli/ folder and installs as subcache.cli (setup.cfg's package_dir);
+# from a source checkout (PYTHONPATH, editable installs) subcache.cli is found there too.
+if not (_pathlib.Path(__file__).parent / "cli").is_dir() and (_pathlib.Path(__file__).parents[1] / "cli").is_dir():
+    __path__.append(str(_pathlib.Path(__file__).parents[1]))  # noqa: F821 - a package's own __path__
+
 from .backbones import Backbone, BlockInfo, Preprocess, describe_blocks, load_backbone, parse_block_spec  # noqa: E402
 from .build import BuildConfig, BuildResult, build_cache  # noqa: E402
 from .data import ImageSource, open_source  # noqa: E402

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,12 +21,15 @@ from .devices import resolve_device
 from .bank import ActivationBank
 from .errors import ConfigError, DataError, SubcacheError
 from .labels import check_identity, data_identity, label_classes
-from .profiling import shared_bank
+from .profiling import describe_runs, new_figure, save_figure, shared_bank
 from .progress import progress_bar
 from .store import Cache, open_cache, read
 from .task import atomic_write, check_out_dir, load_task
 from .train import TrainConfig, cached_logits, check_train_config, labels_for, open_for_training, train
 from .tuned import TunedModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS = ("margin", "entropy", "least-confidence")
 STRATEGIES = (*METRICS, "random")
@@ -112,19 +116,19 @@ def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.devic
     return torch.cat([model.trainable_part(x[i:i + batch].float()) for i in range(0, len(x), batch)]).float().cpu()
 
 
-def score_pool(cache: Cache | str, task: str, *, split: str = "train", metric: str = "margin",
-               exclude: np.ndarray | None = None, device: str = "auto",
-               backbone: Backbone | None = None) -> PoolScores:
+def score_pool(cache: Cache | str | os.PathLike, task: str | os.PathLike, *, split: str = "train",
+               metric: str = "margin", exclude: np.ndarray | None = None, device: str = "auto",
+               backbone: Backbone | None = None, progress: bool = False) -> PoolScores:
     """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
     if metric not in METRICS:
         raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     saved = load_task(task)
     cache.check_backbone(saved.meta["backbone"])
     backbone = backbone or backbone_for(cache.backbone)
     dev = resolve_device(device)
     model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
-    logits = pool_logits(model, cache, split, dev)
+    logits = cached_logits(model, cache, split, dev, progress=progress)
     ids = read(cache.split(split).id, slice(None))
     unknown = [] if exclude is None else np.setdiff1d(exclude, ids)
     if len(unknown):
@@ -155,8 +159,8 @@ class ALResult:
     waiting: str | None = None  # path of to_label.csv when the run stopped for labels
 
 
-def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone: Backbone | None = None,
-                    progress: bool = False) -> ALResult:
+def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: str | os.PathLike,
+                    backbone: Backbone | None = None, progress: bool = False) -> ALResult:
     """Pool-based AL rounds over the cached training split; state saved each round in ``out`` (resumable)."""
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
@@ -172,7 +176,7 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
         _oracle_labels(config.oracle, ids, np.arange(0), truth, names)
     bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
     total = config.seeds * len(config.budgets)
-    with progress_bar(progress, "rounds/s") as bar:
+    with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
         task = bar.add_task(f"active learning ({config.strategy})", total=total,
                             completed=sum(len(s["curve"]) for s in state["seeds"].values()))
         for seed in range(config.seeds):
@@ -198,7 +202,8 @@ def active_learning(cache: Cache | str, config: ALConfig, *, out: str, backbone:
                     run["labelled"] = np.sort(np.concatenate(
                         [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
                 _save_state(folder, state)  # atomic: a killed run resumes at this round
-                bar.advance(task)
+                bar.advance(task, note=f"seed {seed}, {len(labelled)} labelled: test accuracy "
+                                       f"{result.test_accuracy:.4f}")
     curve = _curve(state, config)
     _write_curve(folder, curve, config)
     return ALResult(curve)
@@ -303,14 +308,12 @@ def _write_curve(folder: Path, curve: list[dict], config: ALConfig) -> None:
         w.writerows(curve)
 
 
-def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str = "") -> None:
-    """Accuracy vs labelled budget, one line per strategy, mean ± std over seeds (the paper's Figure 5 shape)."""
-    import matplotlib
+def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike | None, title: str = "") -> "Figure":
+    """Accuracy vs labelled budget (ticks at the budgets, log scale), one line per strategy, mean ± std over seeds
+    (the paper's Figure 5 shape). Returns the figure (also written to ``path`` when given)."""
+    from matplotlib.ticker import NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig, ax = new_figure(6.5, 4.2)
     for name, curve in runs.items():
         budgets = sorted({c["budget"] for c in curve})
         accs = [[c["accuracy"] for c in curve if c["budget"] == b] for b in budgets]
@@ -318,18 +321,20 @@ def plot_curves(runs: dict[str, list[dict]], path: str | os.PathLike, title: str
         ax.plot(budgets, m, marker="o", label=name)
         ax.fill_between(budgets, m - s, m + s, alpha=0.2)
     ax.set_xscale("log")
+    ticks = sorted({c["budget"] for curve in runs.values() for c in curve})
+    ax.set_xticks(ticks, [f"{b:,}" for b in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("labelled examples")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title or "Active learning")
+    ax.set_title(title or "Active learning", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
-def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[str, ...], *, out: str,
-                       backbone: Backbone | None = None, progress: bool = False) -> dict[str, ALResult]:
+def compare_strategies(cache: Cache | str | os.PathLike, config: ALConfig, strategies: tuple[str, ...], *,
+                       out: str | os.PathLike, backbone: Backbone | None = None,
+                       progress: bool = False) -> dict[str, ALResult]:
     """Run the same budgets with several strategies (``out/STRATEGY``) and plot them together (``out/al.png``)."""
     for s in strategies:
         _check(replace(config, strategy=s))  # every strategy checked before the first runs
@@ -339,7 +344,8 @@ def compare_strategies(cache: Cache | str, config: ALConfig, strategies: tuple[s
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
                                   progress=progress) for s in strategies}
     if not any(r.waiting for r in results.values()):
-        b = cache.backbone
+        tuned = "linear probe" if config.blocks == "none" else f"SubTuning blocks {config.blocks}"
         plot_curves({s: r.curve for s, r in results.items()}, Path(out) / "al.png",
-                    f"Active learning: SubTuning {config.blocks}, {b['model']}")
+                    f"Active learning: {tuned}, {cache.backbone['model']}\n"
+                    f"{describe_runs(cache, config.train, config.seeds, examples=False)}")
     return results

@@ -343,9 +343,9 @@ def bench_distributed(config: BenchConfig, progress: bool, *, root: Path) -> dic
             config.device, "--overwrite", "--json"]
     runs = {}
     for procs in (1, 2):
-        launcher = ([sys.executable, "-m", "cli"] if procs == 1 else
+        launcher = ([sys.executable, "-m", "subcache"] if procs == 1 else
                     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                     "-m", "cli"])
+                     "-m", "subcache"])
         done = subprocess.run(launcher + args + ["--out", str(root / f"bench-dist-{procs}.zarr")],
                               capture_output=True, text=True)
         if done.returncode != 0:

@@ -39,11 +39,18 @@ from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, chann
 CALIBRATION = 1024  # int8 scales: max |x| per channel over the first this-many items of the first split
 
 
+def text_paths(config: Any, *names: str) -> None:
+    """Path-like fields of a frozen config as text (``pathlib.Path`` welcome; the cache records them in JSON)."""
+    for name in names:
+        if isinstance(getattr(config, name), os.PathLike):
+            object.__setattr__(config, name, os.fspath(getattr(config, name)))
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything `subcache build` needs. One field per CLI option."""
 
-    out: str  # store path (one layer) or folder of `blockNN.zarr` stores (several layers)
+    out: str | os.PathLike  # store path (one layer) or folder of `blockNN.zarr` stores (several layers)
     layers: tuple[str, ...] = ("13",)  # first block(s) to be trained: the cache stores each one's input
     model: str = "efficientnet_lite0"
     weights: str = "imagenet"
@@ -62,6 +69,9 @@ class BuildConfig:
     data_root: str | None = None
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        text_paths(self, "out", "data", "data_root")
 
     def recorded(self) -> dict:
         """The options a resumed build must share with the original (anything that changes the bits)."""

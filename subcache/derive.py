@@ -6,6 +6,7 @@ source has them). Same ids, labels and splits; the same resumable, chunked pipel
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 from .backbones import Backbone, backbone_for
 from .devices import resolve_device
 from .build import (BuildResult, Job, Planner, calibration_len, capture_inputs, check_outputs, check_storage,
-                    finish_all, join_views, layout, open_or_create, open_stores, out_paths, run_units)
+                    finish_all, join_views, layout, open_or_create, open_stores, out_paths, run_units, text_paths)
 from .distributed import Dist, store_locks
 from .errors import BlockError
 from .store import Cache, from_storage, open_cache, read
@@ -23,8 +24,8 @@ from .store import Cache, from_storage, open_cache, read
 
 @dataclass(frozen=True)
 class DeriveConfig:
-    source: str  # a complete cache
-    out: str
+    source: str | os.PathLike  # a complete cache
+    out: str | os.PathLike
     layers: tuple[str, ...]  # later blocks whose inputs to store
     dtype: str | None = None  # default: the source's dtype
     codec: str = "auto"
@@ -34,6 +35,9 @@ class DeriveConfig:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        text_paths(self, "source", "out")
 
 
 def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return ids, labels
 
 
-def add_labels(cache_path: str, name: str, file: str, split: str = "train") -> dict:
+def add_labels(cache_path: str | os.PathLike, name: str, file: str | os.PathLike, split: str = "train") -> dict:
     """Attach a label set to a split; every item of the split labelled once, by its id. Returns a summary."""
     if not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"label set name {name!r} must be letters, digits, - or _")

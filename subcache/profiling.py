@@ -7,10 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +26,10 @@ from .store import Cache
 from .task import atomic_write, check_out_dir
 from .train import TrainConfig, balanced_subset, check_train_config, labels_for, open_for_training, train
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 
 # -- windows -------------------------------------------------------------------------------------------------------
 def parse_range(spec: str | None, cache: Cache, backbone: Backbone) -> tuple[int, int]:
@@ -33,7 +38,8 @@ def parse_range(spec: str | None, cache: Cache, backbone: Backbone) -> tuple[int
         return cache.layer, backbone.num_blocks
     parts = spec.split("-")
     if len(parts) != 2 or not all(p.strip() for p in parts):
-        raise BlockError(f"block range {spec!r} must be LOW-HIGH, e.g. {cache.layer}-{backbone.num_blocks}")
+        raise BlockError(f"block range {spec!r} must be LOW-HIGH, e.g. {cache.layer}-{backbone.num_blocks}: --range "
+                         f"bounds the windows tried (the set of blocks to tune, like 13,15, is train's --blocks)")
     lo, hi = (backbone.resolve(p) for p in parts)
     if hi < lo:
         raise BlockError(f"block range {spec!r} is reversed; write {hi}-{lo}")
@@ -106,8 +112,8 @@ class ProfileResult:
         return max(windows_only, key=lambda s: s["mean"]) if windows_only else None
 
 
-def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), *, out: str | None = None,
-                   backbone: Backbone | None = None, progress: bool = False,
+def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = ProfileConfig(), *,
+                   out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
                    on_run: Callable[[dict], None] | None = None) -> ProfileResult:
     """Train every window of each width in the range (and the probe) from one cache. Resumable through ``out``:
     finished runs are read back from ``profile.json`` and skipped."""
@@ -125,7 +131,7 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train)
-    with progress_bar(progress, "runs/s") as bar:
+    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
         for width, win, seed in todo:
             run = train(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone=backbone, bank=bank)
@@ -137,10 +143,10 @@ def profile_blocks(cache: Cache | str, config: ProfileConfig = ProfileConfig(), 
                 _save(out, rows, config, cache)
             if on_run:
                 on_run(row)
-            bar.advance(task)
+            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {run.test_accuracy:.4f}")
     result = ProfileResult(rows, out)
     if out:
-        plot_profile(result, Path(out) / "profile.png", cache)
+        plot_profile(result, Path(out) / "profile.png", cache, config)
     return result
 
 
@@ -179,16 +185,42 @@ def _write_csv(path: str, fields: Sequence[str], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot_profile(result: ProfileResult, path: Path, cache: Cache) -> None:
-    """Accuracy vs first block of the window, one line per width, mean ± std bands, the probe as a line."""
-    import matplotlib
-    import matplotlib.ticker
+def new_figure(width: float, height: float) -> tuple["Figure", "Axes"]:
+    """A figure on its own Agg canvas: matplotlib's object API, leaving the caller's backend and pyplot alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def save_figure(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def describe_runs(cache: Cache, config: TrainConfig, seeds: int | None = None, examples: bool = True) -> str:
+    """A title's second line: ``quadrants.npz, 1,000 training examples, 10 epochs, 3 seeds``."""
+    n = len(cache.split(config.train_split))
+    parts = [Path(str(cache.attrs["data"])).name]
+    if examples:
+        parts.append(f"{n if config.limit is None else min(config.limit, n):,} training examples")
+    parts.append(f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}")
+    parts.append(f"seed {config.seed}" if seeds is None else f"{seeds} seed{'s' if seeds > 1 else ''}")
+    return ", ".join(parts)
+
+
+def plot_profile(result: ProfileResult, path: str | os.PathLike | None, cache: Cache,
+                 config: ProfileConfig = ProfileConfig()) -> "Figure":
+    """Accuracy vs first block of the window, one line per width with mean ± std bands, the probe as a line with
+    its own band, the best window starred. Returns the figure (also written to ``path`` when given)."""
+    from matplotlib.ticker import MaxNLocator
 
     summary = result.summary()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = new_figure(7, 4.4)
     for width in sorted({s["width"] for s in summary if s["width"] > 0}):
         pts = [s for s in summary if s["width"] == width]
         x = np.array([p["first"] for p in pts])
@@ -197,17 +229,21 @@ def plot_profile(result: ProfileResult, path: Path, cache: Cache) -> None:
         ax.fill_between(x, m - sd, m + sd, alpha=0.2)
     probe = [s for s in summary if s["width"] == 0]
     if probe:
-        ax.axhline(probe[0]["mean"], color="gray", linestyle="--", label="linear probe")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        m, sd = probe[0]["mean"], probe[0]["std"]
+        ax.axhline(m, color="gray", linestyle="--", label="linear probe (± std)", gid="probe")
+        ax.axhspan(m - sd, m + sd, color="gray", alpha=0.15, gid="probe-band")
+    best = result.best()
+    if best:
+        ax.plot([best["first"]], [best["mean"]], marker="*", markersize=16, linestyle="none", color="crimson",
+                label=f"best: blocks {best['blocks']} ({best['mean']:.3f})", gid="best-window", zorder=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("first block of the tuned window")
-    ax.set_ylabel("test accuracy")
-    b = cache.backbone
-    ax.set_title(f"Finetuning profile: {b['model']} on {Path(str(cache.attrs['data'])).name}")
+    ax.set_ylabel(f"test accuracy (mean ± std over {config.seeds} seed{'s' if config.seeds > 1 else ''})")
+    ax.set_title(f"Finetuning profile: {cache.backbone['model']}, cache at block {cache.layer}\n"
+                 f"{describe_runs(cache, config.train, config.seeds)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 # -- greedy ----------------------------------------------------------------------------------------------------------
@@ -279,8 +315,9 @@ class GreedyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, out: str | None = None,
-                  backbone: Backbone | None = None, progress: bool = False) -> GreedyResult:
+def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = GreedyConfig(), *,
+                  out: str | os.PathLike | None = None, backbone: Backbone | None = None,
+                  progress: bool = False) -> GreedyResult:
     """Greedy block selection on a cache; the test split scores the final choice (or every step when folds=0)."""
     check_train_config(config.train)
     if not math.isfinite(config.epsilon):
@@ -296,8 +333,8 @@ def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, 
     memo: dict[tuple[int, ...], float] = {}
     folds = _folds(cache, tcfg, config.folds) if config.folds else None
 
-    with progress_bar(progress, "runs/s") as bar:
-        task = bar.add_task("greedy", total=None)
+    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
+        task = bar.add_task("greedy run", total=None)
 
         def score(blocks: tuple[int, ...]) -> float:
             if blocks not in memo:
@@ -308,7 +345,7 @@ def greedy_select(cache: Cache | str, config: GreedyConfig = GreedyConfig(), *, 
                     memo[blocks] = statistics.fmean(
                         train(cache, cfg, backbone=backbone, bank=bank, train_indices=fit_idx,
                               eval_indices=val_idx).test_accuracy for fit_idx, val_idx in folds)
-                bar.advance(task)
+                bar.advance(task, note=f"blocks {spec_of(blocks)}: score {memo[blocks]:.4f}")
             return memo[blocks]
 
         result = greedy_search(score, list(range(lo, hi + 1)), epsilon=config.epsilon, start=config.start,
@@ -340,21 +377,23 @@ def _save_greedy(out: str, result: GreedyResult, config: GreedyConfig, cache: Ca
          "blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy}, indent=1))
     atomic_write(folder / "greedy.csv", lambda tmp: _write_csv(tmp, ("step", "blocks", "change", "score"),
                                                               result.path))
-    import matplotlib
+    plot_greedy(result, folder / "greedy.png", cache, config)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+def plot_greedy(result: GreedyResult, path: str | os.PathLike | None, cache: Cache,
+                config: GreedyConfig = GreedyConfig()) -> "Figure":
+    """Score after each greedy step (x: steps 0, 1, 2 …), each point labelled with the chosen blocks."""
+    fig, ax = new_figure(6, 3.8)
     ax.plot([p["step"] for p in result.path], [p["score"] for p in result.path], marker="o")
     for p in result.path:
         ax.annotate(p["blocks"], (p["step"], p["score"]), textcoords="offset points", xytext=(0, 6), fontsize=8,
                     ha="center")
-    ax.set_xlabel("greedy step")
-    ax.set_ylabel("validation accuracy" if config.folds else "test accuracy")
-    ax.set_title(f"Greedy selection (ε = {config.epsilon})")
+    ax.set_xticks(range(len(result.path)))
+    ax.margins(y=0.15)  # room for the labels above the points
+    ax.set_xlabel("greedy step (blocks chosen so far)")
+    ax.set_ylabel(f"{config.folds}-fold validation accuracy" if config.folds else "test accuracy")
+    ax.set_title(f"Greedy selection (ε = {config.epsilon}): {cache.backbone['model']}\n"
+                 f"{describe_runs(cache, config.train)}", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "greedy.png")
-    plt.close(fig)
+    return save_figure(fig, path)
 

@@ -7,6 +7,7 @@ split (an in-memory derived cache), not every epoch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
@@ -24,7 +25,7 @@ from .errors import BlockError, ConfigError, DataError, SubcacheError, TrainingE
 from .labels import label_classes, read_labels
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, resident_dtype,
                      split_nbytes)
-from .progress import progress_bar
+from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, from_storage, open_cache, read
@@ -88,7 +89,7 @@ def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray |
     if limit is None:
         return None
     if limit <= 0:
-        raise DataError(f"--limit must be at least 1 training example, got {limit}")
+        raise DataError(f"--examples must be at least 1 training example, got {limit}")
     if limit >= len(y):
         return None
     rng = np.random.default_rng(seed)
@@ -117,8 +118,8 @@ def labels_for(cache: Cache, split: str, name: str | None) -> tuple[torch.Tensor
     return y, n
 
 
-def open_for_training(cache: Cache | str, backbone: Backbone | None) -> tuple[Cache, Backbone]:
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+def open_for_training(cache: Cache | str | os.PathLike, backbone: Backbone | None) -> tuple[Cache, Backbone]:
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if backbone is None:
         backbone = backbone_for(cache.backbone)
     cache.check_backbone(backbone.identity())
@@ -157,7 +158,7 @@ def run_frozen(model: TunedModel, x: torch.Tensor, dtype: torch.dtype = torch.fl
 
 @torch.inference_mode()
 def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.device | None = None,
-                  batch: int = 1024) -> torch.Tensor:
+                  batch: int = 1024, progress: bool = False) -> torch.Tensor:
     """float32 logits (N, classes) on the CPU for every item of a cached split, read by whole chunks, in eval mode
     (tuned BatchNorms use their running statistics)."""
     device = device or next(model.head.parameters()).device
@@ -166,18 +167,21 @@ def cached_logits(model: TunedModel, cache: Cache, split: str, device: torch.dev
     s = cache.split(split)
     step = max(batch // s.chunk_len, 1) * s.chunk_len  # whole chunks per read
     out = []
-    for a in range(0, len(s), step):
-        x = cache.decode(from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device))
-        out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"inference on {split}", total=len(s))
+        for a in range(0, len(s), step):
+            x = cache.decode(from_storage(read(s.x, slice(a, a + step)), cache.dtype).to(device))
+            out += [model(x[i:i + batch].float()).float().cpu() for i in range(0, len(x), batch)]
+            bar.advance(task, len(x))
     model.train(was_training)
     return torch.cat(out)
 
 
 def evaluate(model: TunedModel, cache: Cache, split: str = "test", labels: torch.Tensor | None = None,
-             device: torch.device | None = None, batch: int = 1024) -> float:
+             device: torch.device | None = None, batch: int = 1024, progress: bool = False) -> float:
     """Top-1 accuracy of ``model`` on a cached split."""
     y = cache.read_y(split) if labels is None else labels
-    return (cached_logits(model, cache, split, device, batch).argmax(1) == y).sum().item() / len(y)
+    return (cached_logits(model, cache, split, device, batch, progress).argmax(1) == y).sum().item() / len(y)
 
 
 def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *, precomputed: bool,
@@ -191,7 +195,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     step = training_forward(model, config, device, precomputed, forward)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
     history, seconds = [], 0.0
-    with progress_bar(progress, "steps/s") as bar:
+    with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
         task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
         for epoch in range(config.epochs):
             model.train()
@@ -213,7 +217,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
                 bar.advance(task)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds += time.perf_counter() - t0
+            epoch_seconds = time.perf_counter() - t0
+            seconds += epoch_seconds
             mean_loss = loss_sum.item() / max(seen, 1)  # one host sync per epoch
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr "
@@ -223,6 +228,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             history.append(row)
             if on_epoch:
                 on_epoch(row)
+            bar.line(epoch_line(row, config.epochs, seen / max(epoch_seconds, 1e-9)))
     return history, seconds
 
 
@@ -280,11 +286,12 @@ def trainable_channels_last(model: TunedModel) -> None:
     model.head.to(memory_format=torch.channels_last)
 
 
-def train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str | None = None,
-          **kw) -> TrainResult:
+def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(), *,
+          out: str | os.PathLike | None = None, **kw) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache (see `_train`). ``out`` is checked writable first and
     locked (``OUT.lock``) while this run owns it: one writer per task folder."""
     check_train_config(config)
+    out = None if out is None else os.fspath(out)
     if out is None or not Dist.from_env().main:
         return _train(cache, config, out=out, **kw)
     check_out_dir(out)
@@ -456,19 +463,19 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
     }
 
 
-def evaluate_task(task_dir: str, cache: Cache | str, *, split: str = "test", device: str = "auto",
-                  backbone: Backbone | None = None) -> float:
+def evaluate_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, *, split: str = "test",
+                  device: str = "auto", backbone: Backbone | None = None, progress: bool = False) -> float:
     """Accuracy of a saved task on a cached split. The cache must come from the task's backbone."""
     from .task import load_task
 
     task = load_task(task_dir)
-    cache = open_cache(cache) if isinstance(cache, str) else cache
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     cache.check_backbone(task.meta["backbone"])
     backbone = backbone or backbone_for(cache.backbone)
     dev = resolve_device(device)
     model = task.model(backbone.to(dev), start=cache.layer).to(dev)
     labels = labels_for(cache, split, task.meta.get("labels"))[0]
-    return evaluate(model, cache, split, labels, dev)
+    return evaluate(model, cache, split, labels, dev, progress=progress)
 
 
 def train_reference(source, backbone: Backbone, layer: int, config: TrainConfig, num_classes: int,

@@ -185,7 +185,7 @@ def test_label_sets_serve_another_task(resnet_cache, resnet18, tmp_path):
 def test_score_cli_writes_scores_and_prints_the_most_uncertain(resnet_cache, resnet18, tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import main
+    from subcache.cli.main import main
 
     subcache.train(resnet_cache, subcache.TrainConfig(blocks="8", epochs=1), backbone=resnet18,
                    out=str(tmp_path / "task"))

@@ -75,7 +75,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         original(stores, split, a, bb, acts, job)
     b._write_unit = write_then_die
-    from cli.main import main
+    from subcache.cli.main import main
     main(sys.argv[2:])
 """)
 
@@ -88,7 +88,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, npz_path, kill_at):
             "--layer", "4", "--batch-size", "16", "--chunk-mb", "0.05", "--limit", "90"]
     ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-m", "cli", *args, "--out", ref, "--json"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", ref, "--json"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr
     killed = subprocess.run([sys.executable, "-c", KILLER, str(kill_at), *args, "--out", out], capture_output=True,
@@ -97,10 +97,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path, npz_path, kill_at):
     (tmp_path / "out.zarr" / "train" / "x" / "c" / "litter.1234.partial").write_bytes(b"half a chunk")
     with pytest.raises(IncompleteStoreError, match="--resume"):
         subcache.open_cache(out)
-    again = subprocess.run([sys.executable, "-m", "cli", *args, "--out", out], capture_output=True, text=True,
+    again = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", out], capture_output=True, text=True,
                            env=env)
     assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
-    resumed = subprocess.run([sys.executable, "-m", "cli", *args, "--out", out, "--resume", "--json"],
+    resumed = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", out, "--resume", "--json"],
                              capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed_units"] == kill_at - 1  # units the writer finished before the kill

@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from subcache.cli.main import main
 
 
 def run(*args):
@@ -85,8 +85,8 @@ def test_existing_and_incomplete_outputs(tmp_path, npz_path, resnet_cache):
     one_line_error(run("train", "--cache", incomplete, "--blocks", 7, "--out", tmp_path / "t"), "--resume")
     one_line_error(run("train", "--cache", resnet_cache, "--blocks", "3", "--out", tmp_path / "t"),
                    "earliest block this cache can train is 6")
-    one_line_error(run("train", "--cache", resnet_cache, "--blocks", "7", "--limit", 0, "--out", tmp_path / "t"),
-                   "--limit")
+    one_line_error(run("train", "--cache", resnet_cache, "--blocks", "7", "--examples", 0, "--out", tmp_path / "t"),
+                   "--examples")
     one_line_error(run("train", "--cache", resnet_cache, "--blocks", "7", "--augment", "rotate", "--out",
                        tmp_path / "t"), "allowed: flip, crop")
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import subcache
-from cli.main import main
+from subcache.cli.main import main
 from subcache.data import to_input
 
 

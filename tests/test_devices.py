@@ -232,7 +232,7 @@ def test_the_cli_trains_on_the_gpu_code_path_on_cpu(resnet_cache, tmp_path):
 
     from click.testing import CliRunner
 
-    from cli.main import main
+    from subcache.cli.main import main
 
     for command in ("train", "profile", "greedy", "al"):
         assert "--precision [auto|fp32|bf16]" in CliRunner().invoke(main, [command, "--help"]).output

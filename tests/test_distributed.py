@@ -21,7 +21,7 @@ BUILD = ["build", "--model", "resnet18", "--weights", "none", "--image-size", "3
 
 def torchrun(n, *args, script=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-    cmd += [script] if script else ["-m", "cli"]
+    cmd += [script] if script else ["-m", "subcache"]
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=ENV, cwd=ROOT,
                           timeout=180)
 
@@ -37,7 +37,7 @@ def same_arrays(a, b):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, npz_path):
     out = str(tmp_path_factory.mktemp("single") / "c.zarr")
-    done = subprocess.run([sys.executable, "-m", "cli", *BUILD, "--data", npz_path, "--out", out], env=ENV,
+    done = subprocess.run([sys.executable, "-m", "subcache", *BUILD, "--data", npz_path, "--out", out], env=ENV,
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     return out
@@ -62,7 +62,7 @@ KILL_RANK_1 = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         original(*args)
     b._write_unit = write
-    from cli.main import main
+    from subcache.cli.main import main
     main(sys.argv[1:])
 """)
 

@@ -9,7 +9,7 @@ import torchvision
 from click.testing import CliRunner
 
 import subcache
-from cli.main import main
+from subcache.cli.main import main
 from subcache.multitask import MultiTaskModel
 
 

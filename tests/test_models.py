@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import subcache
-from cli.main import main
+from subcache.cli.main import main
 from subcache.data import to_input
 from subcache.errors import UnknownModelError
 

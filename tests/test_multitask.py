@@ -75,7 +75,7 @@ def test_siamese_task_round_trips(tasks):
 def test_predict_cli(tasks, npz_path, tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import main
+    from subcache.cli.main import main
 
     backbone, _, dirs = tasks
     r = CliRunner().invoke(main, ["predict", "--task", dirs[0], "--task", dirs[1], "--data", npz_path, "--out",

@@ -105,14 +105,14 @@ def test_derived_cache_equals_a_direct_build(tmp_path, npz_path, resnet18, resne
 def test_profile_and_greedy_from_the_cli(resnet_cache, tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import main
+    from subcache.cli.main import main
 
-    r = CliRunner().invoke(main, ["profile", "--cache", resnet_cache, "--blocks", "7-8", "--width", "1", "--epochs",
+    r = CliRunner().invoke(main, ["profile", "--cache", resnet_cache, "--range", "7-8", "--width", "1", "--epochs",
                                   "1", "--out", str(tmp_path / "p"), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert {s["blocks"] for s in out["summary"]} == {"none", "7", "8"} and out["best"]["width"] == 1
-    r = CliRunner().invoke(main, ["greedy", "--cache", resnet_cache, "--blocks", "7-8", "--epochs", "1", "--folds",
+    r = CliRunner().invoke(main, ["greedy", "--cache", resnet_cache, "--range", "7-8", "--epochs", "1", "--folds",
                                   "2", "--out", str(tmp_path / "g"), "--json"])
     assert r.exit_code == 0, r.output
     g = json.loads(r.stdout)
@@ -122,7 +122,7 @@ def test_profile_and_greedy_from_the_cli(resnet_cache, tmp_path):
     again = subcache.train(resnet_cache, subcache.TrainConfig(blocks=chosen, epochs=1)).test_accuracy
     assert g["test_accuracy"] == pytest.approx(again, abs=1.5 / 96)  # a shared bank may flip one borderline item
     assert (tmp_path / "g" / "greedy.csv").is_file() and (tmp_path / "g" / "greedy.png").is_file()
-    r = CliRunner().invoke(main, ["profile", "--cache", resnet_cache, "--blocks", "7-8", "--width", "3", "--out",
+    r = CliRunner().invoke(main, ["profile", "--cache", resnet_cache, "--range", "7-8", "--width", "3", "--out",
                                   str(tmp_path / "p3")])
     assert r.exit_code == 1 and r.output.strip().startswith("Error: width 3 is larger than the range")
 

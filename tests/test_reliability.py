@@ -15,7 +15,7 @@ import zarr
 from click.testing import CliRunner
 
 import subcache
-from cli.main import main
+from subcache.cli.main import main
 from subcache import faults
 from subcache.derive import DeriveConfig, derive_cache
 from subcache.errors import (ConfigError, DataError, ForeignStoreError, StoreError, StoreExistsError, TaskError,

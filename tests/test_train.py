@@ -170,7 +170,7 @@ def test_bad_training_inputs(resnet_cache, resnet18, tmp_path):
         subcache.train(resnet_cache, subcache.TrainConfig(blocks="4-6"), backbone=resnet18)
     with pytest.raises(BlockError, match="out of range"):
         subcache.train(resnet_cache, subcache.TrainConfig(blocks="9"), backbone=resnet18)
-    with pytest.raises(DataError, match="--limit"):
+    with pytest.raises(DataError, match="--examples"):
         subcache.train(resnet_cache, subcache.TrainConfig(blocks="7", limit=0), backbone=resnet18)
     other = subcache.load_backbone("resnet18", "none", image_size=32, seed=1)
     with pytest.raises(ForeignStoreError, match="was built with resnet18"):
