@@ -1,6 +1,7 @@
 """Nothing lost, nothing wrong presented as right (issue 10): what --overwrite may delete, completeness that does
 not depend on chunk contents, kills at every stage, resume identity, and bad input → one clear line."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -65,10 +66,14 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+# progress lines in logs (`inference on train 96/192 (50%) …`, `epoch 1/1 loss …`) may come before the error
+PROGRESS = re.compile(r"\d+/\d+ \(\d+%\)|^epoch \d+/\d+ ")
+
+
 def one_line_error(result, fragment=""):
     assert result.exit_code != 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and not PROGRESS.search(line)]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert fragment in lines[0], lines[0]
 
@@ -297,7 +302,7 @@ def cases(c, t, b, o):
         "lr nan": (*train, "--lr", "nan"),
         "lr inf": (*train, "--lr", "inf"),
         "weight decay nan": (*train, "--weight-decay", "nan"),
-        "negative seed with limit": (*train, "--seed", -1, "--limit", 8),
+        "negative seed with limit": (*train, "--seed", -1, "--examples", 8),
         "empty blocks": ("train", "--cache", c, "--blocks", "", "--out", o / "o"),
         "object-array npz": build,
         "task blocks edited": ("evaluate", "--task", b / "task_blocks", "--cache", c),
@@ -309,7 +314,7 @@ def cases(c, t, b, o):
         "binary oracle": (*al, "--oracle", b / "binary.csv"),
         "conflicting oracle rows": (*al, "--oracle", b / "conflict.csv"),
         "second al strategy unknown": (*al[:-2], "--strategy", "margin,bogus", "--out", o / "al2"),
-        "greedy folds > data": ("greedy", "--cache", c, "--folds", 1000, "--limit", 8, "--out", o / "g"),
+        "greedy folds > data": ("greedy", "--cache", c, "--folds", 1000, "--examples", 8, "--out", o / "g"),
         "greedy epsilon nan": ("greedy", "--cache", c, "--epsilon", "nan", "--out", o / "g"),
         "build --from with --data": ("build", "--from", c, "--data", "x.npz", "--layer", 8, "--out", o / "d"),
         "build --from with --model": ("build", "--from", c, "--model", "resnet50", "--layer", 8, "--out", o / "d"),
@@ -319,7 +324,7 @@ def cases(c, t, b, o):
                                 "--out", o / "s.csv"),
         "train --out is a file": ("train", "--cache", c, "--blocks", "none", "--out", b / "afile"),
         "train --out under a file": ("train", "--cache", c, "--blocks", "none", "--out", b / "afile" / "t"),
-        "profile --out under a file": ("profile", "--cache", c, "--blocks", "6-6", "--out", b / "afile" / "p"),
+        "profile --out under a file": ("profile", "--cache", c, "--range", "6-6", "--out", b / "afile" / "p"),
         "al --out under a file": (*al[:-2], "--out", b / "afile" / "al"),
     }
 
