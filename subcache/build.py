@@ -143,15 +143,23 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
                                layouts[layer], resume=config.resume, plan=functools.partial(plans, layer))
                 for path, layer in zip(paths, layers)]
 
+    return write_stores(ranks, paths, layers, create, jobs, layouts,
+                        lambda x, scales: _forward_unit(backbone, layers, x, config, scales), device, progress)
+
+
+def write_stores(ranks: Dist, paths: list[str], layers: list[int], create: Callable[[], list[Cache]],
+                 jobs: dict[str, "Job"], layouts: dict[int, Layout], forward: Callable[[Any, dict], dict],
+                 device: torch.device, progress: bool) -> BuildResult:
+    """What `build` and `build --from` share: lock the stores, create (or reopen) them, write every unit still to
+    do with ``forward(inputs, int8 scales)``, verify and mark them complete."""
     with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
         scales = {c.layer: c.scale() for c in stores}
         start = time.perf_counter()
-        images, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
-                                    lambda x: _forward_unit(backbone, layers, x, config, scales), device,
-                                    progress and ranks.main, ranks)
+        done, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
+                                  lambda x: forward(x, scales), device, progress and ranks.main, ranks)
         finish_all(ranks, stores)
-    return BuildResult(paths, ranks.sum(images), time.perf_counter() - start, ranks.sum(skipped), layers)
+    return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)
 
 
 def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | None]:

@@ -16,8 +16,8 @@ import torch
 from .backbones import Backbone, backbone_for
 from .devices import resolve_device
 from .build import (BuildResult, Job, Planner, calibration_len, capture_inputs, check_outputs, check_storage,
-                    finish_all, join_views, layout, open_or_create, open_stores, out_paths, run_units, text_paths)
-from .distributed import Dist, store_locks
+                    join_views, layout, open_or_create, out_paths, text_paths, write_stores)
+from .distributed import Dist
 from .errors import BlockError
 from .store import Cache, from_storage, open_cache, read
 
@@ -72,15 +72,9 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
                                resume=config.resume, plan=functools.partial(plans, layer))
                 for path, layer in zip(paths, layers)]
 
-    with store_locks(paths, enabled=ranks.main):
-        stores = open_stores(ranks, paths, create)
-        scales = {c.layer: c.scale() for c in stores}
-        start = time.perf_counter()
-        done, skipped = run_units(stores, layers, jobs, {k: v.unit for k, v in layouts.items()},
-                                  lambda v: _forward(backbone, src, layers, v, dtype, config.batch_size, scales),
-                                  device, progress and ranks.main, ranks)
-        finish_all(ranks, stores)
-    return BuildResult(paths, ranks.sum(done), time.perf_counter() - start, ranks.sum(skipped), layers)
+    return write_stores(ranks, paths, layers, create, jobs, layouts,
+                        lambda v, scales: _forward(backbone, src, layers, v, dtype, config.batch_size, scales),
+                        device, progress)
 
 
 def derived_shapes(src: Cache, backbone: Backbone, layers: list[int]) -> dict[int, tuple[int, ...]]:

@@ -322,18 +322,9 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
     labels = labels if labels_override is None else labels_override
     indices = balanced_subset(labels.numpy(), config.limit, config.seed) if train_indices is None else train_indices
 
-    backbone.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # the head's init is part of the run's identity
-        model = TunedModel(backbone, cache.layer, tuned, num_classes, cache.sample_shape,
-                           config.siamese).to(device)
-    param_fraction = 1.0
-    if config.prune:
-        param_fraction = prune_tuned_blocks(model, cache.sample_shape,
-                                            PruneConfig(config.prune, config.prune_norm, config.prune_scope))
+    model, param_fraction = _new_model(cache, backbone, tuned, num_classes, config, device)
     loader, precomputed, step = _training_loader(cache, config, model, indices, labels, device, augments, ranks,
                                                  bank)
-    pad = default_pad(cache.sample_shape)
     score = _scorer(model, cache, config, labels, bank, eval_indices, device)
 
     def epoch_hook(row: dict) -> None:
@@ -342,22 +333,14 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
         if on_epoch:
             on_epoch(row)
 
-    last_good = {k: v.clone() for k, v in model.task_state().items()}
+    def save_incomplete(why: str) -> str:
+        save_task(out, model, _meta(cache, backbone, model, config, {}, complete=False, stopped=why))
+        return str(out)
 
-    def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on, if they are finite
-        check_finite(model, row["epoch"], config.lr)
-        last_good.update({k: v.clone() for k, v in model.task_state().items()})
-        epoch_hook(row)
-
-    try:
-        history, seconds = fit(model, loader, config, device, precomputed=precomputed, augments=augments, pad=pad,
-                               on_epoch=keep_good, progress=progress and ranks.main, forward=step)
-    except TrainingError as exc:
-        if out:
-            model.load_state_dict(last_good, strict=False)
-            save_task(out, model, _meta(cache, backbone, model, config, {}, complete=False, stopped=str(exc)))
-            raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
-        raise
+    history, seconds = _fit_keeping_good(model, config, epoch_hook, out and save_incomplete, loader=loader,
+                                         device=device, precomputed=precomputed, augments=augments,
+                                         pad=default_pad(cache.sample_shape), progress=progress and ranks.main,
+                                         forward=step)
     test_acc = ranks.broadcast(score() if score is not None and ranks.main else None)
     samples = loader.num_samples * ranks.world
     result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
@@ -368,6 +351,42 @@ def _train(cache: Cache | str, config: TrainConfig = TrainConfig(), *, out: str 
                                     history=history, world_size=ranks.world))
     ranks.barrier()
     return result
+
+
+def _new_model(cache: Cache, backbone: Backbone, tuned: tuple[int, ...], num_classes: int, config: TrainConfig,
+               device: torch.device) -> tuple[TunedModel, float]:
+    """The run's model, its head initialised from ``config.seed``, channel-pruned when asked: (model, fraction of
+    the tuned blocks' parameters kept)."""
+    backbone.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the head's init is part of the run's identity
+        model = TunedModel(backbone, cache.layer, tuned, num_classes, cache.sample_shape, config.siamese).to(device)
+    if not config.prune:
+        return model, 1.0
+    return model, prune_tuned_blocks(model, cache.sample_shape,
+                                     PruneConfig(config.prune, config.prune_norm, config.prune_scope))
+
+
+def _fit_keeping_good(model: TunedModel, config: TrainConfig, on_epoch: Callable[[dict], None],
+                      save_incomplete: Callable[[str], str] | None, **fit_kw) -> tuple[list[dict], float]:
+    """`fit`, keeping the weights after every epoch whose weights are finite. When training stops being finite,
+    those weights are put back and ``save_incomplete(reason)`` saves them (marked incomplete; it returns where)
+    before the error goes on."""
+    last_good = {k: v.clone() for k, v in model.task_state().items()}
+
+    def keep_good(row: dict) -> None:
+        check_finite(model, row["epoch"], config.lr)
+        last_good.update({k: v.clone() for k, v in model.task_state().items()})
+        on_epoch(row)
+
+    try:
+        return fit(model, config=config, on_epoch=keep_good, **fit_kw)
+    except TrainingError as exc:
+        if save_incomplete is None:
+            raise
+        model.load_state_dict(last_good, strict=False)
+        where = save_incomplete(str(exc))
+        raise TrainingError(f"{exc}; the last good weights are in {where} (marked incomplete)") from None
 
 
 def check_finite(model: TunedModel, epoch: int, lr: float) -> None:
