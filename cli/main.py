@@ -93,6 +93,7 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--out", required=True, help="store path (one layer) or folder of blockNN.zarr stores")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
+@click.option("--corrupt", help="NAME:SEVERITY, a deterministic CIFAR-10-C style corruption, e.g. gaussian_noise:3")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="target uncompressed chunk size in MiB")
@@ -102,9 +103,11 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views, batch_size,
-          chunk_mb, device, download, resume, overwrite, as_json) -> None:
+def build(model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, flip_views, corrupt,
+          batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
+    if source_cache and corrupt:
+        raise click.UsageError("--corrupt applies to images; a cache built --from another keeps its corruption")
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
@@ -114,7 +117,8 @@ def build(model, weights, data, splits, limit, image_size, layers, source_cache,
     else:
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size, dtype=dtype,
-                                      flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
+                                      flip_views=flip_views, corrupt=corrupt, batch_size=batch_size,
+                                      chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=not as_json)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
