@@ -258,19 +258,34 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
               help="window widths, e.g. 1,2,3")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True, help="runs per window")
 @click.option("--no-probe", is_flag=True, help="skip the linear-probe baseline")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="select on this class-balanced fraction of the training split; test only reports "
+                   "[default: 0, or 0.2 with --halving]")
+@click.option("--halving", is_flag=True, help="successive halving: all windows briefly, the best 1/eta longer, …")
+@click.option("--eta", type=click.IntRange(min=2), default=3, show_default=True, help="halving: keep 1/eta per rung")
+@click.option("--min-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="halving: epochs of the first rung")
+@click.option("--prior", type=click.Choice(["rank"]), help="halving: start from rank's best 1/eta windows")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
+def profile(cache, blocks, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out, as_json,
+            **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
     from subcache.profiling import ProfileConfig, profile_blocks
 
-    config = ProfileConfig(blocks=blocks, widths=widths, seeds=seeds, probe=not no_probe, train=train_config(**kw))
+    if prior and not halving:
+        raise click.UsageError("--prior applies to --halving")
+    config = ProfileConfig(blocks=blocks, widths=widths, seeds=seeds, probe=not no_probe, train=train_config(**kw),
+                           val_fraction=val_fraction, halving=halving, eta=eta, min_epochs=min_epochs, prior=prior)
     result = profile_blocks(cache, config, out=out, progress=not as_json)
+    if halving:
+        return show_halving(result, out, as_json)
     best = result.best()
     if as_json:
-        emit_json({"summary": result.summary(), "best": best, "out": out})
+        emit_json({"summary": result.summary(), "best": best, "selected_on": "validation" if val_fraction else "test",
+                   "out": out})
         return
     table = Table(title=f"finetuning profile ({seeds} seed{'s' if seeds > 1 else ''} per window)")
     for col in ("blocks", "width", "test accuracy", "± std", "trainable params"):
@@ -283,6 +298,68 @@ def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
     console.print(f"wrote {out}/profile.csv, profile.json, profile.png")
 
 
+def show_halving(result, out: str, as_json: bool) -> None:
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title="successive halving")
+    for col in ("rung", "epochs", "windows", "kept"):
+        table.add_column(col, justify="right")
+    for r in result.rungs:
+        table.add_row(str(r["rung"]), str(r["epochs"]), str(len(r["windows"])), ", ".join(r["kept"]))
+    console.print(table)
+    b = result.best
+    console.print(f"best window {b['blocks']}: validation {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
+                  f"{result.compute_fraction:.1%} of a full profile's training compute → {out}/halving.json")
+
+
+# -- rank --------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--blocks", help="range LOW-HIGH of blocks to rank [default: cached layer to last block]")
+@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
+              help="window widths, e.g. 1,2")
+@click.option("--method", "methods", default="all", show_default=True,
+              help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, comma-separated, or all; the first orders")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="leave out the validation set a profile with this --val-fraction selects on")
+@click.option("--samples", type=click.IntRange(min=2), default=512, show_default=True,
+              help="training examples for the per-sample gradients")
+@click.option("--limit", type=int, help="seeded class-balanced subset of N training examples (as train)")
+@click.option("--labels", help="the cache's extra label set labels/NAME")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--against", "against", help="a profile folder: Spearman, Kendall and regret of each method")
+@click.option("--out", required=True, help="folder for rank.csv, rank.json, rank.png")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def rank(cache, blocks, widths, methods, val_fraction, samples, limit, labels, device, against, out,
+         as_json) -> None:
+    """Score every window without training it: gradient energy (Fisher, relative gradient norm) and the
+    transferability the frozen window loses (LogME, leave-one-out k-NN)."""
+    from subcache.rank import RankConfig, parse_methods, rank_windows
+
+    config = RankConfig(blocks=blocks, widths=widths, methods=parse_methods(methods), val_fraction=val_fraction,
+                        samples=samples, train=train_config(limit=limit, labels=labels, device=device))
+    result = rank_windows(cache, config, out=out, against=against)
+    if as_json:
+        emit_json({**result.to_dict(), "out": out})
+        return
+    table = Table(title=f"windows ranked by {config.methods[0]} (higher: tune here)")
+    for col in ("blocks", *config.methods):
+        table.add_column(col, justify="right")
+    for r in result.ranking:
+        table.add_row(r["blocks"], *(f"{r[m]:.4g}" for m in config.methods))
+    console.print(table)
+    if result.comparison:
+        c = result.comparison
+        console.print(f"against {against} ({c['windows']} windows, selected on {c['selected_on']}; "
+                      f"profile pick {c['profile_pick']} at {c['profile_pick_test']:.4f} test):")
+        for m, v in c["methods"].items():
+            console.print(f"  {m:>9}: Spearman {v['spearman']:+.3f}  Kendall {v['kendall']:+.3f}  top {v['top']}  "
+                          f"regret {v['regret']:+.2f} points")
+    console.print(f"wrote {out}/rank.csv, rank.json, rank.png ({result.seconds:.1f}s)")
+
+
 @main.command()
 @click.option("--cache", required=True)
 @click.option("--blocks", help="candidate range LOW-HIGH [default: cached layer to last block]")
@@ -292,16 +369,18 @@ def profile(cache, blocks, widths, seeds, no_probe, out, as_json, **kw) -> None:
 @click.option("--max-blocks", type=click.IntRange(min=1))
 @click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
               help="choose by k-fold CV on the training split (0: by test accuracy)")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="choose on this class-balanced fraction of the training split (0: by test accuracy)")
 @train_options
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
+def greedy(cache, blocks, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json, **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
     from subcache.profiling import GreedyConfig, greedy_select
 
     config = GreedyConfig(blocks=blocks, epsilon=epsilon, start=start, consecutive=consecutive,
-                          max_blocks=max_blocks, folds=folds, train=train_config(**kw))
+                          max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
     result = greedy_select(cache, config, out=out, progress=not as_json)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
