@@ -323,7 +323,7 @@ def show_halving(result, out: str, as_json: bool) -> None:
               help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, comma-separated, or all; the first orders")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="leave out the validation set a profile with this --val-fraction selects on")
-@click.option("--samples", type=click.IntRange(min=2), default=512, show_default=True,
+@click.option("--samples", type=click.IntRange(min=2), default=256, show_default=True,
               help="training examples for the per-sample gradients")
 @click.option("--limit", type=int, help="seeded class-balanced subset of N training examples (as train)")
 @click.option("--labels", help="the cache's extra label set labels/NAME")

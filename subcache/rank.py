@@ -50,7 +50,7 @@ class RankConfig:
     widths: tuple[int, ...] = (1,)
     methods: tuple[str, ...] = METHODS  # the first one orders the ranking (its `score`)
     val_fraction: float = 0.0  # the validation set `profile --val-fraction` carves is left out here too
-    samples: int = 512  # training examples for the per-sample gradients (class-balanced, seeded)
+    samples: int = 256  # training examples for the per-sample gradients (class-balanced, seeded)
     knn: int = 10  # neighbours of leave-one-out k-NN
     head_l2: float = 1e-3  # L2 penalty of the fitted head (keeps p(y|x) away from 1 on separable features)
     train: TrainConfig = field(default_factory=TrainConfig)  # device, labels, limit, train split
