@@ -562,7 +562,7 @@ def export(tasks, fmt, out, as_json) -> None:
 
 
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
+BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "select")
 
 
 @main.command()
@@ -574,7 +574,8 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
 @click.option("--limit", type=click.IntRange(min=2), default=2000, show_default=True, help="training images used")
 @click.option("--layer", default="13", show_default=True, help="cached layer")
 @click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train), profiled range (profile)")
-@click.option("--width", type=click.IntRange(min=1), default=1, show_default=True, help="window width (profile)")
+@click.option("--width", type=click.IntRange(min=1), default=1, show_default=True,
+              help="window width (profile); widths 1..W (select)")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)

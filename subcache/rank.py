@@ -284,6 +284,32 @@ def _check_finite(ranking: list[dict], methods: Sequence[str]) -> None:
                             f"activations may hold inf/nan (check with `subcache verify`)")
 
 
+@torch.inference_mode()
+def pooled_widths(backbone: Backbone, lo: int, hi: int) -> list[int]:
+    """Width of the pooled features at the input of blocks lo..hi and at the output of hi."""
+    size = backbone.preprocess.image_size
+    device = next(backbone.parameters()).device
+    h = backbone.prefix(torch.zeros(1, 3, size, size, device=device), lo)
+    dims = []
+    for d in range(lo, hi + 1):
+        dims.append(pooled(h).shape[1])
+        h = backbone.block(d)(h)
+    return dims + [pooled(h).shape[1]]
+
+
+def rank_flops(backbone: Backbone, result: RankResult, lo: int, hi: int, rows: int) -> float:
+    """Arithmetic of one rank, excluding the frozen forward that fills the bank (a profile shares it): per-sample
+    gradients (forward + backward of the range and the tail, as one training step), LogME's SVD (≈ 4·N·D²) and
+    k-NN's similarities (2·N²·D) at every depth."""
+    from .bench import training_flops
+
+    methods, dims = result.config.methods, pooled_widths(backbone, lo, hi)
+    grads = min(result.config.samples, rows) * training_flops(backbone, tuple(range(lo, hi + 1)))[1]
+    svd = sum(4 * rows * d * min(rows, d) for d in dims) if "logme" in methods else 0
+    knn = sum(2 * rows * rows * d for d in dims) if "knn" in methods else 0
+    return float(grads * bool(set(methods) & set(GRADIENT)) + svd + knn)
+
+
 # -- judged against a profile ----------------------------------------------------------------------------------
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Average ranks (1-based) with ties sharing their mean rank."""
