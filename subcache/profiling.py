@@ -291,29 +291,17 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     lo, hi = parse_range(config.blocks, cache, backbone)
     wins = [win for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     fraction = config.val_fraction or DEFAULT_VAL_FRACTION
-    split = validation_split(cache, config.train, fraction)
-    flops = _window_flops(backbone, wins)
-    bank = shared_bank(cache, backbone, config.train)
     rows = _load_rows(out, config.train, "halving.json",
                       extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs})
+    runner = _Rungs(cache, backbone, replace(config, val_fraction=fraction), rows, out, on_run)
     survivors = _prior(cache, config, backbone, wins) if config.prior else wins
     epochs, rungs = min(config.min_epochs, config.train.epochs), []
     with progress_bar(progress, "runs/s") as bar:
         task = bar.add_task("halving", total=None)
         while True:
-            for win in survivors:
-                for seed in range(config.seeds):
-                    if _find(rows, len(rungs), win, seed) is None:
-                        row = {"rung": len(rungs), "epochs": epochs, "blocks": spec_of(win), "first": win[0],
-                               "width": len(win), "seed": seed, "flops": epochs * len(split[0]) * flops[win],
-                               **run_window(cache, replace(config.train, blocks=spec_of(win), seed=seed,
-                                                           epochs=epochs), backbone, bank, split)}
-                        rows.append(row)
-                        if out:
-                            _save_halving(out, rows, config, fraction, cache)
-                        if on_run:
-                            on_run(row)
-                        bar.advance(task)
+            for win, seed in [(w, k) for w in survivors for k in range(config.seeds)]:
+                if runner.run(len(rungs), epochs, win, seed):
+                    bar.advance(task)
             ranked = _rung_ranking(rows, len(rungs), survivors)
             keep = ranked[:max(1, math.ceil(len(ranked) / config.eta))]
             last = epochs >= config.train.epochs
@@ -322,12 +310,47 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
             if last:
                 break
             epochs, survivors = rung_epochs(epochs, config.train.epochs, config.eta, len(keep)), keep
-    full = sum(config.seeds * config.train.epochs * len(split[0]) * flops[w] for w in wins)
+    n_fit = len(runner.split[0])
+    full = sum(config.seeds * config.train.epochs * n_fit * runner.flops(w) for w in wins)
     result = HalvingResult(rows, rungs, _best(rows, len(rungs) - 1, ranked[0]),
                            sum(r["flops"] for r in rows if _in_rungs(r, rungs)), full, out)
     if out:
-        _save_halving(out, rows, config, fraction, cache, result)
+        _save_halving(out, rows, runner.config, cache, result)
     return result
+
+
+class _Rungs:
+    """Runs of a halving: trains a (rung, window, seed) unless a saved run has it; saves after each."""
+
+    def __init__(self, cache: Cache, backbone: Backbone, config: ProfileConfig, rows: list[dict], out: str | None,
+                 on_run: Callable[[dict], None] | None):
+        self.cache, self.backbone, self.config, self.rows, self.out, self.on_run = (cache, backbone, config, rows,
+                                                                                   out, on_run)
+        self.split = validation_split(cache, config.train, config.val_fraction)
+        self.bank = shared_bank(cache, backbone, config.train)
+        self._flops: dict[tuple[int, ...], int] = {}
+
+    def flops(self, win: tuple[int, ...]) -> int:
+        """Training FLOPs per sample from the cache (bench's accounting: 3× tuned blocks + 2× the rest)."""
+        from .bench import training_flops
+
+        if win not in self._flops:
+            self._flops[win] = training_flops(self.backbone, win)[1]
+        return self._flops[win]
+
+    def run(self, rung: int, epochs: int, win: tuple[int, ...], seed: int) -> bool:
+        if _find(self.rows, rung, win, seed) is not None:
+            return False
+        cfg = replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs)
+        row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
+               "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win),
+               **run_window(self.cache, cfg, self.backbone, self.bank, self.split)}
+        self.rows.append(row)
+        if self.out:
+            _save_halving(self.out, self.rows, self.config, self.cache)
+        if self.on_run:
+            self.on_run(row)
+        return True
 
 
 def _find(rows: list[dict], rung: int, win: tuple[int, ...], seed: int) -> dict | None:
@@ -354,13 +377,6 @@ def _best(rows: list[dict], rung: int, win: tuple[int, ...]) -> dict:
             "test_accuracy": statistics.fmean(r["test_accuracy"] for r in runs)}
 
 
-def _window_flops(backbone: Backbone, wins: list[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
-    """Training FLOPs per sample from the cache for each window (bench's accounting: 3× tuned + 2× the rest)."""
-    from .bench import training_flops
-
-    return {w: training_flops(backbone, w)[1] for w in wins}
-
-
 def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
            wins: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """`--prior rank`: the best 1/eta of the windows by rank's score, before any training."""
@@ -375,12 +391,12 @@ def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
     return sorted(order[:max(1, math.ceil(len(order) / config.eta))], key=wins.index)
 
 
-def _save_halving(out: str, rows: list[dict], config: ProfileConfig, fraction: float, cache: Cache,
+def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cache,
                   result: HalvingResult | None = None) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"cache": cache.path, "backbone": cache.backbone, "layer": cache.layer,
-            "config": {**asdict(config), "val_fraction": fraction, "train": asdict(config.train)}, "runs": rows,
+            "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows,
             **({**result.to_dict(), "complete": True} if result else {"complete": False})}
     tmp = folder / "halving.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))

@@ -115,6 +115,33 @@ def test_rank_scores_are_deterministic_and_finite(planted):
     assert by["2-3"]["logme"] == pytest.approx(by["2"]["logme"] + by["3"]["logme"], abs=1e-9)
 
 
+def test_gradient_scores_match_a_per_sample_autograd_loop():
+    from subcache.rank import gradient_scores
+
+    backbone = planted_backbone()
+    torch.manual_seed(3)
+    head = nn.Linear(3, 4).requires_grad_(False)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    scores = gradient_scores(backbone, head, x, y, 2, 4, chunk=4)
+    for b in (2, 3, 4):
+        params = list(backbone.block(b).parameters())
+        grads = []
+        for i in range(len(x)):
+            with torch.enable_grad():
+                for p in params:
+                    p.requires_grad_(True)
+                h = backbone.run_blocks(x[i:i + 1], 2, 4)
+                loss = nn.functional.cross_entropy(head(backbone.neck(h)), y[i:i + 1])
+                grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+                for p in params:
+                    p.requires_grad_(False)
+        g = torch.stack(grads).double()
+        theta = torch.cat([p.flatten() for p in params]).double()
+        assert scores[b]["fisher"] == pytest.approx(g.square().sum(1).mean().item(), rel=1e-5)
+        assert scores[b]["fisher_pp"] == pytest.approx(scores[b]["fisher"] / theta.numel())
+        assert scores[b]["rgn"] == pytest.approx((g.mean(0).norm() / theta.norm()).item(), rel=1e-5)
+
+
 def reference_logme(f: np.ndarray, y: np.ndarray) -> float:
     """The published algorithm (thuml/LogME, the D×D eigendecomposition form), transcribed for comparison."""
     f = f.astype(np.float64)
