@@ -237,6 +237,14 @@ def test_halving_resumes_after_a_kill(planted, tmp_path):
                         out=str(tmp_path), backbone=backbone)
 
 
+def test_halving_prior_rank_starts_from_ranks_best(planted):
+    cache, backbone = planted
+    config = ProfileConfig(widths=(1,), halving=True, eta=2, prior="rank", train=FAST.__class__(
+        **{**FAST.__dict__, "epochs": 1}), val_fraction=0.25)
+    result = halving_profile(cache, config, backbone=backbone)
+    assert len(result.rungs) == 1 and len(result.rungs[0]["windows"]) == 2 and "3" in result.rungs[0]["windows"]
+
+
 # -- validation ---------------------------------------------------------------------------------------------------
 def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted, monkeypatch):
     cache, backbone = planted
