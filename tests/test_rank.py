@@ -268,6 +268,25 @@ def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted,
     assert result.best()["blocks"] == max(summary, key=lambda s: s["val_mean"])["blocks"]
 
 
+def test_greedy_chooses_on_validation_and_trains_without_it(planted, monkeypatch):
+    import subcache.profiling as profiling
+
+    cache, backbone = planted
+    calls = []
+    real_train = profiling.train
+    monkeypatch.setattr(profiling, "train", lambda *a, **kw: calls.append(kw) or real_train(*a, **kw))
+    config = profiling.GreedyConfig(blocks="3-4", max_blocks=1, epsilon=-1.0, train=FAST, val_fraction=0.25)
+    result = profiling.greedy_select(cache, config, backbone=backbone)
+    fit, val = validation_split(subcache.open_cache(cache), FAST, 0.25)
+    *search, final = calls
+    assert all(np.array_equal(c["eval_indices"], val) and np.array_equal(c["train_indices"], fit) for c in search)
+    assert np.array_equal(final["train_indices"], fit) and final.get("eval_indices") is None
+    assert result.test_accuracy is not None
+    with pytest.raises(SubcacheError, match="give one of them"):
+        profiling.greedy_select(cache, profiling.GreedyConfig(folds=2, val_fraction=0.2, train=FAST),
+                                backbone=backbone)
+
+
 # -- corrupt --------------------------------------------------------------------------------------------------------
 def test_corrupt_is_deterministic_per_item_and_follows_the_parameters(tmp_path):
     from tests.conftest import make_npz

@@ -40,3 +40,9 @@ def test_deploy_example_runs_in_tiny_mode(tmp_path):
     done = run_example("deploy.sh", tmp_path)
     assert "siamese" in done.stdout and "prune-0.75" in done.stdout
     assert (tmp_path / "deploy" / "predictions.csv").is_file()
+
+
+def test_select_example_runs_in_tiny_mode(tmp_path):
+    done = run_example("select.sh", tmp_path)
+    assert "halving" in done.stdout and (tmp_path / "select.json").is_file()
+    assert (tmp_path / "fmc" / "rank" / "rank.png").is_file()
