@@ -14,7 +14,11 @@ LIMIT=${LIMIT:-2000}; TRAIN=${TRAIN:-1000}; SEEDS=${SEEDS:-2}; EPOCHS=${EPOCHS:-
 WIDTH=${WIDTH:-1,2}; VAL=${VAL:-0.2}; BATCH=${BATCH:-64}; TASKS=${TASKS:-fm fmc coarse}
 if [[ "${QUICK:-0}" == 1 ]]; then LIMIT=120; TRAIN=100; SEEDS=1; EPOCHS=1; RANGE=15-16; WIDTH=1; fi
 mkdir -p "$OUT"
-run() { subcache "$@"; }
+# this checkout's library and CLI (a `subcache` on PATH may belong to another install)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+CLI=cli.main; [[ -f "$ROOT/subcache/cli/main.py" ]] && CLI=subcache.cli.main
+run() { python -m "$CLI" "$@"; }
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then  # SKIP_BUILD=1: the caches and the coarse labels are there already
 run build --model efficientnet_lite0 --data fashion-mnist --image-size 64 --limit "$LIMIT" --layer 11 \

@@ -133,8 +133,10 @@ def pooled(h: torch.Tensor) -> torch.Tensor:
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
-    """L2-regularised multinomial logistic regression on standardised features, full batch L-BFGS."""
-    mean, std = features.mean(0), features.std(0) + 1e-6
+    """L2-regularised multinomial logistic regression, full batch L-BFGS, on centred features scaled by one number
+    (per-feature scaling would let the penalty favour large raw weights on near-constant features, whose
+    gradients then swamp the blocks' scores)."""
+    mean, std = features.mean(0), features.std() + 1e-6
     x = (features - mean) / std
     head = torch.nn.Linear(x.shape[1], classes).to(features.device)
     torch.nn.init.zeros_(head.weight)

@@ -2,7 +2,7 @@
 
 The planted backbone: four 1×1-conv blocks on 3 channels, all identity except block 3, then a global average pool.
 The label lives only in channel 0 (its brightness: 40 + 60·class); channel 1 is a random level per image, unrelated
-to the label; channel 2 is pixel noise. Block 3 turns channel 0 down 10× and drowns it in channel 1's noise (detached: a fixed corruption, not a
+to the label; channel 2 is dark. Block 3 turns channel 0 down 10× and drowns it in channel 1's noise (detached: a fixed corruption, not a
 path for gradients), and zeroes channel 1. After block 3 the label is barely readable; before it, perfectly.
 Tuning block 3 — and only block 3 — can undo that, so block 3 obviously matters:
 
@@ -71,7 +71,6 @@ def planted_npz(path, n_train=240, n_test=80, seed=0) -> str:
         x = np.zeros((n, 8, 8, 3), dtype=np.uint8)
         x[..., 0] = (40 + 60 * y)[:, None, None]  # the label
         x[..., 1] = rng.integers(0, 80, (n, 1, 1))  # a level per image
-        x[..., 2] = rng.integers(0, 80, (n, 8, 8))
         return x, y
 
     (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
