@@ -47,8 +47,8 @@ for task in $TASKS; do
   [[ $task == coarse ]] && { cache="$OUT/fm.zarr"; extra=(--labels coarse); }
   common=(--cache "$cache" --blocks "$RANGE" --width "$WIDTH" --limit "$TRAIN" "${extra[@]}")
   mkdir -p "$OUT/$task"
-  run profile "${common[@]}" --seeds "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --no-probe \
-    --out "$OUT/$task/profile" --json > "$OUT/$task/profile.out.json"
+  run profile "${common[@]}" --seeds "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" \
+    --no-probe --out "$OUT/$task/profile" --json > "$OUT/$task/profile.out.json"
   run rank "${common[@]}" --method all --val-fraction "$VAL" --against "$OUT/$task/profile" \
     --out "$OUT/$task/rank" --json > "$OUT/$task/rank.out.json"
   run profile "${common[@]}" --seeds "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --halving \

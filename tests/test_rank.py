@@ -2,8 +2,9 @@
 
 The planted backbone: four 1×1-conv blocks on 3 channels, all identity except block 3, then a global average pool.
 The label lives only in channel 0 (its brightness: 40 + 60·class); channel 1 is a random level per image, unrelated
-to the label; channel 2 is dark. Block 3 turns channel 0 down 10× and drowns it in channel 1's noise (detached: a fixed corruption, not a
-path for gradients), and zeroes channel 1. After block 3 the label is barely readable; before it, perfectly.
+to the label; channel 2 is dark. Block 3 turns channel 0 down 10× and drowns it in channel 1's noise (detached: a
+fixed corruption, not a path for gradients), and zeroes channel 1. After block 3 the label is barely readable;
+before it, perfectly.
 Tuning block 3 — and only block 3 — can undo that, so block 3 obviously matters:
 
 * transferability drops across block 3 and nowhere else (identity blocks keep it), so LogME and k-NN rank it first;
