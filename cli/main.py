@@ -98,6 +98,7 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True),
               help="pack chunks into shards of about N MiB (fewer objects on object stores)")
 @click.option("--flip-views", is_flag=True, help="also store exact activations of mirrored images")
+@click.option("--corrupt", help="NAME:SEVERITY, a deterministic CIFAR-10-C style corruption, e.g. gaussian_noise:3")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="target uncompressed chunk size in MiB")
@@ -109,8 +110,10 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.pass_context
 @friendly
 def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
-          flip_views, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
+          flip_views, corrupt, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
+    if source_cache and corrupt:
+        raise click.UsageError("--corrupt applies to images; a cache built --from another keeps its corruption")
     if source_cache:
         from subcache.derive import DeriveConfig, derive_cache
 
@@ -123,7 +126,8 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
-                                      flip_views=flip_views, batch_size=batch_size, chunk_mb=chunk_mb, device=device,
+                                      flip_views=flip_views, corrupt=corrupt, batch_size=batch_size,
+                                      chunk_mb=chunk_mb, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=True)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
@@ -136,7 +140,7 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
 
 
-IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download")
+IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download", "corrupt")
 
 
 def refuse_image_options(ctx: click.Context) -> None:
@@ -336,22 +340,37 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--repeats", "seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="runs per window, with seeds 0..K-1 (mean ± std)")
 @click.option("--no-probe", is_flag=True, help="skip the linear-probe baseline")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="select on this class-balanced fraction of the training split; test only reports "
+                   "[default: 0, or 0.2 with --halving]")
+@click.option("--halving", is_flag=True, help="successive halving: all windows briefly, the best 1/eta longer, …")
+@click.option("--eta", type=click.IntRange(min=2), default=3, show_default=True, help="halving: keep 1/eta per rung")
+@click.option("--min-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="halving: epochs of the first rung")
+@click.option("--prior", type=click.Choice(["rank"]), help="halving: start from rank's best 1/eta windows")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
-def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> None:
+def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
+            as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
     from subcache.profiling import ProfileConfig, profile_blocks
 
+    if prior and not halving:
+        raise click.UsageError("--prior applies to --halving")
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
-                           train=train_config(**kw))
+                           train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
+                           min_epochs=min_epochs, prior=prior)
     result = profile_blocks(cache, config, out=out, progress=True)
+    if halving:
+        return show_halving(result, out, as_json)
     best = result.best()
     if as_json:
-        emit_json({"summary": result.summary(), "best": best, "out": out})
+        emit_json({"summary": result.summary(), "best": best, "selected_on": "validation" if val_fraction else "test",
+                   "out": out})
         return
     table = Table(title=f"finetuning profile ({seeds} run{'s' if seeds > 1 else ''} per window)")
     for col in ("blocks", "width", "test accuracy", "± std", "trainable params"):
@@ -364,6 +383,70 @@ def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> 
     console.print(f"wrote {out}/profile.csv, profile.json, profile.png")
 
 
+def show_halving(result, out: str, as_json: bool) -> None:
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title="successive halving")
+    for col in ("rung", "epochs", "windows", "kept"):
+        table.add_column(col, justify="right")
+    for r in result.rungs:
+        table.add_row(str(r["rung"]), str(r["epochs"]), str(len(r["windows"])), ", ".join(r["kept"]))
+    console.print(table)
+    b = result.best
+    console.print(f"best window {b['blocks']}: validation {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
+                  f"{result.compute_fraction:.1%} of a full profile's training compute → {out}/halving.json")
+
+
+# -- rank --------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--range", "block_range", help="range LOW-HIGH of blocks to rank [default: cached layer to last block]")
+@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
+              help="window widths, e.g. 1,2")
+@click.option("--method", "methods", default="all", show_default=True,
+              help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, comma-separated, or all; the first orders")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="leave out the validation set a profile with this --val-fraction selects on")
+@click.option("--samples", type=click.IntRange(min=2), default=256, show_default=True,
+              help="training examples for the per-sample gradients")
+@click.option("--examples", "limit", type=int, help="seeded class-balanced subset of N training examples (as train)")
+@click.option("--labels", help="the cache's extra label set labels/NAME")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--against", "against", help="a profile folder: Spearman, Kendall and regret of each method")
+@click.option("--out", required=True, help="folder for rank.csv, rank.json, rank.png")
+@click.option("--json", "as_json", is_flag=True)
+@renamed("--blocks", "block_range", "--range")
+@renamed("--limit", "limit", "--examples", type=int)
+@friendly
+def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labels, device, against, out,
+         as_json) -> None:
+    """Score every window without training it: gradient energy (Fisher, relative gradient norm) and the
+    transferability the frozen window loses (LogME, leave-one-out k-NN)."""
+    from subcache.rank import RankConfig, parse_methods, rank_windows
+
+    config = RankConfig(blocks=block_range, widths=widths, methods=parse_methods(methods), val_fraction=val_fraction,
+                        samples=samples, train=train_config(limit=limit, labels=labels, device=device))
+    result = rank_windows(cache, config, out=out, against=against)
+    if as_json:
+        emit_json({**result.to_dict(), "out": out})
+        return
+    table = Table(title=f"windows ranked by {config.methods[0]} (higher: tune here)")
+    for col in ("blocks", *config.methods):
+        table.add_column(col, justify="right")
+    for r in result.ranking:
+        table.add_row(r["blocks"], *(f"{r[m]:.4g}" for m in config.methods))
+    console.print(table)
+    if result.comparison:
+        c = result.comparison
+        console.print(f"against {against} ({c['windows']} windows, selected on {c['selected_on']}; "
+                      f"profile pick {c['profile_pick']} at {c['profile_pick_test']:.4f} test):")
+        for m, v in c["methods"].items():
+            console.print(f"  {m:>9}: Spearman {v['spearman']:+.3f}  Kendall {v['kendall']:+.3f}  top {v['top']}  "
+                          f"regret {v['regret']:+.2f} points")
+    console.print(f"wrote {out}/rank.csv, rank.json, rank.png ({result.seconds:.1f}s)")
+
+
 @main.command()
 @click.option("--cache", required=True)
 @click.option("--range", "block_range", help="candidate blocks LOW-HIGH [default: cached layer to last block]")
@@ -373,18 +456,21 @@ def profile(cache, block_range, widths, seeds, no_probe, out, as_json, **kw) -> 
 @click.option("--max-blocks", type=click.IntRange(min=1))
 @click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
               help="choose by k-fold CV on the training split (0: by test accuracy)")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="choose on this class-balanced fraction of the training split (0: by test accuracy)")
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of every run")
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @friendly
-def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, out, as_json, **kw) -> None:
+def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json,
+           **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
     from subcache.profiling import GreedyConfig, greedy_select
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
-                          max_blocks=max_blocks, folds=folds, train=train_config(**kw))
+                          max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
     result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
@@ -569,7 +655,7 @@ def export(tasks, fmt, out, as_json) -> None:
 
 
 # -- bench -------------------------------------------------------------------------------------------------------
-BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
+BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "select")
 
 
 @main.command()
@@ -582,7 +668,8 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed")
               help="first N images of the train split")
 @click.option("--layer", default="13", show_default=True, help="cached layer")
 @click.option("--blocks", default="13-16", show_default=True, help="tuned blocks (train), profiled range (profile)")
-@click.option("--width", type=click.IntRange(min=1), default=1, show_default=True, help="window width (profile)")
+@click.option("--width", type=click.IntRange(min=1), default=1, show_default=True,
+              help="window width (profile); widths 1..W (select)")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -7,6 +7,8 @@
 * multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64; on torchvision
           ResNets also the reference code's grouped-convolution rewrite ÷ MultiTaskModel, one task.
 * score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
+* select: `rank` and `profile --halving` ÷ the full profile (validation 20 %, same windows and settings): wall
+          time, FLOPs, and regret — test-accuracy points lost against the window the full profile picks.
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
           through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
           (prefix forward + window/tail forward and backward) ÷ FLOPs of the same step from the cache.
@@ -357,3 +359,46 @@ def bench_distributed(config: BenchConfig, progress: bool, *, root: Path) -> dic
               "build_scaling_2": (runs[2]["images"] / runs[2]["seconds"]) / (runs[1]["images"] / runs[1]["seconds"]),
               "cpu_count": os.cpu_count()}
     return result
+
+
+@_in_workdir
+def bench_select(config: BenchConfig, progress: bool, *, root: Path) -> dict:
+    """`rank` and `profile --halving` vs the full profile of the same windows (widths 1..``width``): wall seconds,
+    FLOPs and regret, measured in one run on this machine."""
+    from .backbones import parse_block_spec
+    from .profiling import HalvingResult, ProfileConfig, profile_blocks
+    from .rank import RankConfig, rank_flops, rank_windows
+
+    device = resolve_device(config.device)
+    backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
+    blocks = parse_block_spec(config.blocks, backbone)
+    lo, hi = blocks[0], blocks[-1]
+    out = str(root / "bench-select.zarr")
+    build_cache(BuildConfig(out=out, layers=(str(lo),), model=config.model, weights=config.weights,
+                            data=config.data, limit=config.limit, image_size=config.image_size,
+                            device=config.device, overwrite=True), backbone=backbone, progress=progress)
+    tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device)
+    widths = tuple(range(1, config.width + 1))
+    pcfg = ProfileConfig(blocks=f"{lo}-{hi}", widths=widths, probe=False, train=tcfg, val_fraction=0.2)
+    t0 = time.perf_counter()
+    full = profile_blocks(out, pcfg, out=str(root / "profile"), backbone=backbone)
+    full_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    halving: HalvingResult = profile_blocks(out, replace(pcfg, halving=True), backbone=backbone)
+    halving_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ranked = rank_windows(out, RankConfig(blocks=f"{lo}-{hi}", widths=widths, train=tcfg, val_fraction=0.2),
+                          backbone=backbone, against=str(root / "profile"))
+    rank_s = time.perf_counter() - t0
+    test = {s["blocks"]: s["mean"] for s in full.summary()}
+    pick = full.best()["blocks"]
+    r_flops = rank_flops(backbone, ranked, lo, hi, int(0.8 * len(open_cache(out).split("train"))))
+    c = ranked.comparison["methods"]
+    return {"windows": len(test), "epochs": config.epochs, "device": str(device), "profile_pick": pick,
+            "profile_seconds": full_s, "profile_flops": halving.full_flops,
+            "halving_pick": halving.best["blocks"], "halving_seconds_ratio": halving_s / full_s,
+            "halving_flops_ratio": halving.compute_fraction,
+            "halving_regret": 100 * (test[pick] - test[halving.best["blocks"]]),
+            "rank_seconds_ratio": rank_s / full_s, "rank_flops_ratio": r_flops / halving.full_flops,
+            **{f"rank_{m}_regret": v["regret"] for m, v in c.items()},
+            **{f"rank_{m}_spearman": v["spearman"] for m, v in c.items()}}

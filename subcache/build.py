@@ -62,6 +62,7 @@ class BuildConfig:
     codec: str = "auto"  # auto | zstd | lz4 | none (auto: measured on the first chunk)
     shard_mb: float | None = None  # pack chunks into shards of about this many MiB (object stores)
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
+    corrupt: str | None = None  # NAME:SEVERITY, a deterministic corruption of every image (subcache.corrupt)
     batch_size: int = 128
     chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
     device: str = "auto"  # auto | cpu | cuda
@@ -78,6 +79,8 @@ class BuildConfig:
         d = asdict(self)
         for k in ("out", "resume", "overwrite", "download", "data_root", "device"):
             d.pop(k)
+        if d["corrupt"] is None:  # caches built before --corrupt existed resume as before
+            d.pop("corrupt")
         d["layers"], d["splits"] = list(self.layers), list(self.splits)
         return d
 
@@ -120,7 +123,8 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     layers = sorted({backbone.resolve(layer) for layer in config.layers})
     config = replace(config, layers=tuple(map(str, layers)))  # recorded resolved: `--layer layer3.1` resumes `6`
     sources = {s: open_source(config.data if data is None else data[s], s, limit=config.limit,
-                              download=config.download, root=config.data_root) for s in dict.fromkeys(config.splits)}
+                              download=config.download, root=config.data_root, corrupt=config.corrupt)
+               for s in dict.fromkeys(config.splits)}
     paths = out_paths(config.out, layers)
     backbone.to(device)
     shapes = {layer: backbone.input_shape(layer) for layer in layers}

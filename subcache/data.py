@@ -145,9 +145,14 @@ def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch
 
 # ---------------------------------------------------------------------------------------------------------------
 def open_source(spec: Any, split: str, *, limit: int | None = None, download: bool = False,
-                root: str | os.PathLike | None = None) -> ImageSource:
+                root: str | os.PathLike | None = None, corrupt: str | None = None) -> ImageSource:
     """A split of a dataset: ``spec`` is a known name, an ImageFolder directory, an ``.npz`` file, ``hf:PATH``,
-    an image file, or a dataset object (torchvision, Hugging Face, any sequence of (image, label)) for that split."""
+    an image file, or a dataset object (torchvision, Hugging Face, any sequence of (image, label)) for that split.
+    ``corrupt``: ``NAME:SEVERITY`` (see `subcache.corrupt`) corrupts every item deterministically."""
+    from .corrupt import corrupted, parse_corruption
+
+    if corrupt:
+        parse_corruption(corrupt)  # a bad spec fails before any data is read
     root = Path(root or os.environ.get("SUBCACHE_DATA", Path.home() / ".cache" / "subcache" / "data"))
     if not isinstance(spec, str | os.PathLike):
         source = from_dataset(spec, split)
@@ -155,7 +160,7 @@ def open_source(spec: Any, split: str, *, limit: int | None = None, download: bo
         source = _from_spec(os.fspath(spec), split, download, root)
     if len(source) == 0:
         raise DataError(f"{source.name} split {split} holds no images")
-    return source.subset(limit)
+    return corrupted(source.subset(limit), corrupt)
 
 
 def _from_spec(spec: str, split: str, download: bool, root: Path) -> ImageSource:

@@ -18,13 +18,13 @@ import numpy as np
 from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
-from .errors import BlockError, ConfigError, SubcacheError
+from .errors import BlockError, ConfigError, DataError, SubcacheError
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
 from .store import Cache
 from .task import atomic_write, check_out_dir
-from .train import TrainConfig, balanced_subset, check_train_config, labels_for, open_for_training, train
+from .train import TrainConfig, _scorer, balanced_subset, check_train_config, labels_for, open_for_training, train
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -84,9 +84,14 @@ class ProfileConfig:
     seeds: int = 1  # runs per window (seeds 0..K-1): mean ± std
     probe: bool = True  # also the linear probe, the baseline line
     train: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.0  # > 0: carve a validation set from the training split and select on it
+    halving: bool = False  # successive halving instead of training every window to the end
+    eta: int = 3  # halving: keep the best 1/eta of the windows at each rung
+    min_epochs: int = 1  # halving: epochs of the first rung (×eta per rung, up to train.epochs)
+    prior: str | None = None  # halving: "rank" keeps rank's best 1/eta windows before the first rung
 
 
-FIELDS = ("blocks", "first", "width", "seed", "test_accuracy", "trainable_params", "seconds")
+FIELDS = ("blocks", "first", "width", "seed", "test_accuracy", "val_accuracy", "trainable_params", "seconds")
 
 
 @dataclass
@@ -105,11 +110,14 @@ class ProfileResult:
             out.append({"blocks": blocks, "first": first, "width": width, "runs": len(rs),
                         "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                         "trainable_params": rs[0]["trainable_params"]})
+            if all(r.get("val_accuracy") is not None for r in rs):
+                out[-1]["val_mean"] = statistics.fmean(r["val_accuracy"] for r in rs)
         return out
 
     def best(self) -> dict | None:
+        """The window a tool would pick: best mean validation accuracy when measured, else best test accuracy."""
         windows_only = [s for s in self.summary() if s["width"] > 0]
-        return max(windows_only, key=lambda s: s["mean"]) if windows_only else None
+        return max(windows_only, key=lambda s: s.get("val_mean", s["mean"])) if windows_only else None
 
 
 def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = ProfileConfig(), *,
@@ -122,43 +130,87 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
     lo, hi = parse_range(config.blocks, cache, backbone)
     if config.seeds < 1:
         raise BlockError(f"--seeds must be at least 1, got {config.seeds}")
+    if config.halving:
+        return halving_profile(cache, config, out=out, backbone=backbone, progress=progress, on_run=on_run)
+    split = validation_split(cache, config.train, config.val_fraction)
     plan = [(w, win) for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     if config.probe:
         plan.insert(0, (0, ()))
     if out:
         check_out_dir(out)
-    rows = _load_rows(out, config.train, data_identity(cache, config.train.labels))
+    rows = _load_rows(out, config.train, data_identity(cache, config.train.labels),
+                      extra={"val_fraction": config.val_fraction})
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train)
     with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
         for width, win, seed in todo:
-            run = train(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone=backbone, bank=bank)
             row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed,
-                   "test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
-                   "seconds": round(run.train_seconds, 3)}
+                   **run_window(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone, bank, split)}
             rows.append(row)
             if out:
                 _save(out, rows, config, cache)
             if on_run:
                 on_run(row)
-            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {run.test_accuracy:.4f}")
+            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {row['test_accuracy']:.4f}")
     result = ProfileResult(rows, out)
     if out:
         plot_profile(result, Path(out) / "profile.png", cache, config)
     return result
 
 
-def _load_rows(out: str | None, train_config: TrainConfig, identity: dict) -> list[dict]:
+def validation_split(cache: Cache, config: TrainConfig, fraction: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit, validation) positions in the training split, or None when ``fraction`` is 0.
+
+    The pool is the ``--limit`` subset drawn with seed 0 (all of the split without a limit); the validation set is
+    a class-balanced ``fraction`` of the pool drawn with seed 1, the same for every run and seed, disjoint from fit.
+    """
+    if not fraction:
+        return None
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1 (e.g. 0.2), got {fraction}")
+    labels = labels_for(cache, config.train_split, config.labels)[0].numpy()
+    pool = balanced_subset(labels, config.limit, 0)
+    pool = np.arange(len(labels)) if pool is None else pool
+    count = round(fraction * len(pool))
+    if count < 1 or len(pool) - count < 2:
+        raise DataError(f"--val-fraction {fraction} of {len(pool)} training examples leaves {count} for validation "
+                        f"and {len(pool) - count} for training; each needs at least 1 (training 2)")
+    val = pool[balanced_subset(labels[pool], count, 1)]
+    return np.setdiff1d(pool, val), val
+
+
+def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: ActivationBank | None,
+               split: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
+    if split is None:
+        run = train(cache, config, backbone=backbone, bank=bank)
+    else:
+        run = train(cache, config, backbone=backbone, bank=bank, train_indices=split[0])
+    row = {"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
+           "seconds": round(run.train_seconds, 3)}
+    if split is not None:
+        labels = labels_for(cache, config.train_split, config.labels)[0]
+        device = next(run.model.head.parameters()).device
+        row["val_accuracy"] = _scorer(run.model, cache, config, labels, bank, split[1], device)()
+    return row
+
+
+def _load_rows(out: str | None, train_config: TrainConfig, identity: dict | None = None,
+               name: str = "profile.json", extra: dict | None = None) -> list[dict]:
     """Finished runs of an earlier (interrupted) profile in ``out`` — refused if they were trained otherwise or
-    on another cache or labels."""
-    if not (out and (Path(out) / "profile.json").is_file()):
+    (given ``identity``) on another cache or labels. ``extra``: further config fields that must match (absent from
+    older files: read as 0.0)."""
+    if not (out and (Path(out) / name).is_file()):
         return []
-    saved = json.loads((Path(out) / "profile.json").read_text())
-    check_identity(saved.get("identity"), identity, out)
+    saved = json.loads((Path(out) / name).read_text())
+    if identity is not None:
+        check_identity(saved.get("identity"), identity, out)
     before = {k: v for k, v in saved["config"]["train"].items() if k not in ("blocks", "seed")}
     now = {k: v for k, v in asdict(train_config).items() if k not in ("blocks", "seed")}
+    before.update({k: saved["config"].get(k, 0.0) for k in extra or {}})
+    now.update(extra or {})
     if before != now:
         changed = sorted(k for k in now if before.get(k) != now[k])
         raise SubcacheError(f"{out} holds a profile trained with other settings ({', '.join(changed)} differ); "
@@ -246,6 +298,165 @@ def plot_profile(result: ProfileResult, path: str | os.PathLike | None, cache: C
     return save_figure(fig, path)
 
 
+# -- successive halving --------------------------------------------------------------------------------------------
+HALVING_FIELDS = ("rung", "epochs", "blocks", "first", "width", "seed", "val_accuracy", "test_accuracy",
+                  "trainable_params", "seconds", "flops")
+DEFAULT_VAL_FRACTION = 0.2  # halving always selects on validation; this much when --val-fraction is not given
+
+
+@dataclass
+class HalvingResult:
+    rows: list[dict]  # every run: rung, epochs, window, seed, validation/test accuracy, training FLOPs
+    rungs: list[dict]  # per rung: epochs, windows trained, windows kept
+    best: dict  # the window picked: blocks, val_accuracy, test_accuracy (means over seeds at the last rung)
+    train_flops: float  # training compute spent: Σ epochs × fit samples × window FLOPs per sample
+    full_flops: float  # the same for a full profile of every window with the same settings
+    out: str | None = None
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.train_flops / self.full_flops
+
+    def to_dict(self) -> dict:
+        return {"best": self.best, "rungs": self.rungs, "compute_fraction": self.compute_fraction,
+                "train_flops": self.train_flops, "full_profile_flops": self.full_flops, "runs": len(self.rows),
+                "out": self.out}
+
+
+def rung_epochs(min_epochs: int, epochs: int, eta: int, survivors: int) -> int:
+    """Epochs of the next rung: ×eta, capped at the final epochs; a lone survivor goes straight to the end."""
+    return epochs if survivors == 1 else min(epochs, min_epochs * eta)
+
+
+def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | None = None,
+                    backbone: Backbone | None = None, progress: bool = False,
+                    on_run: Callable[[dict], None] | None = None) -> HalvingResult:
+    """Successive halving over the windows: train all briefly, keep the best 1/eta on validation, train those
+    eta× longer (from scratch: the cosine schedule depends on the length), … until the survivors reach
+    ``train.epochs``. Resumable through ``out`` (``halving.json``): finished runs are read back and skipped."""
+    cache, backbone = open_for_training(cache, backbone)
+    if config.eta < 2 or config.min_epochs < 1:
+        raise BlockError(f"--eta must be at least 2 and --min-epochs at least 1, got {config.eta}, "
+                         f"{config.min_epochs}")
+    lo, hi = parse_range(config.blocks, cache, backbone)
+    wins = [win for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
+    fraction = config.val_fraction or DEFAULT_VAL_FRACTION
+    rows = _load_rows(out, config.train, data_identity(cache, config.train.labels), "halving.json",
+                      extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs})
+    runner = _Rungs(cache, backbone, replace(config, val_fraction=fraction), rows, out, on_run)
+    survivors = _prior(cache, config, backbone, wins) if config.prior else wins
+    epochs, rungs = min(config.min_epochs, config.train.epochs), []
+    with progress_bar(progress, "runs/s") as bar:
+        task = bar.add_task("halving", total=None)
+        while True:
+            for win, seed in [(w, k) for w in survivors for k in range(config.seeds)]:
+                if runner.run(len(rungs), epochs, win, seed):
+                    bar.advance(task)
+            ranked = _rung_ranking(rows, len(rungs), survivors)
+            keep = ranked[:max(1, math.ceil(len(ranked) / config.eta))]
+            last = epochs >= config.train.epochs
+            rungs.append({"rung": len(rungs), "epochs": epochs, "windows": [spec_of(w) for w in survivors],
+                          "kept": [spec_of(ranked[0])] if last else [spec_of(w) for w in keep]})
+            if last:
+                break
+            epochs, survivors = rung_epochs(epochs, config.train.epochs, config.eta, len(keep)), keep
+    n_fit = len(runner.split[0])
+    full = sum(config.seeds * config.train.epochs * n_fit * runner.flops(w) for w in wins)
+    result = HalvingResult(rows, rungs, _best(rows, len(rungs) - 1, ranked[0]),
+                           sum(r["flops"] for r in rows if _in_rungs(r, rungs)), full, out)
+    if out:
+        _save_halving(out, rows, runner.config, cache, result)
+    return result
+
+
+class _Rungs:
+    """Runs of a halving: trains a (rung, window, seed) unless a saved run has it; saves after each."""
+
+    def __init__(self, cache: Cache, backbone: Backbone, config: ProfileConfig, rows: list[dict], out: str | None,
+                 on_run: Callable[[dict], None] | None):
+        self.cache, self.backbone, self.config, self.rows, self.out, self.on_run = (cache, backbone, config, rows,
+                                                                                   out, on_run)
+        self.split = validation_split(cache, config.train, config.val_fraction)
+        self.bank = shared_bank(cache, backbone, config.train)
+        self._flops: dict[tuple[int, ...], int] = {}
+
+    def flops(self, win: tuple[int, ...]) -> int:
+        """Training FLOPs per sample from the cache (bench's accounting: 3× tuned blocks + 2× the rest)."""
+        from .bench import training_flops
+
+        if win not in self._flops:
+            self._flops[win] = training_flops(self.backbone, win)[1]
+        return self._flops[win]
+
+    def run(self, rung: int, epochs: int, win: tuple[int, ...], seed: int) -> bool:
+        if _find(self.rows, rung, win, seed) is not None:
+            return False
+        cfg = replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs)
+        row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
+               "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win),
+               **run_window(self.cache, cfg, self.backbone, self.bank, self.split)}
+        self.rows.append(row)
+        if self.out:
+            _save_halving(self.out, self.rows, self.config, self.cache)
+        if self.on_run:
+            self.on_run(row)
+        return True
+
+
+def _find(rows: list[dict], rung: int, win: tuple[int, ...], seed: int) -> dict | None:
+    return next((r for r in rows if (r["rung"], r["blocks"], r["seed"]) == (rung, spec_of(win), seed)), None)
+
+
+def _in_rungs(row: dict, rungs: list[dict]) -> bool:
+    """Whether a saved run belongs to this halving's schedule (a resumed file may hold no others, but be safe)."""
+    return row["rung"] < len(rungs) and row["blocks"] in rungs[row["rung"]]["windows"]
+
+
+def _rung_ranking(rows: list[dict], rung: int, survivors: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Survivors best first by mean validation accuracy over seeds; ties: the earlier, narrower window."""
+    def val(win: tuple[int, ...]) -> float:
+        return statistics.fmean(r["val_accuracy"] for r in rows if (r["rung"], r["blocks"]) == (rung, spec_of(win)))
+
+    return sorted(survivors, key=lambda w: (-val(w), len(w), w[0]))
+
+
+def _best(rows: list[dict], rung: int, win: tuple[int, ...]) -> dict:
+    runs = [r for r in rows if (r["rung"], r["blocks"]) == (rung, spec_of(win))]
+    return {"blocks": spec_of(win), "width": len(win), "epochs": runs[0]["epochs"],
+            "val_accuracy": statistics.fmean(r["val_accuracy"] for r in runs),
+            "test_accuracy": statistics.fmean(r["test_accuracy"] for r in runs)}
+
+
+def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
+           wins: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """`--prior rank`: the best 1/eta of the windows by rank's score, before any training."""
+    if config.prior != "rank":
+        raise BlockError(f"--prior must be rank, got {config.prior!r}")
+    from .rank import RankConfig, rank_windows
+
+    ranking = rank_windows(cache, RankConfig(blocks=config.blocks, widths=config.widths, train=config.train,
+                                             val_fraction=config.val_fraction or DEFAULT_VAL_FRACTION),
+                           backbone=backbone).ranking
+    order = [tuple(r["window"]) for r in ranking]
+    return sorted(order[:max(1, math.ceil(len(order) / config.eta))], key=wins.index)
+
+
+def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cache,
+                  result: HalvingResult | None = None) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels), "backbone": cache.backbone,
+            "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows,
+            **({**result.to_dict(), "complete": True} if result else {"complete": False})}
+    tmp = folder / "halving.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(folder / "halving.json")  # atomic: a killed run keeps every finished run
+    with open(folder / "halving.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HALVING_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 # -- greedy ----------------------------------------------------------------------------------------------------------
 @dataclass
 class GreedyResult:
@@ -313,6 +524,7 @@ class GreedyConfig:
     max_blocks: int | None = None
     folds: int = 0  # ≥ 2: choose by k-fold cross-validation on the training split; 0: by test accuracy
     train: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.0  # > 0: choose on a validation set carved from the training split
 
 
 def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = GreedyConfig(), *,
@@ -328,10 +540,13 @@ def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = Greed
         raise BlockError(f"--folds must be 0 (choose by test accuracy) or at least 2, got {config.folds}")
     if out:
         check_out_dir(out)
+    if config.folds and config.val_fraction:
+        raise ConfigError("--folds and --val-fraction both choose on held-out training data; give one of them")
     bank = shared_bank(cache, backbone, config.train)
     tcfg = config.train
     memo: dict[tuple[int, ...], float] = {}
-    folds = _folds(cache, tcfg, config.folds) if config.folds else None
+    split = validation_split(cache, tcfg, config.val_fraction)
+    folds = _folds(cache, tcfg, config.folds) if config.folds else None if split is None else [split]
 
     with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("greedy run", total=None)
@@ -350,7 +565,8 @@ def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = Greed
 
         result = greedy_search(score, list(range(lo, hi + 1)), epsilon=config.epsilon, start=config.start,
                                consecutive=config.consecutive, max_blocks=config.max_blocks)
-    final = train(cache, replace(tcfg, blocks=spec_of(result.blocks)), backbone=backbone, bank=bank)
+    final = train(cache, replace(tcfg, blocks=spec_of(result.blocks)), backbone=backbone, bank=bank,
+                  train_indices=None if split is None else split[0])
     result.test_accuracy = final.test_accuracy
     if out:
         _save_greedy(out, result, config, cache)
@@ -391,7 +607,8 @@ def plot_greedy(result: GreedyResult, path: str | os.PathLike | None, cache: Cac
     ax.set_xticks(range(len(result.path)))
     ax.margins(y=0.15)  # room for the labels above the points
     ax.set_xlabel("greedy step (blocks chosen so far)")
-    ax.set_ylabel(f"{config.folds}-fold validation accuracy" if config.folds else "test accuracy")
+    ax.set_ylabel("validation accuracy" if config.val_fraction else
+                  f"{config.folds}-fold validation accuracy" if config.folds else "test accuracy")
     ax.set_title(f"Greedy selection (ε = {config.epsilon}): {cache.backbone['model']}\n"
                  f"{describe_runs(cache, config.train)}", fontsize=10)
     ax.grid(alpha=0.3)

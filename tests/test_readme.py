@@ -53,3 +53,9 @@ def test_the_layout_names_every_module():
     for package in ("subcache", "cli"):
         for module in sorted((ROOT / package).glob("*.py")):
             assert f"`{module.stem}`" in layout, f"README's Layout does not name {package}/{module.name}"
+
+
+def test_select_example_runs_in_tiny_mode(tmp_path):
+    done = run_example("select.sh", tmp_path)
+    assert "halving" in done.stdout and (tmp_path / "select.json").is_file()
+    assert (tmp_path / "fmc" / "rank" / "rank.png").is_file()
