@@ -121,7 +121,8 @@ def test_python_dash_m_subcache_is_the_command():
 
 def test_install_puts_the_cli_under_the_package(tmp_path):
     source, target = tmp_path / "src", tmp_path / "site"  # a clean copy: no stale build/ from earlier builds
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs"))
+    skip = shutil.ignore_patterns(".git", ".evidence*", "build", "*.egg-info", "__pycache__", "runs")
+    shutil.copytree(ROOT, source, ignore=skip, symlinks=True)
     done = subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--target", str(target), "--no-deps",
                            "--no-build-isolation", "--no-index", "-q"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
