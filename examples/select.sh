@@ -17,8 +17,7 @@ mkdir -p "$OUT"
 # this checkout's library and CLI (a `subcache` on PATH may belong to another install)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-CLI=cli.main; [[ -f "$ROOT/subcache/cli/main.py" ]] && CLI=subcache.cli.main
-run() { python -m "$CLI" "$@"; }
+run() { python -m subcache "$@"; }
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then  # SKIP_BUILD=1: the caches and the coarse labels are there already
 run build --model efficientnet_lite0 --data fashion-mnist --image-size 64 --limit "$LIMIT" --layer 11 \
@@ -45,13 +44,13 @@ fi
 for task in $TASKS; do
   cache="$OUT/$task.zarr"; extra=()
   [[ $task == coarse ]] && { cache="$OUT/fm.zarr"; extra=(--labels coarse); }
-  common=(--cache "$cache" --blocks "$RANGE" --width "$WIDTH" --limit "$TRAIN" "${extra[@]}")
+  common=(--cache "$cache" --range "$RANGE" --width "$WIDTH" --examples "$TRAIN" "${extra[@]}")
   mkdir -p "$OUT/$task"
-  run profile "${common[@]}" --seeds "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" \
+  run profile "${common[@]}" --repeats "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" \
     --no-probe --out "$OUT/$task/profile" --json > "$OUT/$task/profile.out.json"
   run rank "${common[@]}" --method all --val-fraction "$VAL" --against "$OUT/$task/profile" \
     --out "$OUT/$task/rank" --json > "$OUT/$task/rank.out.json"
-  run profile "${common[@]}" --seeds "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --halving \
+  run profile "${common[@]}" --repeats "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --halving \
     --eta 3 --out "$OUT/$task/halving" --json > "$OUT/$task/halving.out.json"
 done
 
