@@ -1,6 +1,8 @@
 """Shared fixtures: tiny, seeded, offline datasets and caches (random-init backbones at 32 px)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,29 @@ def resnet_cache(tmp_path_factory, npz_path, resnet18):
                                   image_size=32, dtype="float32", batch_size=32)
     subcache.build_cache(config, backbone=resnet18)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto) on loopback, one per session (fsspec caches its S3 filesystems, so a
+    second server on another port would meet a cached client of the first); credentials only through the
+    environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="subcache-key-id", AWS_SECRET_ACCESS_KEY="subcache-secret",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="caches")
+    yield "s3://caches"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

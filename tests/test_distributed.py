@@ -167,30 +167,6 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(npz_path, tmp_pa
     assert subcache.open_cache(out).status == "complete" and not lock.exists()
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3-compatible server (moto) on loopback; credentials only through the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="subcache-key-id", AWS_SECRET_ACCESS_KEY="subcache-secret",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="caches")
-    yield "s3://caches"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def test_build_train_score_against_s3(s3, npz_path, resnet18, tmp_path):
     url = f"{s3}/run1/c.zarr"
     config = subcache.BuildConfig(out=url, layers=("6",), model="resnet18", weights="none", data=npz_path,

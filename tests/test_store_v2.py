@@ -14,7 +14,7 @@ import subcache
 import subcache.store as store
 from subcache.errors import CorruptChunkError, ForeignStoreError, StoreError
 from test_cli import one_line_error, run
-from test_distributed import s3, torchrun  # noqa: F401 - the local S3 server fixture
+from test_distributed import torchrun
 
 LIMIT = 64  # items per split; layer 3 of resnet18 at 32 px is 64×8×8: 1/16 MiB float16 chunks hold 8 items
 
@@ -252,7 +252,7 @@ def test_ranks_never_share_a_shard(f16, tmp_path, npz_path):
     same_arrays(f16, out)
 
 
-def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):  # noqa: F811 - the fixture
+def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):
     import boto3
 
     for url in ("memory://sharded.zarr", f"{s3}/sharded.zarr"):
