@@ -12,7 +12,7 @@ import zarr
 
 import subcache
 import subcache.store as store
-from subcache.errors import CorruptChunkError, ForeignStoreError, StoreError
+from subcache.errors import CorruptChunkError, StoreError
 from test_cli import one_line_error, run
 from test_distributed import torchrun
 
