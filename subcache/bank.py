@@ -27,8 +27,7 @@ class ActivationBank:
                  budget: int | None = None):
         self.cache, self.backbone, self.device, self.batch = cache, backbone, device, batch
         stored = getattr(torch, cache.dtype, torch.float32)
-        per_value = torch.finfo(stored).bits // 8 if stored.is_floating_point else 1
-        float32 = sum(split_nbytes(cache, s, len(cache.split(s))) for s in cache.splits) * 4 // per_value
+        float32 = sum(split_nbytes(cache, s, len(cache.split(s))) for s in cache.splits) * 4 // stored.itemsize
         self.dtype = resident_dtype(float32 * LAYERS_KEPT, stored, device, budget)
         self._acts: dict[tuple[str, int], torch.Tensor] = {}
 

@@ -53,9 +53,12 @@ def memory_budget(device: torch.device) -> int:
 
 def resident_dtype(float32_nbytes: int, stored: torch.dtype, device: torch.device,
                    budget: int | None = None) -> torch.dtype:
-    """float32 for tensors kept on the device when that fits the budget, else the cache's (16-bit) dtype."""
+    """float32 for tensors kept on the device when that fits the budget, else the cache's 16-bit dtype (float16 for
+    an int8 cache: its codes dequantize to floats, never back to int8)."""
     budget = memory_budget(device) if budget is None else budget
-    return torch.float32 if float32_nbytes <= budget else stored
+    if float32_nbytes <= budget:
+        return torch.float32
+    return stored if stored.is_floating_point else torch.float16
 
 
 def split_nbytes(cache: Cache, split: str, count: int) -> int:

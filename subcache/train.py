@@ -144,8 +144,7 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
     if augments or model.start == model.first_trainable:
         return loader, False
     x = loader.x if loader.decode is None else loader.decode(loader.x)
-    stored = loader.x.dtype if loader.x.is_floating_point() else torch.float32  # int8 codes: keep float32
-    keep = resident_dtype(x.numel() * 4 * 2, stored, device)  # the cache's 16-bit if fp32 won't fit
+    keep = resident_dtype(x.numel() * 4 * 2, loader.x.dtype, device)  # the cache's 16-bit if fp32 won't fit
     loader.x, loader.decode = run_frozen(model, x, keep), None  # frozen bridge once, not every epoch
     return loader, True
 

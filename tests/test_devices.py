@@ -246,3 +246,12 @@ def test_the_cli_trains_on_the_gpu_code_path_on_cpu(resnet_cache, tmp_path):
     r = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "8", "--device", "tpu", "--out",
                                   str(tmp_path / "u")])
     assert r.exit_code != 0 and r.output.strip() == "Error: unknown device 'tpu'; allowed: auto, cpu, cuda, cuda:N"
+
+
+def test_resident_dtype_never_keeps_dequantized_activations_as_int8():
+    from subcache.loader import resident_dtype
+
+    cpu = torch.device("cpu")
+    assert resident_dtype(100, torch.int8, cpu, budget=1000) == torch.float32
+    assert resident_dtype(100, torch.bfloat16, cpu, budget=10) == torch.bfloat16
+    assert resident_dtype(100, torch.int8, cpu, budget=10) == torch.float16  # int8 codes dequantize to floats
