@@ -86,6 +86,13 @@ def storage_note(dtype: str, ndim: int) -> str:
                     f"axis {channel_axis(ndim)}"}.get(dtype, f"{dtype} values as computed (rounded to {dtype})")
 
 
+def scale_like(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-channel int8 scales on x's device, shaped to broadcast along x's channel axis."""
+    shape = [1] * x.dim()
+    shape[channel_axis(x.dim())] = -1
+    return scale.to(x.device).view(shape)
+
+
 def quantize_scale(amax: torch.Tensor) -> torch.Tensor:
     """Per-channel symmetric scale from per-channel max |x| (all-zero channels get scale 1)."""
     return torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
@@ -104,9 +111,7 @@ def to_storage(x: torch.Tensor, dtype: str, scale: torch.Tensor | None = None) -
     """Activations → the array stored (float16/float32 as is; bfloat16 as uint16 bits; int8 as codes of
     ``scale``, computed on x's device)."""
     if dtype == "int8":
-        shape = [1] * x.dim()
-        shape[channel_axis(x.dim())] = -1
-        codes = torch.round(x.float() / scale.to(x.device).view(shape)).clamp_(-127, 127)
+        codes = torch.round(x.float() / scale_like(scale, x)).clamp_(-127, 127)
         return codes.to(torch.int8).cpu().numpy()
     if dtype == "bfloat16":
         return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
@@ -269,9 +274,7 @@ class Cache:
         scale = self.scale(split)
         if scale is None:
             return x
-        shape = [1] * x.dim()
-        shape[channel_axis(x.dim())] = -1
-        return x.float() * scale.to(x.device).view(shape)
+        return x.float() * scale_like(scale, x)
 
     def read_y(self, split: str) -> torch.Tensor:
         return torch.from_numpy(read(self.split(split).y, slice(None)).astype(np.int64))
