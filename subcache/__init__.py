@@ -3,7 +3,7 @@
 Run the frozen part of a pretrained backbone once, store the activations at the input of the first tuned block as
 a chunked, compressed Zarr array, and train only the chosen blocks plus a new head from there.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 import pathlib as _pathlib
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input

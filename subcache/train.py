@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from ._version import __version__
 from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, backbone_for, parse_block_spec
 from .devices import autocast_dtype, fused_adamw_supported, resolve_device
