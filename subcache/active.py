@@ -52,7 +52,7 @@ def uncertainty(logits: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.
     if metric == "least-confidence":
         score = 1 - probs.max(-1).values
         return score, score
-    raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
 def most_uncertain(values: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -121,7 +121,7 @@ def score_pool(cache: Cache | str | os.PathLike, task: str | os.PathLike, *, spl
                backbone: Backbone | None = None, progress: bool = False) -> PoolScores:
     """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
     if metric not in METRICS:
-        raise SubcacheError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     saved = load_task(task)
     cache.check_backbone(saved.meta["backbone"])
@@ -212,7 +212,7 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
 def _check(config: ALConfig) -> None:
     check_train_config(config.train)
     if config.strategy not in STRATEGIES:
-        raise SubcacheError(f"unknown strategy {config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     b = config.budgets
     if not b or b[0] < 2 or any(y <= x for x, y in zip(b, b[1:])):
         raise DataError(f"--budgets must be increasing labelled-set sizes starting at 2 or more, got "

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .errors import SubcacheError
+from .errors import ConfigError
 
 AUGMENTS = ("flip", "crop")
 
@@ -23,7 +23,7 @@ def parse_augment(spec: str | tuple[str, ...] | None) -> tuple[str, ...]:
     parts = tuple(p for p in parts if p != "none")
     unknown = [p for p in parts if p not in AUGMENTS]
     if unknown:
-        raise SubcacheError(f"unknown augmentation {unknown[0]!r}; allowed: flip, crop, flip,crop or none")
+        raise ConfigError(f"unknown augmentation {unknown[0]!r}; allowed: flip, crop, flip,crop or none")
     return parts
 
 
@@ -48,7 +48,7 @@ def batch_flip(x: torch.Tensor, gen: torch.Generator, x_flip: torch.Tensor | Non
 def batch_crop(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
     """Random translation by up to ``pad`` pixels: reflect-pad the maps, then crop each sample at its offset."""
     if x.ndim != 4:
-        raise SubcacheError("crop needs a convolutional cache (N, C, H, W); token caches support flip only")
+        raise ConfigError("crop needs a convolutional cache (N, C, H, W); token caches support flip only")
     b, c, h, w = x.shape
     pad = min(pad, h - 1, w - 1)
     if pad <= 0:

@@ -112,10 +112,10 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     config, data = with_objects(config, data)
     check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
     if config.resume and config.overwrite:
-        raise StoreError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
+        raise ConfigError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
                          "discards them")
     if not config.splits:
-        raise StoreError("no --split given; e.g. --split train --split test")
+        raise ConfigError("no --split given; e.g. --split train --split test")
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
@@ -178,15 +178,15 @@ def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | No
 
 def check_storage(dtype: str, codec: str, chunk_mb: float, shard_mb: float | None, batch_size: int = 1) -> None:
     if batch_size <= 0:
-        raise StoreError(f"--batch-size must be positive, got {batch_size}")
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     if dtype not in DTYPES:
-        raise StoreError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if codec not in CODECS:
-        raise StoreError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+        raise ConfigError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
     if chunk_mb <= 0:
-        raise StoreError(f"--chunk-mb must be positive, got {chunk_mb}")
+        raise ConfigError(f"--chunk-mb must be positive, got {chunk_mb}")
     if shard_mb is not None and shard_mb < chunk_mb:
-        raise StoreError(f"--shard-mb must be at least --chunk-mb ({chunk_mb}), got {shard_mb}")
+        raise ConfigError(f"--shard-mb must be at least --chunk-mb ({chunk_mb}), got {shard_mb}")
 
 
 def layout(shape: tuple[int, ...], dtype: str, sizes: dict[str, int], chunk_mb: float,

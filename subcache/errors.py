@@ -26,8 +26,8 @@ class DataError(SubcacheError, ValueError):
     """A dataset is missing, malformed, or a selection of it is empty."""
 
 
-class StoreError(SubcacheError):
-    """A cache store cannot be used as asked."""
+class StoreError(SubcacheError, OSError):
+    """A cache store on disk cannot be used as asked (missing, unreadable, damaged, locked)."""
 
 
 class CorruptChunkError(StoreError, ValueError):
@@ -39,7 +39,7 @@ class StoreExistsError(StoreError, FileExistsError):
 
 
 class IncompleteStoreError(StoreError):
-    """The store was not finished (a build was interrupted)."""
+    """The store was not finished (a build was interrupted); an OSError like every StoreError."""
 
 
 class ForeignStoreError(StoreError, ValueError):

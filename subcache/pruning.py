@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .devices import placement
-from .errors import SubcacheError, TaskError
+from .errors import ConfigError, TaskError
 from .tuned import TunedModel
 
 
@@ -51,11 +51,11 @@ def prune_tuned_blocks(model: TunedModel, sample_shape: tuple[int, ...], config:
     import torch_pruning as tp
 
     if not 0 < config.ratio < 1:
-        raise SubcacheError(f"--prune must be between 0 and 1 (exclusive), got {config.ratio}")
+        raise ConfigError(f"--prune must be between 0 and 1 (exclusive), got {config.ratio}")
     if config.norm not in ("l1", "l2") or config.scope not in ("local", "global"):
-        raise SubcacheError("--prune-norm must be l1 or l2 and --prune-scope local or global")
+        raise ConfigError("--prune-norm must be l1 or l2 and --prune-scope local or global")
     if not model.tuned:
-        raise SubcacheError("--prune needs tuned blocks (a linear probe has none)")
+        raise ConfigError("--prune needs tuned blocks (a linear probe has none)")
     before = sum(p.numel() for p in model.tuned_blocks.parameters())
     device, dtype = placement(model.backbone.model)
     example = torch.zeros(2, *sample_shape, device=device, dtype=dtype)

@@ -21,7 +21,7 @@ from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, backbone_for, parse_block_spec
 from .devices import autocast_dtype, fused_adamw_supported, resolve_device
 from .distributed import Dist, WriterLock
-from .errors import BlockError, ConfigError, DataError, SubcacheError, TrainingError
+from .errors import BlockError, ConfigError, DataError, TrainingError
 from .labels import label_classes, read_labels
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, memory_budget, read_rows, resident_dtype,
                      split_nbytes)
@@ -133,7 +133,7 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
     count = len(labels)
     mode = config.loader
     if mode not in ("auto", "memory", "stream"):
-        raise SubcacheError(f"unknown loader {mode!r}; allowed: auto, memory, stream")
+        raise ConfigError(f"unknown loader {mode!r}; allowed: auto, memory, stream")
     if mode == "auto":
         mode = "memory" if split_nbytes(cache, config.train_split, count) * 2 <= memory_budget(device) else "stream"
     if mode == "stream":

@@ -12,7 +12,7 @@ import zarr
 
 import subcache
 import subcache.store as store
-from subcache.errors import CorruptChunkError, StoreError
+from subcache.errors import ConfigError, CorruptChunkError, StoreError
 from test_cli import one_line_error, run
 from test_distributed import torchrun
 
@@ -267,7 +267,7 @@ def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):
 
 
 def test_shard_smaller_than_a_chunk_is_refused(tmp_path, npz_path, resnet18):
-    with pytest.raises(StoreError, match="--shard-mb must be at least --chunk-mb"):
+    with pytest.raises(ConfigError, match="--shard-mb must be at least --chunk-mb"):
         build(tmp_path / "c.zarr", npz_path, resnet18, shard_mb=1 / 64)
 
 
@@ -297,7 +297,7 @@ def test_an_unknown_codec_is_one_line(tmp_path, npz_path):
     r = run("build", "--model", "resnet18", "--weights", "none", "--data", npz_path, "--layer", "3",
             "--codec", "gzip", "--out", tmp_path / "c.zarr")
     assert r.exit_code != 0 and "gzip" in r.output and not (tmp_path / "c.zarr").exists()
-    with pytest.raises(StoreError, match="unknown codec 'gzip'; allowed: auto, zstd, lz4, none"):
+    with pytest.raises(ConfigError, match="unknown codec 'gzip'; allowed: auto, zstd, lz4, none"):
         build(tmp_path / "c.zarr", npz_path, None, codec="gzip")
 
 
