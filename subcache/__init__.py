@@ -19,7 +19,8 @@ from .errors import *  # noqa: E402,F401,F403
 from .store import Cache, open_cache  # noqa: E402
 from .info import cache_info  # noqa: E402
 from .task import Task, load_task, save_task  # noqa: E402
-from .train import TrainConfig, TrainResult, evaluate, evaluate_task, train  # noqa: E402
+from .train import TrainConfig, TrainData, TrainResult, train  # noqa: E402
+from .evaluation import evaluate, evaluate_task  # noqa: E402
 from .tuned import TunedModel  # noqa: E402
 from .derive import DeriveConfig, derive_cache  # noqa: E402
 from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select, profile_blocks  # noqa: E402
@@ -35,7 +36,7 @@ __all__ = [
     "BuildConfig", "BuildResult", "build_cache", "DeriveConfig", "derive_cache", "Cache", "open_cache",
     "cache_info", "add_labels",
     # training and tasks
-    "TrainConfig", "TrainResult", "train", "evaluate", "evaluate_task", "TunedModel", "Task", "load_task",
+    "TrainConfig", "TrainData", "TrainResult", "train", "evaluate", "evaluate_task", "TunedModel", "Task", "load_task",
     "save_task",
     # many runs on one cache
     "ProfileConfig", "profile_blocks", "GreedyConfig", "greedy_search", "greedy_select", "ALConfig", "ALResult",

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .backbones import Backbone, backbone_for
-from .devices import resolve_device
+from .backbones import Backbone
 from .bank import ActivationBank
 from .errors import ConfigError, DataError, SubcacheError
+from .evaluation import cached_logits, labels_for, open_task
 from .labels import check_identity, data_identity, label_classes
 from .profiling import describe_runs, new_figure, save_figure, shared_bank
 from .progress import progress_bar
-from .store import Cache, open_cache, read
-from .task import atomic_write, check_out_dir, load_task
-from .train import TrainConfig, cached_logits, check_train_config, labels_for, open_for_training, train
+from .store import Cache, read
+from .task import atomic_write, check_out_dir
+from .train import TrainConfig, TrainData, check_train_config, open_for_training, train
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -105,29 +105,13 @@ def _write_rows(path: str, cols: dict[str, np.ndarray]) -> None:
         w.writerows(zip(*(c.tolist() for c in cols.values())))
 
 
-@torch.inference_mode()
-def pool_logits(model: TunedModel, cache: Cache, split: str, device: torch.device,
-                bank: ActivationBank | None = None, batch: int = 1024) -> torch.Tensor:
-    """Logits of every item of a cached split (from the bank's activations when given)."""
-    if bank is None:
-        return cached_logits(model, cache, split, device, batch)
-    model.eval()
-    x = bank.input_of(split, model.first_trainable)
-    return torch.cat([model.trainable_part(x[i:i + batch].float()) for i in range(0, len(x), batch)]).float().cpu()
-
-
 def score_pool(cache: Cache | str | os.PathLike, task: str | os.PathLike, *, split: str = "train",
                metric: str = "margin", exclude: np.ndarray | None = None, device: str = "auto",
                backbone: Backbone | None = None, progress: bool = False) -> PoolScores:
     """Score every item of a cached split with a saved task (``exclude``: ids to leave out, e.g. labelled)."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    saved = load_task(task)
-    cache.check_backbone(saved.meta["backbone"])
-    backbone = backbone or backbone_for(cache.backbone)
-    dev = resolve_device(device)
-    model = saved.model(backbone.to(dev), start=cache.layer).to(dev)
+    saved, cache, model, dev = open_task(task, cache, device, backbone)
     logits = cached_logits(model, cache, split, dev, progress=progress)
     ids = read(cache.split(split).id, slice(None))
     unknown = [] if exclude is None else np.setdiff1d(exclude, ids)
@@ -194,8 +178,8 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
                     if len(missing):
                         waiting = _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
                         return ALResult(_curve(state, config), waiting)
-                result = train(cache, replace(config.train, blocks=config.blocks, seed=seed), backbone=backbone,
-                               bank=bank, train_indices=labelled, labels_override=labels)
+                result = train(cache, replace(config.train, blocks=config.blocks, seed=seed),
+                               TrainData(labelled, labels, bank=bank), backbone=backbone)
                 run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
                 if r + 1 < len(config.budgets):
                     extra = config.budgets[r + 1] - len(labelled)
@@ -225,7 +209,7 @@ def _select(model: TunedModel, cache: Cache, config: ALConfig, seed: int, round_
     if config.strategy == "random":
         rng = np.random.default_rng([seed, round_])
         return np.sort(rng.choice(pool, k, replace=False))
-    logits = pool_logits(model, cache, config.train.train_split, next(model.head.parameters()).device, bank)
+    logits = cached_logits(model, cache, config.train.train_split, bank=bank)
     values = uncertainty(logits, config.strategy)[1].numpy()
     return most_uncertain(values, pool, k)
 

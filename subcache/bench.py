@@ -143,7 +143,7 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
             model = TunedModel(backbone, layer, tuned, len(cache.classes), shape).to(device)
         t0 = time.perf_counter()
         loader = make_loader()
-        fit(model, loader, tcfg, device, precomputed=False)
+        fit(model, loader, tcfg, device)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -240,7 +240,7 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
 @_in_workdir
 def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """Scoring a pool from the cache vs through the full frozen network from images (same model, same run)."""
-    from .active import pool_logits
+    from .evaluation import cached_logits
     from .backbones import parse_block_spec
 
     device, backbone, layer, cache = _train_split_cache(config, "score", progress, root)
@@ -257,8 +257,8 @@ def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
             out.append(model(backbone.prefix(x, layer)).cpu())
         return torch.cat(out)
 
-    pool_logits(model, cache, "train", device)  # warm-up
-    cache_s = _timed(lambda: pool_logits(model, cache, "train", device), device)
+    cached_logits(model, cache, "train", device)  # warm-up
+    cache_s = _timed(lambda: cached_logits(model, cache, "train", device), device)
     images_s = _timed(from_images, device)
     result = {"items": len(source), "layer": layer, "device": str(device),
               "cache_items_per_second": len(source) / cache_s, "images_items_per_second": len(source) / images_s,

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -36,12 +36,11 @@ def placement(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision option (None: plain float32). ``auto`` = bf16 on CUDA, fp32 elsewhere."""
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a precision option (None: plain float32). fp32 is the default everywhere: on an H200,
+    bf16 autocast never beat fp32 for EfficientNet-Lite0 (examples/gpu_grid.py; README, "Speed knobs")."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 

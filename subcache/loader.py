@@ -5,6 +5,9 @@
 * `StreamLoader`: it does not → whole chunks read by a background thread (zarr's decompression releases the
   GIL) in shuffled order; each window of chunks staged through reused pinned buffers and copied on a side CUDA
   stream while the previous window trains, then shuffled and gathered on the device.
+Every loader says whether its tensors are already past the model's frozen bridge (``bridged``: they are the input
+of the first trainable block) or are the cache's activations; `bridge` gives the step that matches.
+
 * `ImageLoader`: the reference path — images through the live frozen prefix, in the same order as
   `DeviceLoader` (used by the exactness tests and by `bench train` for the speed-up the cache buys).
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -26,8 +29,19 @@ Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # x, exact mirro
 class Loader(Protocol):
     steps_per_epoch: int
     num_samples: int
+    bridged: bool  # batches are already past the frozen bridge (the first trainable block's input)
 
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+
+def bridge(loader: Loader, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What takes a batch of ``loader`` to the input of ``model``'s first trainable block: nothing when the loader
+    is ``bridged``, else the model's frozen bridge."""
+    return _unchanged if loader.bridged else model.frozen_part
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -79,8 +93,8 @@ class DeviceLoader:
     """Tensors resident on the device; each epoch is a device-side gather along a seeded permutation."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 x_flip: torch.Tensor | None = None, decode=None):
-        self.x, self.y, self.x_flip = x, y, x_flip
+                 x_flip: torch.Tensor | None = None, decode=None, bridged: bool = False):
+        self.x, self.y, self.x_flip, self.bridged = x, y, x_flip, bridged
         self.decode = decode  # int8 caches: codes stay resident, each batch dequantized here
         self.batch_size, self.seed = batch_size, seed
         self.num_samples = len(y)
@@ -91,7 +105,7 @@ class DeviceLoader:
                    batch_size: int, seed: int, device: torch.device, flip_views: bool = False) -> "DeviceLoader":
         x = read_rows(cache, split, indices).to(device)
         x_flip = read_rows(cache, split, indices, flip=True).to(device) if flip_views else None
-        return cls(x, labels.to(device), batch_size, seed, x_flip, cache.decode)
+        return cls(x, labels.to(device), batch_size, seed, x_flip, decode=cache.decode)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         for idx in batch_order(self.num_samples, self.batch_size, self.seed, epoch, self.x.device):
@@ -161,6 +175,8 @@ class StreamLoader:
     window's copy overlapping the current window's steps; batches are gathered on the device along a permutation
     drawn there. Nothing in the step loop waits on the host.
     """
+
+    bridged = False  # the cache's activations
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
                  seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
@@ -238,6 +254,8 @@ def _join(items: list) -> list:
 
 class ImageLoader:
     """Reference path: images → normalise → live frozen prefix → activations, in `DeviceLoader`'s order."""
+
+    bridged = False  # activations at the cached layer
 
     def __init__(self, source, backbone, layer: int, indices: np.ndarray | None, labels: torch.Tensor,
                  batch_size: int, seed: int, device: torch.device, round_to: torch.dtype | None = None):

@@ -19,12 +19,13 @@ from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
 from .errors import BlockError, ConfigError, DataError, SubcacheError
+from .evaluation import labels_for, scorer
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
 from .store import Cache
 from .task import atomic_write, check_out_dir
-from .train import TrainConfig, _scorer, balanced_subset, check_train_config, labels_for, open_for_training, train
+from .train import TrainConfig, TrainData, balanced_subset, check_train_config, open_for_training, train
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -184,16 +185,13 @@ def validation_split(cache: Cache, config: TrainConfig, fraction: float) -> tupl
 def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: ActivationBank | None,
                split: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
-    if split is None:
-        run = train(cache, config, backbone=backbone, bank=bank)
-    else:
-        run = train(cache, config, backbone=backbone, bank=bank, train_indices=split[0])
+    run = train(cache, config, TrainData(None if split is None else split[0], bank=bank), backbone=backbone)
     row = {"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
            "seconds": round(run.train_seconds, 3)}
     if split is not None:
         labels = labels_for(cache, config.train_split, config.labels)[0]
         device = next(run.model.head.parameters()).device
-        row["val_accuracy"] = _scorer(run.model, cache, config, labels, bank, split[1], device)()
+        row["val_accuracy"] = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)()
     return row
 
 
@@ -555,18 +553,18 @@ def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = Greed
             if blocks not in memo:
                 cfg = replace(tcfg, blocks=spec_of(blocks))
                 if folds is None:
-                    memo[blocks] = train(cache, cfg, backbone=backbone, bank=bank).test_accuracy
+                    memo[blocks] = train(cache, cfg, TrainData(bank=bank), backbone=backbone).test_accuracy
                 else:
                     memo[blocks] = statistics.fmean(
-                        train(cache, cfg, backbone=backbone, bank=bank, train_indices=fit_idx,
-                              eval_indices=val_idx).test_accuracy for fit_idx, val_idx in folds)
+                        train(cache, cfg, TrainData(fit_idx, eval_positions=val_idx, bank=bank),
+                              backbone=backbone).test_accuracy for fit_idx, val_idx in folds)
                 bar.advance(task, note=f"blocks {spec_of(blocks)}: score {memo[blocks]:.4f}")
             return memo[blocks]
 
         result = greedy_search(score, list(range(lo, hi + 1)), epsilon=config.epsilon, start=config.start,
                                consecutive=config.consecutive, max_blocks=config.max_blocks)
-    final = train(cache, replace(tcfg, blocks=spec_of(result.blocks)), backbone=backbone, bank=bank,
-                  train_indices=None if split is None else split[0])
+    final = train(cache, replace(tcfg, blocks=spec_of(result.blocks)),
+                  TrainData(None if split is None else split[0], bank=bank), backbone=backbone)
     result.test_accuracy = final.test_accuracy
     if out:
         _save_greedy(out, result, config, cache)

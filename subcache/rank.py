@@ -38,7 +38,8 @@ from .build import resolve_device
 from .errors import BlockError, SubcacheError
 from .profiling import ProfileResult, parse_range, spec_of, validation_split, windows
 from .store import Cache
-from .train import TrainConfig, balanced_subset, labels_for, open_for_training
+from .evaluation import labels_for
+from .train import TrainConfig, balanced_subset, open_for_training
 
 METHODS = ("fisher", "fisher_pp", "rgn", "logme", "knn")
 GRADIENT = ("fisher", "fisher_pp", "rgn")

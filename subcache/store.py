@@ -27,7 +27,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
+from .errors import ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
 from .faults import fault
 
 FORMAT = "subcache-cache"
@@ -44,7 +44,7 @@ DECODE_ERRORS = (ValueError, RuntimeError)
 def compressors(name: str, dtype, *, checksum: bool = True) -> list:
     """Blosc zstd-3 / lz4 (byte shuffle, typesize = the array's item size) or nothing, then crc32c."""
     if name not in CODECS[1:]:
-        raise StoreError(f"unknown codec {name!r}; allowed: {', '.join(CODECS)}")
+        raise ConfigError(f"unknown codec {name!r}; allowed: {', '.join(CODECS)}")
     size = np.dtype(dtype).itemsize
     blosc = [] if name == "none" else [BloscCodec(cname=name, clevel=3 if name == "zstd" else 5,
                                                   shuffle="shuffle" if size > 1 else "noshuffle", typesize=size)]

@@ -49,7 +49,7 @@ def test_each_round_adds_the_lowest_margin_items(resnet_cache, resnet18, tmp_pat
 
     def recording(*args, **kwargs):
         result = real_train(*args, **kwargs)
-        rounds.append((np.array(kwargs["train_indices"]), result.model))
+        rounds.append((np.array(args[2].positions), result.model))
         return result
 
     monkeypatch.setattr(active, "train", recording)
@@ -135,7 +135,7 @@ def test_oracle_workflow_stops_for_labels_and_resumes_and_trains_on_its_answers(
         return real_fit(model, loader, *args, **kwargs)
 
     def train_spy(*args, **kwargs):  # the labels active learning hands to training, item by item
-        given.append({int(i): int(kwargs["labels_override"][i]) for i in kwargs["train_indices"]})
+        given.append({int(i): int(args[2].labels[i]) for i in args[2].positions})
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "fit", fit_spy)

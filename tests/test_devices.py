@@ -134,17 +134,17 @@ def test_precision_autocasts_only_the_trainable_part(resnet_cache, resnet18):
     try:
         x = cache.read_x("train", 0, 4)
         cpu = torch.device("cpu")
-        assert training_forward(model, TrainConfig(precision="bf16"), cpu, False, None)(x).dtype == torch.bfloat16
+        bf16 = training_forward(model, TrainConfig(precision="bf16"), cpu, model.frozen_part, None)
+        assert bf16(x).dtype == torch.bfloat16
         assert seen == [torch.float32]  # the frozen bridge stays in float32
-        for precision in ("fp32", "auto"):  # auto: fp32 off CUDA
-            assert training_forward(model, TrainConfig(precision=precision), cpu, False, None)(x).dtype == torch.float32
+        assert training_forward(model, TrainConfig(), cpu, model.frozen_part, None)(x).dtype == torch.float32
     finally:
         hook.remove()
     from subcache.devices import autocast_dtype
     from subcache.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown precision 'fp8'; allowed: fp32, bf16, auto"):
-        autocast_dtype("fp8", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'; allowed: fp32, bf16"):
+        autocast_dtype("fp8")
 
 
 def test_fused_adamw_where_the_device_has_it(resnet_cache, resnet18, monkeypatch):
@@ -201,12 +201,12 @@ def test_resident_tensors_stay_16_bit_when_float32_would_not_fit(half_cache, res
     model = TunedModel(resnet18, 6, (8,), 4, half_cache.sample_shape)
     y = half_cache.read_y("train")
     config = subcache.TrainConfig(blocks="8", loader="memory", device="cpu")
-    assert make_loader(half_cache, config, model, None, y, cpu, ())[0].x.dtype == torch.float32
+    assert make_loader(half_cache, config, model, None, y, cpu, ()).x.dtype == torch.float32
     monkeypatch.setattr(loader_module, "memory_budget", lambda device: 1)
-    loader, precomputed = make_loader(half_cache, config, model, None, y, cpu, ())
-    assert precomputed and loader.x.dtype == torch.float16
+    loader = make_loader(half_cache, config, model, None, y, cpu, ())
+    assert loader.bridged and loader.x.dtype == torch.float16
     result = subcache.train(half_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=16, loader="memory"),
-                            backbone=resnet18, bank=bank)  # 16-bit bank → float32 batches
+                            subcache.TrainData(bank=bank), backbone=resnet18)  # 16-bit bank: float32 batches
     assert result.test_accuracy is not None
 
 
@@ -235,7 +235,7 @@ def test_the_cli_trains_on_the_gpu_code_path_on_cpu(resnet_cache, tmp_path):
     from subcache.cli.main import main
 
     for command in ("train", "profile", "greedy", "al"):
-        assert "--precision [auto|fp32|bf16]" in CliRunner().invoke(main, [command, "--help"]).output
+        assert "--precision [fp32|bf16]" in CliRunner().invoke(main, [command, "--help"]).output
     r = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "7-8", "--epochs", "3",
                                   "--batch-size", "32", "--lr", "3e-3", "--precision", "bf16", "--channels-last",
                                   "--fused", "--device", "cpu", "--out", str(tmp_path / "t"), "--json"])

@@ -100,6 +100,7 @@ class GlobalBatches:
         self.loaders = loaders
         self.steps_per_epoch = loaders[0].steps_per_epoch
         self.num_samples = sum(lo.num_samples for lo in loaders)
+        self.bridged = loaders[0].bridged
 
     def epoch(self, epoch):
         for parts in zip(*(lo.epoch(epoch) for lo in self.loaders), strict=True):
@@ -120,9 +121,9 @@ def single_process_over_the_same_global_batches(cache, monkeypatch):
 
     def global_loader(cache, config, model, indices, labels, device, augments, ranks, bank):
         ranked = [real(cache, config, model, indices, labels, device, augments, Dist(r, 2), bank) for r in (0, 1)]
-        step, precomputed = ranked[0][2], ranked[0][1]
+        step = ranked[0][1]
         halves = lambda x: torch.cat([step(h) for h in x.chunk(2)])  # noqa: E731
-        return GlobalBatches([r[0] for r in ranked]), precomputed, halves
+        return GlobalBatches([r[0] for r in ranked]), halves
 
     monkeypatch.setattr(train_module, "_training_loader", global_loader)
     backbone = subcache.load_backbone("resnet18", "none", image_size=32)

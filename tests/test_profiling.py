@@ -75,7 +75,7 @@ def test_shared_activations_give_the_same_runs(resnet_cache, resnet18):
     for blocks in ("none", "8", "7-8"):
         config = subcache.TrainConfig(blocks=blocks, epochs=2, batch_size=64)
         plain = subcache.train(cache, config, backbone=resnet18)
-        shared = subcache.train(cache, config, backbone=resnet18, bank=bank)
+        shared = subcache.train(cache, config, subcache.TrainData(bank=bank), backbone=resnet18)
         assert shared.test_accuracy == plain.test_accuracy
         for k, v in plain.model.task_state().items():
             torch.testing.assert_close(shared.model.task_state()[k], v, rtol=1e-5, atol=1e-6)

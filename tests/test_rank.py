@@ -258,8 +258,8 @@ def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted,
     import subcache.profiling as profiling
 
     real_train = profiling.train
-    monkeypatch.setattr(profiling, "train", lambda *a, **kw: seen.append(kw.get("train_indices")) or
-                        real_train(*a, **kw))
+    monkeypatch.setattr(profiling, "train", lambda cache, config, data, **kw: seen.append(data.positions) or
+                        real_train(cache, config, data, **kw))
     result = profile_blocks(cache, ProfileConfig(blocks="3-4", train=FAST, val_fraction=0.25, probe=False),
                             backbone=backbone)
     assert seen and all(idx is not None and not set(idx) & set(validation_split(c, FAST, 0.25)[1]) for idx in seen)
@@ -274,13 +274,14 @@ def test_greedy_chooses_on_validation_and_trains_without_it(planted, monkeypatch
     cache, backbone = planted
     calls = []
     real_train = profiling.train
-    monkeypatch.setattr(profiling, "train", lambda *a, **kw: calls.append(kw) or real_train(*a, **kw))
+    monkeypatch.setattr(profiling, "train", lambda cache, config, data, **kw: calls.append(data) or
+                        real_train(cache, config, data, **kw))
     config = profiling.GreedyConfig(blocks="3-4", max_blocks=1, epsilon=-1.0, train=FAST, val_fraction=0.25)
     result = profiling.greedy_select(cache, config, backbone=backbone)
     fit, val = validation_split(subcache.open_cache(cache), FAST, 0.25)
     *search, final = calls
-    assert all(np.array_equal(c["eval_indices"], val) and np.array_equal(c["train_indices"], fit) for c in search)
-    assert np.array_equal(final["train_indices"], fit) and final.get("eval_indices") is None
+    assert all(np.array_equal(c.eval_positions, val) and np.array_equal(c.positions, fit) for c in search)
+    assert np.array_equal(final.positions, fit) and final.eval_positions is None
     assert result.test_accuracy is not None
     with pytest.raises(SubcacheError, match="give one of them"):
         profiling.greedy_select(cache, profiling.GreedyConfig(folds=2, val_fraction=0.2, train=FAST),
