@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, parse_block_spec
 from .bank import ActivationBank
-from .errors import ConfigError, DataError, SubcacheError
+from .errors import ConfigError, DataError
 from .evaluation import cached_logits, labels_for, open_task
 from .labels import check_identity, data_identity, label_classes
 from .profiling import describe_runs, new_figure, save_figure, shared_bank
 from .progress import progress_bar
+from .settings import require_same
 from .store import Cache, read
 from .task import atomic_write, check_out_dir
 from .train import TrainConfig, TrainData, check_train_config, open_for_training, train
@@ -149,7 +150,7 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
     folder = check_out_dir(out)
-    state = _load_state(folder, config, data_identity(cache, config.train.labels))
+    state = _load_state(folder, _config_dict(config, backbone), data_identity(cache, config.train.labels))
     truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
     names = cache.classes if config.train.labels is None else label_classes(cache, config.train.train_split,
                                                                              config.train.labels)
@@ -254,21 +255,23 @@ def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
     return str(path)
 
 
-def _load_state(folder: Path, config: ALConfig, identity: dict) -> dict:
+def _load_state(folder: Path, settings: dict, identity: dict) -> dict:
+    """The run saved in ``folder`` (refused if it has other settings or data), or a new one."""
     path = folder / "state.json"
     if not path.is_file():
-        return {"config": _config_dict(config), "identity": identity, "seeds": {}}
+        return {"config": settings, "identity": identity, "seeds": {}}
     state = json.loads(path.read_text())
     check_identity(state.get("identity"), identity, str(folder))
-    if state["config"] != _config_dict(config):
-        raise SubcacheError(f"{folder} holds an active-learning run with other settings; use another --out or the "
-                            f"same options")
+    require_same(state["config"], settings, f"{folder} holds an active-learning run with other settings",
+                 "use another --out or the same options")
     return state
 
 
-def _config_dict(config: ALConfig) -> dict:
+def _config_dict(config: ALConfig, backbone: Backbone) -> dict:
+    """The settings a resumed run must share, blocks resolved to indices (`layer4.0` resumes `8`)."""
     d = asdict(config)
     d["budgets"] = list(config.budgets)
+    d["blocks"] = list(parse_block_spec(config.blocks, backbone))
     d.pop("seeds")  # more seeds extend a finished run
     return d
 

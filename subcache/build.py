@@ -30,6 +30,7 @@ from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
+from .settings import require_same
 from .faults import fault
 from .progress import progress_bar
 from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, channel_axis, check_writable,
@@ -353,10 +354,10 @@ def open_or_create(path: str, attrs: dict, layout: Layout, *, resume: bool, plan
     options and weights (``attrs['build']`` and the weights sha256), its `.partial` litter swept."""
     if resume and exists(path):
         cache = open_cache(path, require_complete=False, mode="r+")
-        same_weights = cache.backbone["weights_sha256"] == attrs["backbone"]["weights_sha256"]
-        if cache.attrs.get("build") != attrs["build"] or not same_weights:
-            raise ForeignStoreError(f"cannot resume {path}: it was built with other options "
-                                    f"({cache.attrs.get('build')}); rerun the original command or use --overwrite")
+        recorded = {**(cache.attrs.get("build") or {}), "weights": cache.backbone.get("weights_sha256")}
+        require_same(recorded, {**attrs["build"], "weights": attrs["backbone"]["weights_sha256"]},
+                     f"cannot resume {path}: it was built with other options",
+                     "rerun the original command or use --overwrite", ForeignStoreError)
         if cache.attrs.get("source") != attrs["source"]:
             raise ForeignStoreError(f"cannot resume {path}: its source data changed since the build began "
                                     f"(fingerprint differs); rebuild it with --overwrite")

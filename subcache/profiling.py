@@ -18,11 +18,12 @@ import numpy as np
 from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
-from .errors import BlockError, ConfigError, DataError, SubcacheError
+from .errors import BlockError, ConfigError, DataError
 from .evaluation import labels_for, scorer
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
+from .settings import require_same
 from .store import Cache
 from .task import atomic_write, check_out_dir
 from .train import TrainConfig, TrainData, balanced_subset, check_train_config, open_for_training, train
@@ -209,10 +210,8 @@ def _load_rows(out: str | None, train_config: TrainConfig, identity: dict | None
     now = {k: v for k, v in asdict(train_config).items() if k not in ("blocks", "seed")}
     before.update({k: saved["config"].get(k, 0.0) for k in extra or {}})
     now.update(extra or {})
-    if before != now:
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        raise SubcacheError(f"{out} holds a profile trained with other settings ({', '.join(changed)} differ); "
-                         f"use another --out or the same options")
+    require_same(before, now, f"{out} holds a profile trained with other settings",
+                 "use another --out or the same options")
     return list(saved["runs"])
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .backbones import Backbone
 from .bank import NECK, ActivationBank
 from .build import resolve_device
-from .errors import BlockError, SubcacheError
+from .errors import BlockError, ConfigError, TrainingError
 from .profiling import ProfileResult, parse_range, spec_of, validation_split, windows
 from .store import Cache
 from .evaluation import labels_for
@@ -283,7 +283,7 @@ def _subset(y: torch.Tensor, count: int) -> torch.Tensor:
 def _check_finite(ranking: list[dict], methods: Sequence[str]) -> None:
     bad = [(r["blocks"], m) for r in ranking for m in methods if not math.isfinite(r[m])]
     if bad:
-        raise SubcacheError(f"rank method {bad[0][1]} gave a non-finite score for window {bad[0][0]}; the cache's "
+        raise TrainingError(f"rank method {bad[0][1]} gave a non-finite score for window {bad[0][0]}; the cache's "
                             f"activations may hold inf/nan (check with `subcache verify`)")
 
 
@@ -350,7 +350,7 @@ def compare(ranking: list[dict], methods: Sequence[str], profile_dir: str) -> di
     measured = {s["blocks"]: s for s in load_profile(profile_dir).summary() if s["width"] > 0}
     shared = [r for r in ranking if r["blocks"] in measured]
     if len(shared) < 2:
-        raise SubcacheError(f"{profile_dir} shares {len(shared)} window(s) with this ranking; rank the same "
+        raise ConfigError(f"{profile_dir} shares {len(shared)} window(s) with this ranking; rank the same "
                             f"--blocks and --width as the profile")
     truth = [measured[r["blocks"]].get("val_mean", measured[r["blocks"]]["mean"]) for r in shared]
     pick = max(measured.values(), key=lambda s: s.get("val_mean", s["mean"]))
@@ -371,7 +371,7 @@ def compare(ranking: list[dict], methods: Sequence[str], profile_dir: str) -> di
 def load_profile(profile_dir: str) -> ProfileResult:
     path = Path(profile_dir) / "profile.json"
     if not path.is_file():
-        raise SubcacheError(f"{profile_dir} holds no profile.json; run `subcache profile --out {profile_dir}` first")
+        raise ConfigError(f"{profile_dir} holds no profile.json; run `subcache profile --out {profile_dir}` first")
     return ProfileResult(json.loads(path.read_text())["runs"], profile_dir)
 
 
