@@ -106,17 +106,22 @@ def out_paths(out: str, layers: list[int]) -> list[str]:
     return [str(Path(out) / f"block{layer:02d}.zarr") for layer in layers]
 
 
+def check_build_config(config: BuildConfig) -> None:
+    """Refuse option values a build cannot use, before any work."""
+    check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
+    if config.resume and config.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
+                          "discards them")
+    if not config.splits:
+        raise ConfigError("no --split given; e.g. --split train --split test")
+
+
 def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
                 data: Any = None) -> BuildResult:
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
     ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
     config, data = with_objects(config, data)
-    check_storage(config.dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)
-    if config.resume and config.overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: resume keeps finished chunks, overwrite "
-                         "discards them")
-    if not config.splits:
-        raise ConfigError("no --split given; e.g. --split train --split test")
+    check_build_config(config)
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
