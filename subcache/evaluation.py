@@ -6,7 +6,7 @@ that turns activations into logits lives here.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -109,9 +109,18 @@ def open_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, dev
     task = load_task(task_dir)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     cache.check_backbone(task.meta["backbone"])
-    backbone = backbone or backbone_for(cache.backbone)
+    _, backbone, dev = load_tasks([task], device, backbone, cache.backbone)
+    return task, cache, task.model(backbone, start=cache.layer).to(dev), dev
+
+
+def load_tasks(task_dirs: Sequence[str | os.PathLike | Task], device: str = "auto", backbone: Backbone | None = None,
+               identity: dict | None = None) -> tuple[list[Task], Backbone, torch.device]:
+    """Saved tasks (folders, or tasks already loaded), and the backbone they run on (``backbone``, or one built from ``identity``, or from the first
+    task's record) placed on the resolved device: what `evaluate`, `score` and `predict` all start from."""
+    tasks = [t if isinstance(t, Task) else load_task(t) for t in task_dirs]
+    backbone = backbone or backbone_for(identity or tasks[0].meta["backbone"])
     dev = resolve_device(device)
-    return task, cache, task.model(backbone.to(dev), start=cache.layer).to(dev), dev
+    return tasks, backbone.to(dev), dev
 
 
 def evaluate_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, *, split: str = "test",

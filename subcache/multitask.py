@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Backbone, backbone_for
-from .devices import resolve_device
+from .backbones import Backbone
+from .evaluation import load_tasks
 from .errors import TaskError
 from .task import Task, load_task
 
@@ -150,10 +150,8 @@ def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: in
     from .data import open_source, to_input
     from .progress import progress_bar
 
-    loaded = [load_task(t) for t in tasks]
-    backbone = backbone or backbone_for(loaded[0].meta["backbone"])
-    dev = resolve_device(device)
-    model = MultiTaskModel.from_tasks(backbone.to(dev), loaded, include_original=False).to(dev)
+    loaded, backbone, dev = load_tasks(tasks, device, backbone)
+    model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
     source = open_source(data, split, limit=limit)
     outputs: dict[str, list] = {name: [] for name in model.names}
     start = time.perf_counter()

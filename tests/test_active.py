@@ -1,6 +1,7 @@
 import importlib
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import subcache
 from subcache.active import ALConfig, active_learning, most_uncertain, uncertainty
-from subcache.errors import DataError
+from subcache.errors import ConfigError, DataError
 
 
 def test_scores_on_hand_made_logits():
@@ -104,6 +105,16 @@ def test_active_learning_rounds_and_resume_after_a_kill(resnet_cache, resnet18, 
     assert resumed.curve == result.curve
     final = json.loads((tmp_path / "b" / "state.json").read_text())["seeds"]["0"]["labelled"]
     assert final == labelled
+    # the same run spelt another way (`layer4.1` is block 8) resumes as finished; other blocks are refused by name
+    active.train = lambda *a, **k: trained.append(1) or real_train(*a, **k)
+    try:
+        again = active_learning(resnet_cache, replace(config, blocks="layer4.1"), out=str(tmp_path / "a"),
+                                backbone=resnet18)
+    finally:
+        active.train = real_train
+    assert again.curve == result.curve and len(trained) == 2  # nothing retrained
+    with pytest.raises(ConfigError, match=r"other settings \(blocks differ\); use another --out"):
+        active_learning(resnet_cache, replace(config, blocks="7"), out=str(tmp_path / "a"), backbone=resnet18)
 
 
 def test_random_strategy_and_bad_budgets(resnet_cache, resnet18, tmp_path):
