@@ -155,12 +155,26 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     source = open_source(config.data, "train", limit=config.limit)
     images_s = run(lambda: ImageLoader(source, backbone, layer, None, y, config.batch_size, 0, device))
     n = config.epochs * len(y)
+    read = {k: _stream_read_seconds(StreamLoader(cache, "train", None, y, config.batch_size, 0, device, readers=k))
+            for k in (1, None)}  # the loader alone, no training: one reader thread vs the default pool
     result = {"samples": len(y), "epochs": config.epochs, "blocks": list(tuned), "layer": layer,
               "device": str(device), "memory_samples_per_second": n / memory_s,
               "device_resident_samples_per_second": n / device_s, "streaming_samples_per_second": n / stream_s,
               "images_samples_per_second": n / images_s, "device_resident_ratio": memory_s / device_s,
-              "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s}
+              "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s,
+              "stream_read_samples_per_second": len(y) / read[None], "stream_readers_speedup": read[1] / read[None]}
     return result
+
+
+def _stream_read_seconds(loader: StreamLoader) -> float:
+    """Seconds for one epoch of a stream loader's batches on the device, nothing trained (epoch 0 warms up)."""
+    for _ in loader.epoch(0):
+        pass
+    t0 = time.perf_counter()
+    for x, _, _ in loader.epoch(1):
+        last = x
+    _sync(last.device)
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()

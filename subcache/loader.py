@@ -13,9 +13,11 @@ of the first trainable block) or are the cache's activations; `bridge` gives the
 """
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -171,7 +173,7 @@ class Stager:
 class StreamLoader:
     """Streams whole chunks: shuffled chunk order, then shuffled within a window of ``window`` chunks.
 
-    A background thread reads and decompresses chunks; each window goes to the device in one staged copy, the next
+    Background threads read and decompress chunks (``readers`` at once, handed over in order); each window goes to the device in one staged copy, the next
     window's copy overlapping the current window's steps; batches are gathered on the device along a permutation
     drawn there. Nothing in the step loop waits on the host.
     """
@@ -180,8 +182,9 @@ class StreamLoader:
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
                  seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
-                 staging: bool | None = None):
+                 staging: bool | None = None, readers: int | None = None):
         self.cache, self.split, self.device = cache, split, device
+        self.readers = readers or min(4, os.cpu_count() or 1)  # chunks read and decoded at once
         self.batch_size, self.seed, self.window, self.depth = batch_size, seed, window, depth
         self.flip_views = flip_views
         n, clen = len(cache.split(split)), cache.split(split).chunk_len
@@ -196,14 +199,30 @@ class StreamLoader:
         self.steps_per_epoch = full + (rest >= 2)
         self.stagers = [Stager(device, staging=staging) for _ in range(3)]  # x, x_flip, y: reused across epochs
 
+    def _chunk(self, split, c: int) -> tuple:
+        """One chunk's kept rows (x, x_flip or None, y) on the host; no copy when every row is kept."""
+        a, b, keep = self.chunks[c]
+        rows = slice(None) if len(keep) == b - a else keep
+
+        def load(arr):
+            return from_storage(read(arr, slice(a, b))[rows], self.cache.dtype)
+
+        y = self.labels[a:b] if isinstance(rows, slice) else self.labels[a:b][torch.from_numpy(keep)]
+        return load(split.x), load(split.x_flip) if self.flip_views else None, y
+
     def _read(self, order: list[int], q: queue.Queue) -> None:
-        split = self.cache.split(self.split)
+        """Chunks in ``order`` onto ``q``, read and decoded by ``readers`` threads at once (decoding releases the
+        GIL), handed over in order."""
         try:
-            for c in order:
-                a, b, keep = self.chunks[c]
-                x = from_storage(read(split.x, slice(a, b))[keep], self.cache.dtype)
-                xf = from_storage(read(split.x_flip, slice(a, b))[keep], self.cache.dtype) if self.flip_views else None
-                q.put((x, xf, self.labels[a:b][torch.from_numpy(keep)]))
+            split = self.cache.split(self.split)  # opened once: opening the arrays costs more than a chunk
+            with ThreadPoolExecutor(self.readers) as pool:
+                ahead: collections.deque = collections.deque()
+                for c in order:
+                    ahead.append(pool.submit(self._chunk, split, c))
+                    if len(ahead) > self.readers:
+                        q.put(ahead.popleft().result())
+                while ahead:
+                    q.put(ahead.popleft().result())
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
             q.put(exc)
         q.put(None)

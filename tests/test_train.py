@@ -2,6 +2,8 @@ import importlib
 import json
 import math
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,30 @@ def test_each_epoch_is_a_new_order_over_every_selected_sample_once(resnet_cache,
         orders.append(order)
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
     assert [b[2].tolist() for b in loader.epoch(1)] == [b[2].tolist() for b in loader.epoch(1)]  # seeded
+
+
+@pytest.mark.parametrize("limit", [None, 100])  # whole chunks (read without a copy) and partly kept chunks
+def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(tmp_path, npz_path, resnet18, limit):
+    out = str(tmp_path / "fine.zarr")  # 16 samples a chunk: 12 chunks, readers run ahead
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.05,
+                                              splits=("train",)), backbone=resnet18)
+    cache = subcache.open_cache(out)
+    assert len(cache.split("train")) // cache.split("train").chunk_len >= 8
+    y = cache.read_y("train")
+    indices = balanced_subset(y.numpy(), limit, seed=0)
+    labels = y if indices is None else y[torch.from_numpy(indices)]
+
+    def batches(readers, delay=0.0):
+        loader = StreamLoader(cache, "train", indices, labels, 16, 0, torch.device("cpu"), window=2, readers=readers)
+        read = loader._chunk
+        loader._chunk = lambda split, c: time.sleep(delay * (c % 2)) or read(split, c)  # odd chunks finish last
+        return [b for epoch in range(2) for b in loader.epoch(epoch)]
+
+    one, two = batches(1), batches(2, delay=0.02)
+    assert len(one) == len(two) > 0
+    for (x1, _, y1), (x2, _, y2) in zip(one, two):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_device_loader_batches_follow_the_seeded_permutation():
