@@ -131,6 +131,20 @@ def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(tmp_path
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def test_stream_visits_chunks_in_a_new_order_each_epoch(tmp_path, npz_path, resnet18):
+    out = str(tmp_path / "fine.zarr")  # 12 chunks of 16; one chunk per window, so the chunk order shows
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.05,
+                                              splits=("train",)), backbone=resnet18)
+    cache = subcache.open_cache(out)
+    clen = cache.split("train").chunk_len
+    positions = torch.arange(len(cache.split("train")))  # labels = positions: a batch names its rows
+    loader = StreamLoader(cache, "train", None, positions, clen, 0, torch.device("cpu"), window=1)
+    orders = [[int(rows[0]) // clen for _, _, rows in loader.epoch(epoch)] for epoch in range(4)]
+    assert all(sorted(o) == list(range(len(o))) for o in orders)  # every chunk once per epoch
+    assert len({tuple(o) for o in orders}) == 4
+
+
 def test_device_loader_batches_follow_the_seeded_permutation():
     x, y = torch.arange(10.0)[:, None], torch.arange(10)
     loader = DeviceLoader(x, y, batch_size=4, seed=3)
