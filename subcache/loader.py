@@ -210,22 +210,25 @@ class StreamLoader:
         y = self.labels[a:b] if isinstance(rows, slice) else self.labels[a:b][torch.from_numpy(keep)]
         return load(split.x), load(split.x_flip) if self.flip_views else None, y
 
-    def _read(self, order: list[int], q: queue.Queue) -> None:
+    def _read(self, order: list[int], q: queue.Queue, stop: threading.Event) -> None:
         """Chunks in ``order`` onto ``q``, read and decoded by ``readers`` threads at once (decoding releases the
-        GIL), handed over in order."""
+        GIL), handed over in order; ends early, its pool with it, once the consumer sets ``stop``."""
+        pool = ThreadPoolExecutor(self.readers)
         try:
             split = self.cache.split(self.split)  # opened once: opening the arrays costs more than a chunk
-            with ThreadPoolExecutor(self.readers) as pool:
-                ahead: collections.deque = collections.deque()
-                for c in order:
-                    ahead.append(pool.submit(self._chunk, split, c))
-                    if len(ahead) > self.readers:
-                        q.put(ahead.popleft().result())
-                while ahead:
-                    q.put(ahead.popleft().result())
+            ahead: collections.deque = collections.deque()
+            for c in order:
+                ahead.append(pool.submit(self._chunk, split, c))
+                if len(ahead) > self.readers and not _put(q, ahead.popleft().result(), stop):
+                    return
+            while ahead:
+                if not _put(q, ahead.popleft().result(), stop):
+                    return
+            _put(q, None, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
-            q.put(exc)
-        q.put(None)
+            _put(q, exc, stop)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _windows(self, q: queue.Queue) -> Iterator[list]:
         """Host windows of up to ``window`` chunks: [x, x_flip or None, y] each, concatenated."""
@@ -250,8 +253,15 @@ class StreamLoader:
         order = torch.randperm(len(self.chunks), generator=epoch_generator(self.seed, epoch)).tolist()  # for the reader
         gen = epoch_generator(self.seed, epoch, self.device)  # in-window shuffles, on the device
         q: queue.Queue = queue.Queue(maxsize=self.depth)
-        threading.Thread(target=self._read, args=(order, q), daemon=True).start()
-        windows = self._windows(q)
+        stop = threading.Event()  # set when this epoch ends, early too (an error, a closed generator)
+        threading.Thread(target=self._read, args=(order, q, stop), daemon=True).start()
+        try:
+            yield from self._batches(self._windows(q), gen)
+        finally:
+            stop.set()
+
+    def _batches(self, windows: Iterator[list], gen: torch.Generator) -> Iterator[Batch]:
+        """Batches of staged windows: each window shuffled on the device, its remainder carried into the next."""
         upcoming = self._upload(next(windows, None))
         rest: list = [None, None, None]
         while upcoming is not None:
@@ -265,6 +275,17 @@ class StreamLoader:
                     yield (self.cache.decode(x[idx]), None if xf is None else self.cache.decode(xf[idx]), y[idx])
             left = perm[cut:]
             rest = [None if t is None else t[left] for t in (x, xf, y)]
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` on ``q`` unless ``stop`` is set first; whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
 
 
 def _join(items: list) -> list:

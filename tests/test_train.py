@@ -1,7 +1,7 @@
 import importlib
 import json
 import math
-
+import threading
 import time
 
 import numpy as np
@@ -107,13 +107,19 @@ def test_each_epoch_is_a_new_order_over_every_selected_sample_once(resnet_cache,
     assert [b[2].tolist() for b in loader.epoch(1)] == [b[2].tolist() for b in loader.epoch(1)]  # seeded
 
 
-@pytest.mark.parametrize("limit", [None, 100])  # whole chunks (read without a copy) and partly kept chunks
-def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(tmp_path, npz_path, resnet18, limit):
-    out = str(tmp_path / "fine.zarr")  # 16 samples a chunk: 12 chunks, readers run ahead
+@pytest.fixture(scope="module")
+def fine_cache(tmp_path_factory, npz_path, resnet18):
+    """A float32 resnet18 cache at block 6 in 16-sample chunks: 12 chunks in its training split."""
+    out = str(tmp_path_factory.mktemp("fine") / "fine.zarr")
     subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
                                               data=npz_path, image_size=32, dtype="float32", chunk_mb=0.05,
                                               splits=("train",)), backbone=resnet18)
-    cache = subcache.open_cache(out)
+    return out
+
+
+@pytest.mark.parametrize("limit", [None, 100])  # whole chunks (read without a copy) and partly kept chunks
+def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(fine_cache, limit):
+    cache = subcache.open_cache(fine_cache)  # 12 chunks of 16: readers run ahead of the consumer
     assert len(cache.split("train")) // cache.split("train").chunk_len >= 8
     y = cache.read_y("train")
     indices = balanced_subset(y.numpy(), limit, seed=0)
@@ -131,18 +137,29 @@ def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(tmp_path
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_stream_visits_chunks_in_a_new_order_each_epoch(tmp_path, npz_path, resnet18):
-    out = str(tmp_path / "fine.zarr")  # 12 chunks of 16; one chunk per window, so the chunk order shows
-    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.05,
-                                              splits=("train",)), backbone=resnet18)
-    cache = subcache.open_cache(out)
+def test_stream_visits_chunks_in_a_new_order_each_epoch(fine_cache):
+    cache = subcache.open_cache(fine_cache)  # one chunk per window below, so the chunk order shows
     clen = cache.split("train").chunk_len
     positions = torch.arange(len(cache.split("train")))  # labels = positions: a batch names its rows
     loader = StreamLoader(cache, "train", None, positions, clen, 0, torch.device("cpu"), window=1)
     orders = [[int(rows[0]) // clen for _, _, rows in loader.epoch(epoch)] for epoch in range(4)]
     assert all(sorted(o) == list(range(len(o))) for o in orders)  # every chunk once per epoch
     assert len({tuple(o) for o in orders}) == 4
+
+
+def test_an_abandoned_stream_epoch_ends_its_reader_threads(fine_cache):
+    cache = subcache.open_cache(fine_cache)
+    y = cache.read_y("train")
+    before = threading.active_count()
+    loader = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=1, depth=1, readers=2)
+    epoch = loader.epoch(0)
+    next(epoch)  # the readers are now blocked on a full queue
+    assert threading.active_count() > before
+    epoch.close()  # a training error or a break ends the epoch early
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == before
 
 
 def test_device_loader_batches_follow_the_seeded_permutation():
