@@ -23,7 +23,7 @@ from .evaluation import cached_logits, labels_for, open_task
 from .labels import check_identity, data_identity, label_classes
 from .profiling import describe_runs, new_figure, save_figure, shared_bank
 from .progress import progress_bar
-from .settings import require_same
+from .settings import require_same, upgraded_train
 from .store import Cache, read
 from .task import atomic_write, check_out_dir
 from .train import TrainConfig, TrainData, check_train_config, open_for_training, train
@@ -150,7 +150,7 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
     _check(config)
     cache, backbone = open_for_training(cache, backbone)
     folder = check_out_dir(out)
-    state = _load_state(folder, _config_dict(config, backbone), data_identity(cache, config.train.labels))
+    state = _load_state(folder, _config_dict(config, backbone), data_identity(cache, config.train.labels), backbone)
     truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
     names = cache.classes if config.train.labels is None else label_classes(cache, config.train.train_split,
                                                                              config.train.labels)
@@ -255,16 +255,20 @@ def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
     return str(path)
 
 
-def _load_state(folder: Path, settings: dict, identity: dict) -> dict:
-    """The run saved in ``folder`` (refused if it has other settings or data), or a new one."""
+def _load_state(folder: Path, settings: dict, identity: dict, backbone: Backbone) -> dict:
+    """The run saved in ``folder`` (refused if it has other settings or data), or a new one. An earlier version's
+    record (blocks as spelt, ``precision: auto``) is read in today's terms and saved so from here on."""
     path = folder / "state.json"
     if not path.is_file():
         return {"config": settings, "identity": identity, "seeds": {}}
     state = json.loads(path.read_text())
     check_identity(state.get("identity"), identity, str(folder))
-    require_same(state["config"], settings, f"{folder} holds an active-learning run with other settings",
+    saved = {**state["config"], "train": upgraded_train(state["config"]["train"])}
+    if isinstance(saved.get("blocks"), str):
+        saved["blocks"] = list(parse_block_spec(saved["blocks"], backbone))
+    require_same(saved, settings, f"{folder} holds an active-learning run with other settings",
                  "use another --out or the same options")
-    return state
+    return {**state, "config": settings}
 
 
 def _config_dict(config: ALConfig, backbone: Backbone) -> dict:

@@ -202,7 +202,7 @@ class StreamLoader:
     def _chunk(self, split, c: int) -> tuple:
         """One chunk's kept rows (x, x_flip or None, y) on the host; no copy when every row is kept."""
         a, b, keep = self.chunks[c]
-        rows = slice(None) if len(keep) == b - a else keep
+        rows = slice(None) if np.array_equal(keep, np.arange(b - a)) else keep  # every row once, in order
 
         def load(arr):
             return from_storage(read(arr, slice(a, b))[rows], self.cache.dtype)

@@ -23,7 +23,7 @@ from .evaluation import labels_for, scorer
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
-from .settings import require_same
+from .settings import require_same, upgraded_train
 from .store import Cache
 from .task import atomic_write, check_out_dir
 from .train import TrainConfig, TrainData, balanced_subset, check_train_config, open_for_training, train
@@ -206,7 +206,7 @@ def _load_rows(out: str | None, train_config: TrainConfig, identity: dict | None
     saved = json.loads((Path(out) / name).read_text())
     if identity is not None:
         check_identity(saved.get("identity"), identity, out)
-    before = {k: v for k, v in saved["config"]["train"].items() if k not in ("blocks", "seed")}
+    before = {k: v for k, v in upgraded_train(saved["config"]["train"]).items() if k not in ("blocks", "seed")}
     now = {k: v for k, v in asdict(train_config).items() if k not in ("blocks", "seed")}
     before.update({k: saved["config"].get(k, 0.0) for k in extra or {}})
     now.update(extra or {})

@@ -7,11 +7,28 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
+_MISSING = object()
+
 
 def changed_keys(before: dict | None, now: dict) -> list[str]:
-    """The keys whose values differ between two recorded settings (a key missing on one side differs)."""
+    """The keys whose values differ between two recorded settings (a key missing on one side differs, also from
+    one recorded as None)."""
     before = before or {}
-    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return sorted(k for k in set(before) | set(now) if before.get(k, _MISSING) != now.get(k, _MISSING))
+
+
+def upgraded_train(saved: dict) -> dict:
+    """A training config recorded by an earlier version, in today's terms: ``precision: auto`` (bf16 on CUDA, fp32
+    elsewhere, until fp32 became the default) becomes what it meant on the device the run resolves to here."""
+    if saved.get("precision") != "auto":
+        return saved
+    from .devices import resolve_device
+
+    try:
+        cuda = resolve_device(saved.get("device", "auto")).type == "cuda"
+    except ConfigError:  # a device this machine lacks: left as recorded, so the check names it
+        return saved
+    return {**saved, "precision": "bf16" if cuda else "fp32"}
 
 
 def require_same(before: dict | None, now: dict, what: str, advice: str,

@@ -164,7 +164,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
         for epoch in range(config.epochs):
             model.train()
             t0 = time.perf_counter()
-            sums = torch.zeros(2, device=device)  # loss sum, correct
+            sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: exact counts past 2**24
             seen = 0
             for x, x_flip, y in loader.epoch(epoch):
                 x = apply_augment(x.float(), augments, gen, None if x_flip is None else x_flip.float(), pad)

@@ -113,6 +113,10 @@ def test_active_learning_rounds_and_resume_after_a_kill(resnet_cache, resnet18, 
     finally:
         active.train = real_train
     assert again.curve == result.curve and len(trained) == 2  # nothing retrained
+    state = json.loads((tmp_path / "a" / "state.json").read_text())  # as an earlier version recorded it:
+    state["config"]["blocks"], state["config"]["train"]["precision"] = "8", "auto"  # blocks as spelt, `auto`
+    (tmp_path / "a" / "state.json").write_text(json.dumps(state))
+    assert active_learning(resnet_cache, config, out=str(tmp_path / "a"), backbone=resnet18).curve == result.curve
     with pytest.raises(ConfigError, match=r"other settings \(blocks differ\); use another --out"):
         active_learning(resnet_cache, replace(config, blocks="7"), out=str(tmp_path / "a"), backbone=resnet18)
 

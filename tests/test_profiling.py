@@ -55,8 +55,10 @@ def test_profile_resumes_and_skips_finished_runs(resnet_cache, resnet18, tmp_pat
     assert [r["blocks"] for r in seen] == ["none", "7", "8", "7-8"]
     assert (tmp_path / "profile.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "profile.json").read_text())
-    # a killed profile: only the first two runs made it to disk
+    # a killed profile: only the first two runs made it to disk, recorded by the version whose default precision
+    # was `auto` (fp32 off CUDA: the same runs)
     saved["runs"] = saved["runs"][:2]
+    saved["config"]["train"]["precision"] = "auto"
     (tmp_path / "profile.json").write_text(json.dumps(saved))
     again = []
     second = subcache.profile_blocks(resnet_cache, config, out=str(tmp_path), backbone=resnet18,

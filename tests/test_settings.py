@@ -10,6 +10,7 @@ def test_the_refusal_names_exactly_the_keys_that_differ():
     before = {"epochs": 1, "lr": 0.001, "layers": [6], "gone": 1}
     assert changed_keys(before, dict(before)) == []
     assert changed_keys(before, {"epochs": 2, "lr": 0.001, "layers": [6], "new": 0}) == ["epochs", "gone", "new"]
+    assert changed_keys({"a": None}, {}) == ["a"]  # recorded as None is not the same as not recorded
     require_same(before, dict(before), "x", "y")  # the same: nothing raised
     with pytest.raises(ConfigError, match=r"^out holds a run with other settings \(epochs, layers differ\); use "
                                           r"another --out$"):

@@ -137,6 +137,14 @@ def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(fine_cac
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def test_stream_keeps_repeated_positions_like_the_memory_loader(fine_cache):
+    cache = subcache.open_cache(fine_cache)
+    rows = torch.arange(len(cache.split("train")))  # label = row: a batch names its rows
+    positions = np.array([0, 0] + list(range(1, 15)))  # a bootstrap draw: row 0 twice, row 15 not drawn
+    loader = StreamLoader(cache, "train", positions, rows[torch.from_numpy(positions)], 16, 0, torch.device("cpu"))
+    assert sorted(int(v) for _, _, y in loader.epoch(0) for v in y) == sorted(positions.tolist())
+
+
 def test_stream_visits_chunks_in_a_new_order_each_epoch(fine_cache):
     cache = subcache.open_cache(fine_cache)  # one chunk per window below, so the chunk order shows
     clen = cache.split("train").chunk_len
