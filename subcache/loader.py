@@ -182,9 +182,11 @@ class StreamLoader:
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
                  seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
-                 staging: bool | None = None, readers: int | None = None):
+                 staging: bool | None = None, readers: int = 1):
         self.cache, self.split, self.device = cache, split, device
-        self.readers = readers or min(4, os.cpu_count() or 1)  # chunks read and decoded at once
+        # chunks read and decoded at once: 1 by default, since on 2 CPU cores more readers did not read faster in
+        # steady state and their Python work competes for the GIL with the thread that launches the GPU's kernels
+        self.readers = readers
         self.batch_size, self.seed, self.window, self.depth = batch_size, seed, window, depth
         self.flip_views = flip_views
         n, clen = len(cache.split(split)), cache.split(split).chunk_len
