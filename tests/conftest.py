@@ -56,6 +56,16 @@ def resnet_cache(tmp_path_factory, npz_path, resnet18):
 
 
 @pytest.fixture(scope="session")
+def chunked_cache(tmp_path_factory, npz_path, resnet18):
+    """float32 resnet18 cache at block 6 in 16-sample chunks: 12 chunks in the training split (stream tests)."""
+    out = str(tmp_path_factory.mktemp("chunked") / "c.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.04,
+                                              splits=("train",)), backbone=resnet18)
+    return subcache.open_cache(out)
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3-compatible server (moto) on loopback, one per session (fsspec caches its S3 filesystems, so a
     second server on another port would meet a cached client of the first); credentials only through the

@@ -92,16 +92,6 @@ def test_resolve_device_rejects_what_it_cannot_give():
             resolve_device("cuda")
 
 
-@pytest.fixture(scope="module")
-def chunked_cache(tmp_path_factory, npz_path, resnet18):
-    """float32 at block 6, 16 samples per chunk: 12 chunks in the training split."""
-    out = str(tmp_path_factory.mktemp("chunked") / "c.zarr")
-    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.04,
-                                              splits=("train",)), backbone=resnet18)
-    return subcache.open_cache(out)
-
-
 def test_stream_loader_reuses_its_staging_buffers_and_reshuffles_each_epoch(chunked_cache):
     from subcache.loader import StreamLoader
 

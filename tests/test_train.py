@@ -107,19 +107,9 @@ def test_each_epoch_is_a_new_order_over_every_selected_sample_once(resnet_cache,
     assert [b[2].tolist() for b in loader.epoch(1)] == [b[2].tolist() for b in loader.epoch(1)]  # seeded
 
 
-@pytest.fixture(scope="module")
-def fine_cache(tmp_path_factory, npz_path, resnet18):
-    """A float32 resnet18 cache at block 6 in 16-sample chunks: 12 chunks in its training split."""
-    out = str(tmp_path_factory.mktemp("fine") / "fine.zarr")
-    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, dtype="float32", chunk_mb=0.05,
-                                              splits=("train",)), backbone=resnet18)
-    return out
-
-
 @pytest.mark.parametrize("limit", [None, 100])  # whole chunks (read without a copy) and partly kept chunks
-def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(fine_cache, limit):
-    cache = subcache.open_cache(fine_cache)  # 12 chunks of 16: readers run ahead of the consumer
+def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(chunked_cache, limit):
+    cache = chunked_cache  # 12 chunks of 16: readers run ahead of the consumer
     assert len(cache.split("train")) // cache.split("train").chunk_len >= 8
     y = cache.read_y("train")
     indices = balanced_subset(y.numpy(), limit, seed=0)
@@ -137,16 +127,16 @@ def test_stream_batches_do_not_depend_on_how_many_readers_decode_chunks(fine_cac
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_stream_keeps_repeated_positions_like_the_memory_loader(fine_cache):
-    cache = subcache.open_cache(fine_cache)
+def test_stream_keeps_repeated_positions_like_the_memory_loader(chunked_cache):
+    cache = chunked_cache
     rows = torch.arange(len(cache.split("train")))  # label = row: a batch names its rows
     positions = np.array([0, 0] + list(range(1, 15)))  # a bootstrap draw: row 0 twice, row 15 not drawn
     loader = StreamLoader(cache, "train", positions, rows[torch.from_numpy(positions)], 16, 0, torch.device("cpu"))
     assert sorted(int(v) for _, _, y in loader.epoch(0) for v in y) == sorted(positions.tolist())
 
 
-def test_stream_visits_chunks_in_a_new_order_each_epoch(fine_cache):
-    cache = subcache.open_cache(fine_cache)  # one chunk per window below, so the chunk order shows
+def test_stream_visits_chunks_in_a_new_order_each_epoch(chunked_cache):
+    cache = chunked_cache  # one chunk per window below, so the chunk order shows
     clen = cache.split("train").chunk_len
     positions = torch.arange(len(cache.split("train")))  # labels = positions: a batch names its rows
     loader = StreamLoader(cache, "train", None, positions, clen, 0, torch.device("cpu"), window=1)
@@ -155,8 +145,8 @@ def test_stream_visits_chunks_in_a_new_order_each_epoch(fine_cache):
     assert len({tuple(o) for o in orders}) == 4
 
 
-def test_an_abandoned_stream_epoch_ends_its_reader_threads(fine_cache):
-    cache = subcache.open_cache(fine_cache)
+def test_an_abandoned_stream_epoch_ends_its_reader_threads(chunked_cache):
+    cache = chunked_cache
     y = cache.read_y("train")
     before = threading.active_count()
     loader = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=1, depth=1, readers=2)
