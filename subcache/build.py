@@ -142,7 +142,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        images = job.load(0, min(job.n, calibration_len(layouts)))
+        images = job.load(0, min(job.n, calibration_len(layouts, config.dtype)))
         return _forward_unit(backbone, layers, images.to(device), replace(config, dtype="float32", flip_views=False))
 
     def create() -> list[Cache]:
@@ -205,9 +205,11 @@ def layout(shape: tuple[int, ...], dtype: str, sizes: dict[str, int], chunk_mb: 
     return Layout(sizes, chunks, shards, shape)
 
 
-def calibration_len(layouts: dict[int, Layout]) -> int:
-    """Items measured before a store is created: the first chunk of every layer, and ≥ CALIBRATION for int8."""
-    return max(CALIBRATION, *(next(iter(lay.chunk_len.values())) for lay in layouts.values()))
+def calibration_len(layouts: dict[int, Layout], dtype: str) -> int:
+    """Items measured before a store is created: the first chunk of every layer (the codec's sample), and at least
+    CALIBRATION for int8 (its scales)."""
+    first = max(next(iter(lay.chunk_len.values())) for lay in layouts.values())
+    return max(first, CALIBRATION) if dtype == "int8" else first
 
 
 class Planner:

@@ -62,7 +62,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        views = {"x": job.load(0, min(job.n, calibration_len(layouts)))["x"].to(device)}
+        views = {"x": job.load(0, min(job.n, calibration_len(layouts, dtype)))["x"].to(device)}
         return _forward(backbone, src, layers, views, "float32", config.batch_size)
 
     def create() -> list[Cache]:
