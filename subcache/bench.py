@@ -210,10 +210,28 @@ def training_flops(backbone: Backbone, window: tuple[int, ...]) -> tuple[int, in
     return prefix + from_cache, from_cache
 
 
+def profile_flops(backbone: Backbone, wins: list[tuple[int, ...]], lo: int, epochs: int, n_train: int,
+                  n_test: int) -> tuple[int, int]:
+    """FLOPs of a whole profile, (from images, from the cache): every window's training steps (see
+    `training_flops`) and one test pass per window. The cache's side also pays its one build (the prefix to ``lo``
+    over both splits) and the bank (the frozen blocks from ``lo`` to the last window's start, once per split)."""
+    stem, blocks, neck = _forward_flops(backbone)
+    prefix = [stem + sum(blocks[:first - 1]) for first in range(backbone.num_blocks + 2)]  # input of block `first`
+    items = n_train + n_test
+    from_cache = items * prefix[max(w[0] for w in wins)]
+    from_images = 0
+    for w in wins:
+        tuned, rest = sum(blocks[w[0] - 1:w[-1]]), sum(blocks[w[-1]:]) + neck
+        from_images += epochs * n_train * (prefix[w[0]] + 3 * tuned + 2 * rest) + n_test * (prefix[w[0]] + tuned + rest)
+        from_cache += epochs * n_train * (3 * tuned + 2 * rest) + n_test * (tuned + rest)
+    return from_images, from_cache
+
+
 @_in_workdir
 def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """A profile over K windows with subcache (one cache build + every run from it) vs the reference way (every
-    run pushes every epoch's images through the whole frozen network), same epochs, same run; and the FLOP bound."""
+    run pushes every epoch's images through the whole frozen network), same epochs, same run, each window scored
+    on the test split both ways; and the FLOP bound."""
     from .backbones import parse_block_spec
     from .profiling import ProfileConfig, profile_blocks, spec_of, windows
     from .train import train_reference
@@ -226,6 +244,7 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device)
     out = str(root / "bench-profile.zarr")
     source = open_source(config.data, "train", limit=config.limit)
+    test = open_source(config.data, "test", limit=config.limit)
     classes = len(source.classes)
     for win in wins:  # warm-up, untimed: a GPU's first step of each window pays cuDNN's set-up, for both ways alike
         warm = replace(tcfg, blocks=spec_of(win), epochs=1, limit=min(len(source), 2 * config.batch_size))
@@ -235,23 +254,40 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
                             data=config.data, limit=config.limit, image_size=config.image_size,
                             device=config.device, overwrite=True), backbone=backbone, progress=progress)
     cache_build_s = time.perf_counter() - t0
-    profile_blocks(out, ProfileConfig(blocks=f"{lo}-{hi}", widths=(config.width,), probe=False, train=tcfg),
-                   backbone=backbone)
+    profile = profile_blocks(out, ProfileConfig(blocks=f"{lo}-{hi}", widths=(config.width,), probe=False,
+                                                train=tcfg), backbone=backbone)
     cached_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    reference_acc = []
     for win in wins:
-        train_reference(source, backbone, win[0], replace(tcfg, blocks=spec_of(win)), classes, config.device)
+        model, _, _ = train_reference(source, backbone, win[0], replace(tcfg, blocks=spec_of(win)), classes,
+                                      config.device)
+        reference_acc.append(_image_accuracy(model, backbone, test, win[0], device))
     reference_s = time.perf_counter() - t0
 
-    flops = [training_flops(backbone, win) for win in wins]
-    bound = sum(f[0] for f in flops) / sum(f[1] for f in flops)
+    from_images, from_cache = profile_flops(backbone, wins, lo, config.epochs, len(source), len(test))
+    bound = from_images / from_cache
     speedup = reference_s / cached_s
     result = {"windows": [spec_of(w) for w in wins], "epochs": config.epochs, "images": len(source),
               "device": str(device), "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
               "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
-              "bound_fraction": speedup / bound}
+              "bound_fraction": speedup / bound, "subcache_test_accuracy": [r["test_accuracy"] for r in profile.rows],
+              "reference_test_accuracy": reference_acc}
     return result
+
+
+@torch.inference_mode()
+def _image_accuracy(model: TunedModel, backbone: Backbone, source, layer: int, device: torch.device,
+                    batch: int = 1024) -> float:
+    """Test accuracy the reference way: each image through the live frozen prefix, then the trained model."""
+    model.eval()
+    correct = 0
+    for a in range(0, len(source), batch):
+        images = source.load(a, min(a + batch, len(source)), backbone.preprocess).to(device)
+        pred = model(backbone.prefix(to_input(images, backbone.preprocess), layer)).argmax(1).cpu()
+        correct += int((pred == torch.from_numpy(source.labels[a:a + batch])).sum())
+    return correct / len(source)
 
 
 @_in_workdir

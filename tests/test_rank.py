@@ -187,6 +187,21 @@ def test_knn_and_rank_correlations():
     assert kendall(a, b) == pytest.approx(stats.kendalltau(a, b).statistic)
 
 
+def test_profile_flops_count_training_test_passes_build_and_bank(planted):
+    from subcache.bench import _forward_flops, profile_flops, training_flops
+
+    _, backbone = planted
+    stem, blocks, neck = _forward_flops(backbone)
+    wins = [(2,), (3, 4)]
+    images, cache = profile_flops(backbone, wins, 2, epochs=3, n_train=10, n_test=4)
+    steps = {w: training_flops(backbone, w) for w in wins}
+    full = stem + sum(blocks) + neck  # a test pass from images runs the whole network
+    tail = {(2,): sum(blocks[1:]) + neck, (3, 4): sum(blocks[2:]) + neck}  # from the window's input on
+    assert images == sum(30 * steps[w][0] + 4 * full for w in wins)
+    build_and_bank = 14 * (stem + sum(blocks[:2]))  # prefix to block 3's input (the last window's), both splits
+    assert cache == build_and_bank + sum(30 * steps[w][1] + 4 * tail[w] for w in wins)
+
+
 # -- halving --------------------------------------------------------------------------------------------------------
 def test_halving_keeps_one_in_eta_and_counts_compute(planted):
     from subcache.bench import training_flops
