@@ -139,14 +139,37 @@ def bad_chunk(array: zarr.Array, index: int, length: int | None = None) -> str |
 
 
 def read(array: zarr.Array, selection, *, orthogonal: bool = False) -> np.ndarray:
-    """Read from a cache array; a chunk that fails to decode becomes one CorruptChunkError naming it."""
+    """Read from a cache array; a chunk that fails to decode becomes one CorruptChunkError naming it. Any other
+    error goes on as it was raised, once the chunks the selection touches have all decoded."""
     try:
         return array.oindex[selection] if orthogonal else array[selection]
     except DECODE_ERRORS:
-        for index in range(-(-array.shape[0] // array.chunks[0])):
+        for index in chunks_touched(array, selection):
             if (why := bad_chunk(array, index)) is not None:
                 raise CorruptChunkError(corrupt_message(array, index, why)) from None
         raise
+
+
+def chunks_touched(array: zarr.Array, selection) -> list[int]:
+    """Indices of the chunks along N that a selection (a slice, an index or an index array, alone or first in a
+    tuple) reads; every chunk for anything else."""
+    n, length = array.shape[0], array.chunks[0]
+    every = list(range(-(-n // length)))
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, slice):
+        rows = np.arange(n)[first]
+    else:
+        try:
+            rows = np.asarray(first).ravel()
+        except (TypeError, ValueError):
+            return every
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if not np.issubdtype(rows.dtype, np.integer):
+            return every
+        rows = np.where(rows < 0, rows + n, rows)
+        rows = rows[(rows >= 0) & (rows < n)]
+    return sorted(set((rows // length).tolist()))
 
 
 def corrupt_message(array: zarr.Array, index: int, why: str) -> str:

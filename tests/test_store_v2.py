@@ -81,6 +81,23 @@ def test_a_flipped_byte_is_named_on_read_listed_by_verify_and_recomputed_by_resu
     assert run("verify", path).exit_code == 0
 
 
+def test_a_failed_read_decodes_only_the_chunks_it_touched(tmp_path, npz_path, resnet18, monkeypatch):
+    path = build(tmp_path / "c.zarr", npz_path, resnet18).paths[0]
+    x = subcache.open_cache(path).split("train").x  # 64 items in chunks of 8
+    flip_byte(chunk_file(path, "train", "x", 5))
+    checked, real = [], store.bad_chunk
+    monkeypatch.setattr(store, "bad_chunk", lambda arr, i, *a: checked.append(i) or real(arr, i, *a))
+    with pytest.raises(CorruptChunkError, match="chunk 5"):
+        store.read(x, slice(30, 44))  # chunks 3, 4, 5
+    assert checked == [3, 4, 5]
+    checked.clear()
+    with pytest.raises(CorruptChunkError, match="chunk 5"):
+        store.read(x, np.array([63, 41, 2]), orthogonal=True)  # chunks 7, 5, 0
+    assert checked == [0, 5]  # in order; the damaged one stops the scan
+    assert store.chunks_touched(x, (slice(None), 0)) == list(range(8))
+    assert store.chunks_touched(x, -1) == [7] and store.chunks_touched(x, np.arange(64) < 9) == [0, 1]
+
+
 def test_format_1_stores_without_checksums_still_open(tmp_path, npz_path, resnet18, monkeypatch):
     plain = store.compressors
     monkeypatch.setattr(store, "compressors", lambda name, dtype, checksum=True: plain(name, dtype, checksum=False))
