@@ -201,29 +201,31 @@ def training_flops(backbone: Backbone, window: tuple[int, ...]) -> tuple[int, in
     Backward ≈ 2× forward for the tuned blocks (input and weight gradients) and 1× for the frozen blocks after
     them (input gradients only); the prefix runs forward only. (FlopCounterMode itself counts a grouped conv's
     backward as dense, so it cannot be used on the backward of depthwise blocks.)"""
-    stem, blocks, neck = _forward_flops(backbone)
+    prefix, step, _ = _window_flops(_forward_flops(backbone), window)
+    return prefix + step, step
+
+
+def _window_flops(flops: tuple[int, list[int], int], window: tuple[int, ...]) -> tuple[int, int, int]:
+    """Per image, from `_forward_flops`: (the forward up to the window's input, a training step from there (see
+    `training_flops`), a forward from there to the logits)."""
+    stem, blocks, neck = flops
     first, last = window[0], window[-1]
-    prefix = stem + sum(blocks[:first - 1])
-    tuned = sum(blocks[first - 1:last])
-    rest = sum(blocks[last:]) + neck
-    from_cache = 3 * tuned + 2 * rest
-    return prefix + from_cache, from_cache
+    tuned, rest = sum(blocks[first - 1:last]), sum(blocks[last:]) + neck
+    return stem + sum(blocks[:first - 1]), 3 * tuned + 2 * rest, tuned + rest
 
 
-def profile_flops(backbone: Backbone, wins: list[tuple[int, ...]], lo: int, epochs: int, n_train: int,
+def profile_flops(backbone: Backbone, wins: list[tuple[int, ...]], epochs: int, n_train: int,
                   n_test: int) -> tuple[int, int]:
     """FLOPs of a whole profile, (from images, from the cache): every window's training steps (see
-    `training_flops`) and one test pass per window. The cache's side also pays its one build (the prefix to ``lo``
-    over both splits) and the bank (the frozen blocks from ``lo`` to the last window's start, once per split)."""
-    stem, blocks, neck = _forward_flops(backbone)
-    prefix = [stem + sum(blocks[:first - 1]) for first in range(backbone.num_blocks + 2)]  # input of block `first`
-    items = n_train + n_test
-    from_cache = items * prefix[max(w[0] for w in wins)]
+    `training_flops`) and one test pass per window. The cache's side also pays, once per item of both splits, the
+    forward up to the last window's input: its build (to the cached layer) and the bank (the frozen blocks on)."""
+    flops = _forward_flops(backbone)
+    from_cache = (n_train + n_test) * _window_flops(flops, (max(w[0] for w in wins),))[0]
     from_images = 0
     for w in wins:
-        tuned, rest = sum(blocks[w[0] - 1:w[-1]]), sum(blocks[w[-1]:]) + neck
-        from_images += epochs * n_train * (prefix[w[0]] + 3 * tuned + 2 * rest) + n_test * (prefix[w[0]] + tuned + rest)
-        from_cache += epochs * n_train * (3 * tuned + 2 * rest) + n_test * (tuned + rest)
+        prefix, step, forward = _window_flops(flops, w)
+        from_images += epochs * n_train * (prefix + step) + n_test * (prefix + forward)
+        from_cache += epochs * n_train * step + n_test * forward
     return from_images, from_cache
 
 
@@ -266,7 +268,7 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
         reference_acc.append(_image_accuracy(model, backbone, test, win[0], device))
     reference_s = time.perf_counter() - t0
 
-    from_images, from_cache = profile_flops(backbone, wins, lo, config.epochs, len(source), len(test))
+    from_images, from_cache = profile_flops(backbone, wins, config.epochs, len(source), len(test))
     bound = from_images / from_cache
     speedup = reference_s / cached_s
     result = {"windows": [spec_of(w) for w in wins], "epochs": config.epochs, "images": len(source),

@@ -115,8 +115,9 @@ def open_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, dev
 
 def load_tasks(task_dirs: Sequence[str | os.PathLike | Task], device: str = "auto", backbone: Backbone | None = None,
                identity: dict | None = None) -> tuple[list[Task], Backbone, torch.device]:
-    """Saved tasks (folders, or tasks already loaded), and the backbone they run on (``backbone``, or one built from ``identity``, or from the first
-    task's record) placed on the resolved device: what `evaluate`, `score` and `predict` all start from."""
+    """Saved tasks (folders, or tasks already loaded), and the backbone they run on (``backbone``, or one built
+    from ``identity``, or from the first task's record) placed on the resolved device: what `evaluate`, `score`
+    and `predict` all start from."""
     tasks = [t if isinstance(t, Task) else load_task(t) for t in task_dirs]
     backbone = backbone or backbone_for(identity or tasks[0].meta["backbone"])
     dev = resolve_device(device)

@@ -173,9 +173,9 @@ class Stager:
 class StreamLoader:
     """Streams whole chunks: shuffled chunk order, then shuffled within a window of ``window`` chunks.
 
-    Background threads read and decompress chunks (``readers`` at once, handed over in order); each window goes to the device in one staged copy, the next
-    window's copy overlapping the current window's steps; batches are gathered on the device along a permutation
-    drawn there. Nothing in the step loop waits on the host.
+    Background threads read and decompress chunks (``readers`` at once, handed over in order); each window goes to
+    the device in one staged copy, the next window's copy overlapping the current window's steps; batches are
+    gathered on the device along a permutation drawn there. Nothing in the step loop waits on the host.
     """
 
     bridged = False  # the cache's activations

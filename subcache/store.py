@@ -27,7 +27,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError, StoreExistsError
+from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError,
+                     StoreExistsError)
 from .faults import fault
 
 FORMAT = "subcache-cache"

@@ -193,7 +193,7 @@ def test_profile_flops_count_training_test_passes_build_and_bank(planted):
     _, backbone = planted
     stem, blocks, neck = _forward_flops(backbone)
     wins = [(2,), (3, 4)]
-    images, cache = profile_flops(backbone, wins, 2, epochs=3, n_train=10, n_test=4)
+    images, cache = profile_flops(backbone, wins, epochs=3, n_train=10, n_test=4)
     steps = {w: training_flops(backbone, w) for w in wins}
     full = stem + sum(blocks) + neck  # a test pass from images runs the whole network
     tail = {(2,): sum(blocks[1:]) + neck, (3, 4): sum(blocks[2:]) + neck}  # from the window's input on
