@@ -280,16 +280,20 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
 
 
 @torch.inference_mode()
-def _image_accuracy(model: TunedModel, backbone: Backbone, source, layer: int, device: torch.device,
-                    batch: int = 1024) -> float:
-    """Test accuracy the reference way: each image through the live frozen prefix, then the trained model."""
-    model.eval()
-    correct = 0
+def _image_logits(model: TunedModel, backbone: Backbone, source, layer: int, device: torch.device,
+                  batch: int = 512) -> torch.Tensor:
+    """Logits the reference way, on the CPU: each image through the live frozen prefix, then ``model``."""
+    out = []
     for a in range(0, len(source), batch):
-        images = source.load(a, min(a + batch, len(source)), backbone.preprocess).to(device)
-        pred = model(backbone.prefix(to_input(images, backbone.preprocess), layer)).argmax(1).cpu()
-        correct += int((pred == torch.from_numpy(source.labels[a:a + batch])).sum())
-    return correct / len(source)
+        x = to_input(source.load(a, min(a + batch, len(source)), backbone.preprocess).to(device), backbone.preprocess)
+        out.append(model(backbone.prefix(x, layer)).cpu())
+    return torch.cat(out)
+
+
+def _image_accuracy(model: TunedModel, backbone: Backbone, source, layer: int, device: torch.device) -> float:
+    """Test accuracy the reference way (eval mode: tuned BatchNorms use their running statistics)."""
+    pred = _image_logits(model.eval(), backbone, source, layer, device).argmax(1)
+    return (pred == torch.from_numpy(source.labels)).sum().item() / len(source)
 
 
 @_in_workdir
@@ -302,19 +306,9 @@ def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     model = TunedModel(backbone, layer, parse_block_spec(config.blocks, backbone), len(cache.classes),
                        cache.sample_shape).to(device).eval()
     source = open_source(config.data, "train", limit=config.limit)
-
-    @torch.inference_mode()
-    def from_images() -> torch.Tensor:
-        out = []
-        for a in range(0, len(source), 512):
-            x = to_input(source.load(a, min(a + 512, len(source)), backbone.preprocess).to(device),
-                         backbone.preprocess)
-            out.append(model(backbone.prefix(x, layer)).cpu())
-        return torch.cat(out)
-
     cached_logits(model, cache, "train", device)  # warm-up
     cache_s = _timed(lambda: cached_logits(model, cache, "train", device), device)
-    images_s = _timed(from_images, device)
+    images_s = _timed(lambda: _image_logits(model, backbone, source, layer, device), device)
     result = {"items": len(source), "layer": layer, "device": str(device),
               "cache_items_per_second": len(source) / cache_s, "images_items_per_second": len(source) / images_s,
               "speedup": images_s / cache_s}
