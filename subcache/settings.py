@@ -5,6 +5,7 @@ Callers record and compare *resolved* values (layer and block indices, not how t
 """
 from __future__ import annotations
 
+from .devices import resolve_device
 from .errors import ConfigError
 
 _MISSING = object()
@@ -22,8 +23,6 @@ def upgraded_train(saved: dict) -> dict:
     elsewhere, until fp32 became the default) becomes what it meant on the device the run resolves to here."""
     if saved.get("precision") != "auto":
         return saved
-    from .devices import resolve_device
-
     try:
         cuda = resolve_device(saved.get("device", "auto")).type == "cuda"
     except ConfigError:  # a device this machine lacks: left as recorded, so the check names it
