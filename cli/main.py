@@ -357,7 +357,7 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
             as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
-    from subcache.profiling import ProfileConfig, profile_blocks
+    from subcache.selection import ProfileConfig, profile_blocks
 
     if prior and not halving:
         raise click.UsageError("--prior applies to --halving")
@@ -423,7 +423,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
          as_json) -> None:
     """Score every window without training it: gradient energy (Fisher, relative gradient norm) and the
     transferability the frozen window loses (LogME, leave-one-out k-NN)."""
-    from subcache.rank import RankConfig, parse_methods, rank_windows
+    from subcache.selection.rank import RankConfig, parse_methods, rank_windows
 
     config = RankConfig(blocks=block_range, widths=widths, methods=parse_methods(methods), val_fraction=val_fraction,
                         samples=samples, train=train_config(limit=limit, labels=labels, device=device))
@@ -467,7 +467,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json,
            **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
-    from subcache.profiling import GreedyConfig, greedy_select
+    from subcache.selection import GreedyConfig, greedy_select
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)

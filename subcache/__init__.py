@@ -23,7 +23,8 @@ from .train import TrainConfig, TrainData, TrainResult, train  # noqa: E402
 from .evaluation import evaluate, evaluate_task  # noqa: E402
 from .tuned import TunedModel  # noqa: E402
 from .derive import DeriveConfig, derive_cache  # noqa: E402
-from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select, profile_blocks  # noqa: E402
+from .selection import (GreedyConfig, ProfileConfig, RankConfig, greedy_search, greedy_select,  # noqa: E402
+                        profile_blocks, rank_windows)
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
 from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
@@ -39,7 +40,8 @@ __all__ = [
     "TrainConfig", "TrainData", "TrainResult", "train", "evaluate", "evaluate_task", "TunedModel", "Task", "load_task",
     "save_task",
     # many runs on one cache
-    "ProfileConfig", "profile_blocks", "GreedyConfig", "greedy_search", "greedy_select", "ALConfig", "ALResult",
+    "ProfileConfig", "profile_blocks", "RankConfig", "rank_windows", "GreedyConfig", "greedy_search", "greedy_select",
+    "ALConfig", "ALResult",
     "PoolScores", "active_learning", "compare_strategies", "score_pool",
     # deployment
     "MultiTaskModel", "Predictions", "predict",

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, parse_block_spec
-from .bank import ActivationBank
+from .bank import ActivationBank, shared_bank
 from .errors import ConfigError, DataError
 from .evaluation import cached_logits, labels_for, open_task
 from .labels import check_identity, data_identity, label_classes
-from .profiling import describe_runs, new_figure, save_figure, shared_bank
+from .plotting import describe_runs, new_figure, save_figure
 from .progress import progress_bar
 from .settings import require_same, upgraded_train
 from .store import Cache, read
@@ -159,7 +159,8 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
     if config.oracle:  # a bad oracle file is refused before any round runs
         _oracle_labels(config.oracle, ids, np.arange(0), truth, names)
-    bank = shared_bank(cache, backbone, config.train)  # None with augmentation or when it would not fit
+    # None with augmentation or when it would not fit
+    bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
     total = config.seeds * len(config.budgets)
     with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
         task = bar.add_task(f"active learning ({config.strategy})", total=total,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .backbones import Backbone
-from .loader import read_rows, resident_dtype, split_nbytes
+from .devices import resolve_device
+from .loader import memory_budget, read_rows, resident_dtype, split_nbytes
 from .store import Cache
 
 LAYERS_KEPT = 4  # a bank typically holds the cached layer, a few later inputs and the neck's output
@@ -57,3 +58,14 @@ class ActivationBank:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._acts.values())
+
+
+def shared_bank(cache: Cache, backbone: Backbone, augment: str | None, device: str) -> ActivationBank | None:
+    """A bank when runs can share frozen activations: no augmentation (a run's ``augment``), and the splits fit
+    comfortably on ``device`` (a run's ``--device``)."""
+    if augment not in ("none", "", None):
+        return None
+    device = resolve_device(device)
+    need = sum(split_nbytes(cache, s, len(cache.split(s))) * 4 for s in cache.splits)  # stored dtype, a few layers
+    return ActivationBank(cache, backbone, device) if need <= memory_budget(device) else None
+

@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone, load_backbone
-from .devices import placement, resolve_device
+from .devices import resolve_device
 from .build import BuildConfig, build_cache
 from .data import open_source, to_input
 from .loader import DeviceLoader, ImageLoader, StreamLoader, read_rows
+from .selection import (HalvingResult, ProfileConfig, RankConfig, profile_blocks, profile_flops, rank_windows, spec_of,
+                        windows)
+from .selection.rank import rank_flops
 from .store import dir_bytes, open_cache
 from .train import TrainConfig, fit
 from .tuned import TunedModel
@@ -177,57 +180,6 @@ def _stream_read_seconds(loader: StreamLoader) -> float:
     return time.perf_counter() - t0
 
 
-@torch.inference_mode()
-def _forward_flops(backbone: Backbone) -> tuple[int, list[int], int]:
-    """Forward FLOPs per image of the stem, of each block, and of the neck (torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .backbones import describe_blocks
-
-    size = backbone.preprocess.image_size
-    device, dtype = placement(backbone.model)
-    x = torch.zeros(1, 3, size, size, device=device, dtype=dtype)
-    with FlopCounterMode(display=False) as stem:
-        h = backbone.stem(x)
-    h = backbone.run_blocks(h, 1, backbone.num_blocks)
-    with FlopCounterMode(display=False) as neck:
-        backbone.neck(h)
-    return stem.get_total_flops(), [b.flops for b in describe_blocks(backbone)], neck.get_total_flops()
-
-
-def training_flops(backbone: Backbone, window: tuple[int, ...]) -> tuple[int, int]:
-    """FLOPs of one training step per image for a window: (from images, from the cache).
-
-    Backward ≈ 2× forward for the tuned blocks (input and weight gradients) and 1× for the frozen blocks after
-    them (input gradients only); the prefix runs forward only. (FlopCounterMode itself counts a grouped conv's
-    backward as dense, so it cannot be used on the backward of depthwise blocks.)"""
-    prefix, step, _ = _window_flops(_forward_flops(backbone), window)
-    return prefix + step, step
-
-
-def _window_flops(flops: tuple[int, list[int], int], window: tuple[int, ...]) -> tuple[int, int, int]:
-    """Per image, from `_forward_flops`: (the forward up to the window's input, a training step from there (see
-    `training_flops`), a forward from there to the logits)."""
-    stem, blocks, neck = flops
-    first, last = window[0], window[-1]
-    tuned, rest = sum(blocks[first - 1:last]), sum(blocks[last:]) + neck
-    return stem + sum(blocks[:first - 1]), 3 * tuned + 2 * rest, tuned + rest
-
-
-def profile_flops(backbone: Backbone, wins: list[tuple[int, ...]], epochs: int, n_train: int,
-                  n_test: int) -> tuple[int, int]:
-    """FLOPs of a whole profile, (from images, from the cache): every window's training steps (see
-    `training_flops`) and one test pass per window. The cache's side also pays, once per item of both splits, the
-    forward up to the last window's input: its build (to the cached layer) and the bank (the frozen blocks on)."""
-    flops = _forward_flops(backbone)
-    from_cache = (n_train + n_test) * _window_flops(flops, (max(w[0] for w in wins),))[0]
-    from_images = 0
-    for w in wins:
-        prefix, step, forward = _window_flops(flops, w)
-        from_images += epochs * n_train * (prefix + step) + n_test * (prefix + forward)
-        from_cache += epochs * n_train * step + n_test * forward
-    return from_images, from_cache
-
 
 @_in_workdir
 def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
@@ -235,7 +187,6 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     run pushes every epoch's images through the whole frozen network), same epochs, same run, each window scored
     on the test split both ways; and the FLOP bound."""
     from .backbones import parse_block_spec
-    from .profiling import ProfileConfig, profile_blocks, spec_of, windows
     from .train import train_reference
 
     device = resolve_device(config.device)
@@ -415,8 +366,6 @@ def bench_select(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     """`rank` and `profile --halving` vs the full profile of the same windows (widths 1..``width``): wall seconds,
     FLOPs and regret, measured in one run on this machine."""
     from .backbones import parse_block_spec
-    from .profiling import HalvingResult, ProfileConfig, profile_blocks
-    from .rank import RankConfig, rank_flops, rank_windows
 
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)

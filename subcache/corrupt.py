@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageSource
 from .errors import DataError
 
 SEED = 0x5C0C  # base of every per-item seed
@@ -136,24 +134,3 @@ def corrupt(images: torch.Tensor, ids: np.ndarray, name: str, severity: int) -> 
         y = fn(image.astype(np.float64) / 255, c, rng)
         out[i] = np.clip(np.rint(y * 255), 0, 255).astype(np.uint8)
     return torch.from_numpy(out).to(images.device)
-
-
-@dataclass
-class CorruptedSource(ImageSource):
-    """An image source whose items come out corrupted (``load`` and ``take``)."""
-
-    corruption: tuple[str, int] = ("gaussian_noise", 1)
-
-    def load(self, start: int, stop: int, pre) -> torch.Tensor:
-        return corrupt(super().load(start, stop, pre), self.ids[start:stop], *self.corruption)
-
-    def take(self, positions: np.ndarray, pre) -> torch.Tensor:
-        return corrupt(super().take(positions, pre), self.ids[np.asarray(positions)], *self.corruption)
-
-
-def corrupted(source: ImageSource, spec: str | None) -> ImageSource:
-    """``source`` with the corruption ``spec`` (NAME:SEVERITY) applied to every item; None: unchanged."""
-    if not spec:
-        return source
-    kept = {f.name: getattr(source, f.name) for f in fields(ImageSource) if f.init}
-    return CorruptedSource(**kept, corruption=parse_corruption(spec))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import Preprocess
+from .corrupt import corrupt, parse_corruption
 from .errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -81,6 +82,27 @@ class ImageSource:
         if self.array is not None:
             return _bchw(self.array[np.asarray(positions)])
         return torch.stack([self._photo(int(i), pre) for i in positions])
+
+
+@dataclass
+class CorruptedSource(ImageSource):
+    """An image source whose items come out corrupted (``load`` and ``take``)."""
+
+    corruption: tuple[str, int] = ("gaussian_noise", 1)
+
+    def load(self, start: int, stop: int, pre) -> torch.Tensor:
+        return corrupt(super().load(start, stop, pre), self.ids[start:stop], *self.corruption)
+
+    def take(self, positions: np.ndarray, pre) -> torch.Tensor:
+        return corrupt(super().take(positions, pre), self.ids[np.asarray(positions)], *self.corruption)
+
+
+def corrupted(source: ImageSource, spec: str | None) -> ImageSource:
+    """``source`` with the corruption ``spec`` (NAME:SEVERITY) applied to every item; None: unchanged."""
+    if not spec:
+        return source
+    kept = {f.name: getattr(source, f.name) for f in fields(ImageSource) if f.init}
+    return CorruptedSource(**kept, corruption=parse_corruption(spec))
 
 
 def _bchw(array: np.ndarray) -> torch.Tensor:
@@ -149,8 +171,6 @@ def open_source(spec: Any, split: str, *, limit: int | None = None, download: bo
     """A split of a dataset: ``spec`` is a known name, an ImageFolder directory, an ``.npz`` file, ``hf:PATH``,
     an image file, or a dataset object (torchvision, Hugging Face, any sequence of (image, label)) for that split.
     ``corrupt``: ``NAME:SEVERITY`` (see `subcache.corrupt`) corrupts every item deterministically."""
-    from .corrupt import corrupted, parse_corruption
-
     if corrupt:
         parse_corruption(corrupt)  # a bad spec fails before any data is read
     root = Path(root or os.environ.get("SUBCACHE_DATA", Path.home() / ".cache" / "subcache" / "data"))

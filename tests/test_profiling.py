@@ -6,7 +6,7 @@ import torch
 
 import subcache
 from subcache.errors import BlockError
-from subcache.profiling import greedy_search, parse_range, windows
+from subcache.selection import greedy_search, parse_range, windows
 
 
 def test_windows_at_range_edges():

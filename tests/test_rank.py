@@ -28,8 +28,8 @@ from subcache.backbones import Backbone, Preprocess
 from subcache.corrupt import corrupt, parse_corruption
 from subcache.data import open_source
 from subcache.errors import SubcacheError
-from subcache.profiling import ProfileConfig, halving_profile, profile_blocks, validation_split
-from subcache.rank import RankConfig, kendall, knn_accuracy, logme, rank_windows, spearman
+from subcache.selection import ProfileConfig, halving_profile, profile_blocks, validation_split
+from subcache.selection.rank import RankConfig, kendall, knn_accuracy, logme, rank_windows, spearman
 from subcache.train import TrainConfig, balanced_subset
 
 EPS = 0.1
@@ -116,7 +116,7 @@ def test_rank_scores_are_deterministic_and_finite(planted):
 
 
 def test_gradient_scores_match_a_per_sample_autograd_loop():
-    from subcache.rank import gradient_scores
+    from subcache.selection.rank import gradient_scores
 
     backbone = planted_backbone()
     torch.manual_seed(3)
@@ -188,7 +188,7 @@ def test_knn_and_rank_correlations():
 
 
 def test_profile_flops_count_training_test_passes_build_and_bank(planted):
-    from subcache.bench import _forward_flops, profile_flops, training_flops
+    from subcache.selection.flops import forward_flops as _forward_flops, profile_flops, training_flops
 
     _, backbone = planted
     stem, blocks, neck = _forward_flops(backbone)
@@ -204,7 +204,7 @@ def test_profile_flops_count_training_test_passes_build_and_bank(planted):
 
 # -- halving --------------------------------------------------------------------------------------------------------
 def test_halving_keeps_one_in_eta_and_counts_compute(planted):
-    from subcache.bench import training_flops
+    from subcache.selection.flops import training_flops
 
     cache, backbone = planted
     config = ProfileConfig(widths=(1, 2), halving=True, eta=3, min_epochs=1, train=FAST.__class__(
@@ -270,10 +270,10 @@ def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted,
     assert np.bincount(y[val]).tolist() == [15, 15, 15, 15]
     assert np.array_equal(np.sort(np.concatenate([fit, val])), balanced_subset(y, 200, 0))  # the --limit pool
     seen = []
-    import subcache.profiling as profiling
+    import subcache.selection.runs as runs
 
-    real_train = profiling.train
-    monkeypatch.setattr(profiling, "train", lambda cache, config, data, **kw: seen.append(data.positions) or
+    real_train = runs.train
+    monkeypatch.setattr(runs, "train", lambda cache, config, data, **kw: seen.append(data.positions) or
                         real_train(cache, config, data, **kw))
     result = profile_blocks(cache, ProfileConfig(blocks="3-4", train=FAST, val_fraction=0.25, probe=False),
                             backbone=backbone)
@@ -284,7 +284,7 @@ def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted,
 
 
 def test_greedy_chooses_on_validation_and_trains_without_it(planted, monkeypatch):
-    import subcache.profiling as profiling
+    import subcache.selection.greedy as profiling
 
     cache, backbone = planted
     calls = []

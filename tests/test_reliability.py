@@ -171,7 +171,7 @@ def test_a_killed_build_resumes_bit_identical(tmp_path, small_npz, resnet18, bas
 
 # -- Medium 4: profile / al resume only from the same cache and labels -------------------------------------------
 def test_profile_and_al_refuse_state_from_another_cache(tmp_path, resnet_cache, resnet18):
-    from subcache.profiling import ProfileConfig, profile_blocks
+    from subcache.selection import ProfileConfig, profile_blocks
 
     other = shutil.copytree(resnet_cache, tmp_path / "other.zarr")
     fast = subcache.TrainConfig(epochs=1, batch_size=64, device="cpu")
@@ -186,7 +186,7 @@ def test_profile_and_al_refuse_state_from_another_cache(tmp_path, resnet_cache, 
 
 
 def test_profile_refuses_state_trained_on_other_labels(tmp_path, resnet_cache, resnet18):
-    from subcache.profiling import ProfileConfig, profile_blocks
+    from subcache.selection import ProfileConfig, profile_blocks
 
     cache = shutil.copytree(resnet_cache, tmp_path / "c.zarr")
     ids = subcache.open_cache(cache).split("train").id[:]

@@ -196,7 +196,8 @@ def other_backend():
 
 
 def test_profile_plot_marks_the_best_window_and_the_probe_band(resnet_cache, other_backend, tmp_path):
-    from subcache.profiling import ProfileConfig, ProfileResult, plot_profile
+    from subcache.selection import ProfileConfig, ProfileResult
+    from subcache.selection import plot_profile
 
     rows = [{"blocks": b, "first": f, "width": w, "seed": s, "test_accuracy": a, "trainable_params": 1,
              "seconds": 1.0} for b, f, w, s, a in [("none", 0, 0, 0, 0.50), ("none", 0, 0, 1, 0.60),
@@ -218,7 +219,8 @@ def test_profile_plot_marks_the_best_window_and_the_probe_band(resnet_cache, oth
 
 def test_al_ticks_are_the_budgets_and_greedy_counts_steps(resnet_cache, other_backend):
     from subcache.active import plot_curves
-    from subcache.profiling import GreedyConfig, GreedyResult, plot_greedy
+    from subcache.selection import GreedyConfig, GreedyResult
+    from subcache.selection.greedy import plot_greedy
 
     curve = [{"budget": b, "accuracy": 0.5 + b / 1000, "strategy": "margin", "seed": s}
              for b in (20, 50, 100, 400) for s in (0, 1)]

@@ -32,14 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import Backbone
-from .bank import NECK, ActivationBank
-from .build import resolve_device
-from .errors import BlockError, ConfigError, TrainingError
-from .profiling import ProfileResult, parse_range, spec_of, validation_split, windows
-from .store import Cache
-from .evaluation import labels_for
-from .train import TrainConfig, balanced_subset, open_for_training
+from ..backbones import Backbone
+from ..bank import NECK, ActivationBank
+from ..devices import resolve_device
+from ..errors import BlockError, ConfigError, TrainingError
+from ..evaluation import labels_for
+from ..store import Cache
+from ..train import TrainConfig, balanced_subset, open_for_training
+from .flops import training_flops
+from .runs import load_profile
+from .windows import parse_range, spec_of, validation_split, windows
 
 METHODS = ("fisher", "fisher_pp", "rgn", "logme", "knn")
 GRADIENT = ("fisher", "fisher_pp", "rgn")
@@ -304,8 +306,6 @@ def rank_flops(backbone: Backbone, result: RankResult, lo: int, hi: int, rows: i
     """Arithmetic of one rank, excluding the frozen forward that fills the bank (a profile shares it): per-sample
     gradients (forward + backward of the range and the tail, as one training step), LogME's SVD (≈ 4·N·D²) and
     k-NN's similarities (2·N²·D) at every depth."""
-    from .bench import training_flops
-
     methods, dims = result.config.methods, pooled_widths(backbone, lo, hi)
     grads = min(result.config.samples, rows) * training_flops(backbone, tuple(range(lo, hi + 1)))[1]
     svd = sum(4 * rows * d * min(rows, d) for d in dims) if "logme" in methods else 0
@@ -368,12 +368,6 @@ def compare(ranking: list[dict], methods: Sequence[str], profile_dir: str) -> di
     return out
 
 
-def load_profile(profile_dir: str) -> ProfileResult:
-    path = Path(profile_dir) / "profile.json"
-    if not path.is_file():
-        raise ConfigError(f"{profile_dir} holds no profile.json; run `subcache profile --out {profile_dir}` first")
-    return ProfileResult(json.loads(path.read_text())["runs"], profile_dir)
-
 
 # -- output --------------------------------------------------------------------------------------------------------
 def save_rank(out: str, result: RankResult, cache: Cache) -> None:
@@ -388,15 +382,14 @@ def save_rank(out: str, result: RankResult, cache: Cache) -> None:
                                 extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.ranking)
-    plot_rank(result, folder / "rank.png")
+    plot_rank(result, folder / "rank.png", parse_methods(",".join(methods)))
 
 
-def plot_rank(result: RankResult, path: Path) -> None:
+def plot_rank(result: RankResult, path: Path, methods: tuple[str, ...]) -> None:
     """One panel per method: score vs first block of the window, one line per width (matplotlib object API)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    methods = parse_methods(",".join(result.config.methods))
     fig = Figure(figsize=(3.2 * len(methods), 3.2), dpi=110)
     FigureCanvasAgg(fig)
     for i, m in enumerate(methods):
