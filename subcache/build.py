@@ -31,10 +31,11 @@ from .data import ImageSource, open_source, to_input
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
+from .locations import location
 from .faults import fault
 from .progress import progress_bar
 from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, channel_axis, check_writable,
-                    choose_codec, chunk_length, create_cache, exists, good_chunks, is_local, local_path, open_cache,
+                    choose_codec, chunk_length, create_cache, exists, good_chunks, open_cache,
                     quantize_scale, remove, sweep_partials, to_storage, write_len, written_chunks)
 
 CALIBRATION = 1024  # int8 scales: max |x| per channel over the first this-many items of the first split
@@ -239,20 +240,13 @@ class Planner:
 def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
     """Refuse outputs that exist (without --resume/--overwrite), that --overwrite would have to delete although
     they are not stores, and outputs that overlap the build's own source."""
-    if len(paths) > 1 and is_local(out) and local_path(out).is_file():
+    if len(paths) > 1 and location(out).is_file():
         raise StoreExistsError(f"output {out} is a file; a multi-layer build writes a folder of stores")
     for path in paths:
         check_writable(path, overwrite=overwrite, resume=resume)
         for source in sources:
-            if _overlap(path, source):
+            if location(path).overlaps(location(source)):
                 raise ConfigError(f"--out {path} overlaps the build's source {source}; write the cache elsewhere")
-
-
-def _overlap(a: str, b: str) -> bool:
-    if not (is_local(a) and is_local(b)):
-        return a.rstrip("/") == b.rstrip("/")
-    pa, pb = local_path(a).resolve(), local_path(b).resolve()
-    return pa == pb or pa in pb.parents or pb in pa.parents
 
 
 def source_fingerprint(sources: dict[str, ImageSource]) -> str:
@@ -372,12 +366,9 @@ def open_or_create(path: str, attrs: dict, layout: Layout, *, resume: bool, plan
         return cache
     if exists(path):
         remove(path)
-    if not is_local(path):
-        return create_cache(path, attrs, layout, flip_views=attrs["flip_views"], **plan())
-    staging = f"{local_path(path)}.creating"  # built aside, renamed into place whole: a kill leaves no half store
-    remove(staging)
-    create_cache(staging, attrs, layout, flip_views=attrs["flip_views"], **plan())
-    os.rename(staging, local_path(path))
+    # a kill leaves no half-created store (local: built aside and renamed into place whole)
+    location(path).create_whole(lambda where: create_cache(where, attrs, layout, flip_views=attrs["flip_views"],
+                                                           **plan()))
     return open_cache(path, require_complete=False, mode="r+")
 
 

@@ -17,9 +17,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError,
                      StoreExistsError)
 from .faults import fault
+from .locations import location
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, dimension_names and per-array attrs, measured codec, int8, sharding
@@ -276,8 +275,7 @@ class Cache:
         layer, data fingerprint, build options, creation time)."""
         fixed = {k: v for k, v in self.attrs.items() if k not in ("status", "finished")}
         digest = hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
-        path = str(local_path(self.path).absolute()) if is_local(self.path) else self.path
-        return {"path": path, "attrs_sha256": digest}
+        return {"path": location(self.path).absolute(), "attrs_sha256": digest}
 
     def read_x(self, split: str, start: int = 0, stop: int | None = None, flip: bool = False) -> torch.Tensor:
         """Activations (float16/bfloat16/float32 as stored; int8 caches dequantized to float32)."""
@@ -320,28 +318,14 @@ def _writable(array: zarr.Array) -> zarr.Array:
     return array.with_config({"write_empty_chunks": True})
 
 
-def is_local(path: str) -> bool:
-    return "://" not in str(path) or str(path).startswith("file://")
-
-
-def local_path(path: str) -> Path:
-    return Path(str(path).removeprefix("file://"))
-
-
 def exists(path: str) -> bool:
-    if is_local(path):
-        return local_path(path).exists()
-    try:
-        zarr.open_group(path, mode="r")
-        return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):  # type: ignore[attr-defined]
-        return False
+    return location(path).exists()
 
 
 def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: str = "r") -> Cache:
     """Open a cache; refuse foreign, damaged and (unless asked) incomplete stores with a message saying what to do."""
     path = str(path)
-    if is_local(path) and not local_path(path).exists():
+    if not location(path).exists():
         raise StoreError(f"cache {path} does not exist; create it with `subcache build ... --out {path}`")
     try:
         group = zarr.open_group(path, mode=mode)
@@ -457,12 +441,7 @@ def good_chunks(array: zarr.Array) -> set[int]:
 
 def sweep_partials(path: str) -> int:
     """Remove the `.partial` temp files a killed writer leaves behind (local stores); returns how many."""
-    if not is_local(path):
-        return 0
-    litter = list(local_path(path).rglob("*.partial"))
-    for f in litter:
-        f.unlink(missing_ok=True)
-    return len(litter)
+    return location(path).sweep_partials()
 
 
 def is_store(path: str) -> bool:
@@ -477,8 +456,7 @@ def check_removable(path: str) -> None:
     """--overwrite may remove only a subcache store or an empty folder; anything else is refused."""
     if not exists(path) or is_store(path):
         return
-    p = local_path(path)
-    if is_local(path) and p.is_dir() and not any(p.iterdir()):
+    if location(path).is_empty_folder():
         return
     raise StoreExistsError(f"--overwrite refuses to delete {path}: it is not a subcache store (only stores and "
                            f"empty folders are ever removed); choose another --out")
@@ -487,14 +465,7 @@ def check_removable(path: str) -> None:
 def remove(path: str) -> None:
     """Remove a store (or an empty folder); refuses anything else (see `check_removable`)."""
     check_removable(path)
-    if is_local(path):
-        p = local_path(path)
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    else:
-        zarr.open_group(path, mode="w")  # fsspec stores: overwrite in place
+    location(path).remove()
 
 
 def check_writable(path: str, *, overwrite: bool, resume: bool) -> None:
@@ -504,15 +475,10 @@ def check_writable(path: str, *, overwrite: bool, resume: bool) -> None:
                                f"--overwrite to replace it")
     if overwrite:
         check_removable(path)
-    if is_local(path):
-        parent = local_path(path).absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            raise StoreError(f"cannot write {path}: {parent} is not writable")
+    problem = location(path).writable_problem()
+    if problem:
+        raise StoreError(f"cannot write {path}: {problem}")
 
 
 def dir_bytes(path: str) -> int:
-    if not is_local(path):
-        return 0
-    return sum(f.stat().st_size for f in local_path(path).rglob("*") if f.is_file())
+    return location(path).nbytes()
