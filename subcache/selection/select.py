@@ -42,6 +42,9 @@ from .rank import fit_head
 from .windows import parse_range, spec_of, validation_split, windows
 
 
+MIN_PRIOR_SAMPLES = 8
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     blocks: str | None = None  # range LOW-HIGH; default: the cached layer to the last block
@@ -49,7 +52,7 @@ class SelectConfig:
     budget: float = 0.1  # hard cap on compute_fraction (selection FLOPs ÷ a full profile's)
     val_fraction: float = 0.2  # validation set carved from the training split (`validation_split`)
     top: int = 2  # candidates: the prior's best `top` windows by each of align and drop, + earliest + latest
-    samples: int = 256  # training examples for the prior's per-sample gradients
+    samples: int = 256  # training examples for the prior's per-sample gradients (fewer if half the budget needs)
     head_l2: float = 1e-3  # L2 penalty of the fitted probe head
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, lr, batch size, seed, labels, device …
 
@@ -213,10 +216,7 @@ def _select(cache: Cache, backbone: Backbone, config: SelectConfig, wins: list[t
     order = SharedOrder(len(s.fit), config.train.batch_size, config.train.seed, s.device)
     total = config.train.epochs * order.steps_per_epoch
     full = _full_profile_flops(s, wins, order)
-    head, prior, scores = _prior(s, wins)
-    if prior > config.budget * full:
-        raise ConfigError(f"--budget {config.budget} is below the prior's own cost ({prior / full:.3f} of the "
-                          f"profile); raise --budget or lower --samples")
+    head, prior, scores = _prior(s, wins, config.budget * full)
     candidates = _candidates(wins, scores, config.top)
     racers = [Racer(w, _model(s, w, head), s.inputs(w[0], s.fit), s.targets(s.fit), order, config.train, s.device,
                     total) for w in candidates]
@@ -250,23 +250,28 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
                      for w in wins))
 
 
-def _prior(s: _Setting, wins: list[tuple[int, ...]]) -> tuple[torch.nn.Linear, float, dict]:
-    """The probe head on the fit set's neck features, and the prior's scores per window, with their FLOPs."""
+def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.nn.Linear, float, dict]:
+    """The probe head on the fit set's neck features, and the prior's scores per window, with their FLOPs: on
+    ``config.samples`` examples, or fewer so that the prior takes at most half of ``cap`` (FLOPs)."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
     x, run = s.inputs(last, s.fit), lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))
     with torch.no_grad():
         neck = torch.cat([run(x[a:a + 1024].float()) for a in range(0, len(x), 1024)])
+    span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
+    fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + 125 * 6 * n * d * s.classes  # neck; L-BFGS ≤ 125 evals
+    per_sample = 2 * s.step_flops(span) + s.forward_flops(span)  # two gradients + the probabilities' pass
+    count = min(s.config.samples, len(s.fit), int((cap / 2 - fixed) // per_sample))
+    if count < MIN_PRIOR_SAMPLES:
+        raise ConfigError(f"--budget {s.config.budget} is below what the prior needs ({MIN_PRIOR_SAMPLES} samples "
+                          f"would take {(fixed + MIN_PRIOR_SAMPLES * per_sample) / cap * s.config.budget:.3f} of the "
+                          f"profile, and it may take half the budget); raise --budget")
     y = s.targets(s.fit)
     head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
-    some = balanced_subset(y.cpu().numpy(), s.config.samples, 0)
+    some = balanced_subset(y.cpu().numpy(), count, 0)
     some = np.arange(len(y)) if some is None else some
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
         s.device)], lo, hi, batch_size=s.config.train.batch_size, seed=s.config.train.seed)
-    span = tuple(range(lo, hi + 1))
-    n, d = neck.shape
-    flops = (len(s.fit) * window_flops(s.flops, (last,))[2] + 125 * 6 * n * d * s.classes  # neck; L-BFGS ≤ 125 evals
-             + len(some) * (2 * s.step_flops(span) + s.forward_flops(span)))  # two gradients + the probs pass
-    return head, float(flops), {w: prior_scores(sketch, w) for w in wins}
+    return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w) for w in wins}
 
 
 def _candidates(wins: list[tuple[int, ...]], scores: dict, top: int) -> list[tuple[int, ...]]:
