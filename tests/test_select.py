@@ -192,3 +192,7 @@ def test_cli_select_json_then_evaluate(planted, tmp_path, monkeypatch):  # noqa:
     assert json.loads(ev.stdout)["test_accuracy"] == d["test_accuracy"]
     bad = runner.invoke(main, ["select", "--cache", cache, "--budget", "0", "--out", str(tmp_path / "t2")])
     assert bad.exit_code == 2 and "--budget" in bad.output
+    tiny = runner.invoke(main, ["select", "--cache", cache, "--budget", "0.001", "--device", "cpu", "--val-fraction",
+                                "0.25", "--out", str(tmp_path / "t3")])
+    assert tiny.exit_code == 1 and tiny.output.startswith("Error: --budget 0.001 is below what the prior needs")
+    assert len(tiny.output.strip().splitlines()) == 1 and not (tmp_path / "t3" / "task.json").exists()
