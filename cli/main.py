@@ -458,8 +458,10 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
               help="hard cap on the selection's compute, as a fraction of a full profile's")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="class-balanced fraction of the training split the racing is judged on")
+@click.option("--prior", type=click.Choice(["drop", "align"]), default="drop", show_default=True,
+              help="the prior score that picks the candidates")
 @click.option("--top", type=click.IntRange(min=1), default=2, show_default=True,
-              help="candidates: the prior's best N by align and by drop, + the earliest and the latest window")
+              help="candidates: the prior's best N, + the earliest and the latest window")
 @click.option("--samples", type=click.IntRange(min=2), default=256, show_default=True,
               help="training examples for the prior's per-sample gradients")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="the winner's schedule")
@@ -473,13 +475,13 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @click.option("--out", required=True, help="task directory for the winner (as `train --out`)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def select(cache, block_range, widths, budget, val_fraction, top, samples, out, as_json, **kw) -> None:
+def select(cache, block_range, widths, budget, val_fraction, prior, top, samples, out, as_json, **kw) -> None:
     """Choose a window within a compute budget (a label-aware gradient prior, then racing on validation loss),
     finish training it and save it as a task."""
     from subcache.selection import SelectConfig, select_window
 
-    config = SelectConfig(blocks=block_range, widths=widths, budget=budget, val_fraction=val_fraction, top=top,
-                          samples=samples, train=train_config(**kw))
+    config = SelectConfig(blocks=block_range, widths=widths, budget=budget, val_fraction=val_fraction, prior=prior,
+                          top=top, samples=samples, train=train_config(**kw))
     result = select_window(cache, config, out=out, progress=not as_json)
     if as_json:
         emit_json(result.to_dict())

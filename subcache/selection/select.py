@@ -1,9 +1,10 @@
 """`select`: choose a window at a fraction of a full profile's compute, finish training it, save it as a task.
 
 1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the fit set, then per-sample
-   gradients of every block in the range at once → each window's ``align`` and ``drop`` scores.
-2. **Racing at step granularity**: candidates are the prior's best ``top`` windows by each score plus the
-   earliest and the latest window. Every candidate's head starts from the fitted probe (LP-FT), every candidate
+   gradients of every block in the range at once → each window's ``align`` and ``drop`` scores, on at most
+   ``samples`` examples and at most ``prior_share`` of the budget.
+2. **Racing at step granularity**: candidates are the best ``top`` windows by the ``prior`` score (``drop`` by
+   default) plus the earliest and the latest window. Every candidate's head starts from the fitted probe (LP-FT), every candidate
    follows one batch order (the one `train` draws for this seed) under one cosine schedule over the *full* run;
    rung r trains the survivors to r0·2^r steps, ranks them by validation loss, keeps the better half. The last
    survivor continues the same run to the full schedule: its racing steps are not paid twice.
@@ -37,7 +38,7 @@ from ..task import check_out_dir, save_task
 from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training, optimizer
 from ..tuned import TunedModel
 from .flops import forward_flops, window_flops
-from .prior import gradient_sketch, prior_scores
+from .prior import PRIOR_METHODS, gradient_sketch, prior_scores
 from .rank import fit_head
 from .windows import parse_range, spec_of, validation_split, windows
 
@@ -51,8 +52,10 @@ class SelectConfig:
     widths: tuple[int, ...] = (1,)
     budget: float = 0.1  # hard cap on compute_fraction (selection FLOPs ÷ a full profile's)
     val_fraction: float = 0.2  # validation set carved from the training split (`validation_split`)
-    top: int = 2  # candidates: the prior's best `top` windows by each of align and drop, + earliest + latest
-    samples: int = 256  # training examples for the prior's per-sample gradients (fewer if half the budget needs)
+    prior: str = "drop"  # which prior score picks the candidates: drop | align
+    top: int = 2  # candidates: the prior's best `top` windows, + the earliest and the latest window
+    samples: int = 256  # training examples for the prior's per-sample gradients (fewer if `prior_share` needs)
+    prior_share: float = 0.25  # the prior may take at most this share of the budget
     head_l2: float = 1e-3  # L2 penalty of the fitted probe head
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, lr, batch size, seed, labels, device …
 
@@ -204,8 +207,11 @@ def check_select_config(config: SelectConfig) -> None:
         raise ConfigError(f"--budget must be a fraction of a full profile's compute in (0, 1], got {config.budget}")
     if not 0 < config.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be between 0 and 1 (e.g. 0.2), got {config.val_fraction}")
-    if config.top < 1 or config.samples < 2:
-        raise ConfigError(f"--top must be ≥ 1 and --samples ≥ 2, got {config.top}, {config.samples}")
+    if config.top < 1 or config.samples < 2 or not 0 < config.prior_share < 1:
+        raise ConfigError(f"--top must be ≥ 1, --samples ≥ 2 and the prior's share in (0, 1), got {config.top}, "
+                          f"{config.samples}, {config.prior_share}")
+    if config.prior not in PRIOR_METHODS:
+        raise ConfigError(f"--prior must be one of {', '.join(PRIOR_METHODS)}, got {config.prior!r}")
     if config.train.augment not in ("none", "") or config.train.siamese or config.train.prune:
         raise ConfigError("select trains plain windows: no --augment, --siamese or --prune")
 
@@ -217,7 +223,7 @@ def _select(cache: Cache, backbone: Backbone, config: SelectConfig, wins: list[t
     total = config.train.epochs * order.steps_per_epoch
     full = _full_profile_flops(s, wins, order)
     head, prior, scores = _prior(s, wins, config.budget * full)
-    candidates = _candidates(wins, scores, config.top)
+    candidates = _candidates(wins, scores, config.prior, config.top)
     racers = [Racer(w, _model(s, w, head), s.inputs(w[0], s.fit), s.targets(s.fit), order, config.train, s.device,
                     total) for w in candidates]
     with progress_bar(progress, "rungs/s", every=0) as bar:
@@ -252,7 +258,7 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
 
 def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.nn.Linear, float, dict]:
     """The probe head on the fit set's neck features, and the prior's scores per window, with their FLOPs: on
-    ``config.samples`` examples, or fewer so that the prior takes at most half of ``cap`` (FLOPs)."""
+    ``config.samples`` examples, or fewer so that the prior takes at most ``config.prior_share`` of ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
     x, run = s.inputs(last, s.fit), lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))
     with torch.no_grad():
@@ -260,11 +266,11 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
     fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + 125 * 6 * n * d * s.classes  # neck; L-BFGS ≤ 125 evals
     per_sample = 2 * s.step_flops(span) + s.forward_flops(span)  # two gradients + the probabilities' pass
-    count = min(s.config.samples, len(s.fit), int((cap / 2 - fixed) // per_sample))
+    count = min(s.config.samples, len(s.fit), int((cap * s.config.prior_share - fixed) // per_sample))
     if count < MIN_PRIOR_SAMPLES:
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs ({MIN_PRIOR_SAMPLES} samples "
                           f"would take {(fixed + MIN_PRIOR_SAMPLES * per_sample) / cap * s.config.budget:.3f} of the "
-                          f"profile, and it may take half the budget); raise --budget")
+                          f"profile, and it may take {s.config.prior_share:.0%} of the budget); raise --budget")
     y = s.targets(s.fit)
     head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
     some = balanced_subset(y.cpu().numpy(), count, 0)
@@ -274,9 +280,10 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w) for w in wins}
 
 
-def _candidates(wins: list[tuple[int, ...]], scores: dict, top: int) -> list[tuple[int, ...]]:
-    """The prior's best ``top`` by align, by drop, then the earliest and the latest window; no repeats."""
-    best = [w for m in ("align", "drop") for w in sorted(wins, key=lambda w: (-scores[w][m], len(w), w[0]))[:top]]
+def _candidates(wins: list[tuple[int, ...]], scores: dict, prior: str, top: int) -> list[tuple[int, ...]]:
+    """The prior's best ``top`` windows by its score ``prior``, then the earliest and the latest window; no
+    repeats."""
+    best = sorted(wins, key=lambda w: (-scores[w][prior], len(w), w[0]))[:top]
     earliest, latest = min(wins, key=lambda w: (w[0], len(w))), max(wins, key=lambda w: (w[-1], -len(w)))
     return list(dict.fromkeys([*best, earliest, latest]))
 
