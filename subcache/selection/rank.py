@@ -159,6 +159,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: flo
 
     with torch.enable_grad():
         opt.step(closure)
+    head.evaluations = int(opt.state[head.weight].get("func_evals", 0))  # L-BFGS's loss+gradient evaluations
     with torch.no_grad():  # fold the standardisation in: the head reads raw neck features
         head.weight.div_(std)
         head.bias.sub_(head.weight @ mean)

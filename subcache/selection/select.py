@@ -263,16 +263,16 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     x, run = s.inputs(last, s.fit), lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))
     with torch.no_grad():
         neck = torch.cat([run(x[a:a + 1024].float()) for a in range(0, len(x), 1024)])
+    y = s.targets(s.fit)
+    head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
     span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
-    fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + 125 * 6 * n * d * s.classes  # neck; L-BFGS ≤ 125 evals
+    fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
     per_sample = 2 * s.step_flops(span) + s.forward_flops(span)  # two gradients + the probabilities' pass
     count = min(s.config.samples, len(s.fit), int((cap * s.config.prior_share - fixed) // per_sample))
     if count < MIN_PRIOR_SAMPLES:
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs ({MIN_PRIOR_SAMPLES} samples "
                           f"would take {(fixed + MIN_PRIOR_SAMPLES * per_sample) / cap * s.config.budget:.3f} of the "
                           f"profile, and it may take {s.config.prior_share:.0%} of the budget); raise --budget")
-    y = s.targets(s.fit)
-    head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
     some = balanced_subset(y.cpu().numpy(), count, 0)
     some = np.arange(len(y)) if some is None else some
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
