@@ -486,12 +486,12 @@ def select(cache, block_range, widths, budget, val_fraction, prior, top, samples
     if as_json:
         emit_json(result.to_dict())
         return
-    table = Table(title="select: candidates (prior scores, racing)")
-    for col in ("blocks", "align", "drop", "steps raced", "val loss"):
+    table = Table(title="select: candidates (prior score, racing)")
+    for col in ("blocks", prior, "steps raced", "val loss"):
         table.add_column(col, justify="right")
     for c in result.candidates:
         mark = " ★" if c["blocks"] == result.to_dict()["blocks"] else ""
-        table.add_row(c["blocks"] + mark, f"{c['align']:.4g}", f"{c['drop']:.4g}", str(c["steps_raced"]),
+        table.add_row(c["blocks"] + mark, f"{c[prior]:.4g}", str(c["steps_raced"]),
                       "–" if c["val_loss"] is None else f"{c['val_loss']:.4f}")
     console.print(table)
     acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ PRIOR_METHODS = ("align", "drop")
 @dataclass
 class GradientSketch:
     features: dict[int, torch.Tensor]  # block → (n, dim) CountSketch of label-free per-sample gradients of sᵀz
-    residual: torch.Tensor  # (n, classes): one-hot(y) − p at the fitted head
+    residual: torch.Tensor | None  # (n, classes): one-hot(y) − p at the fitted head (None: align not asked)
     drop: dict[int, float]  # block → cross-fitted first-order held-out loss drop (see the module docstring)
 
 
@@ -49,23 +50,43 @@ def tail_logits(backbone: Backbone, head: torch.nn.Module, x: torch.Tensor, lo: 
 
 
 def gradient_sketch(backbone: Backbone, head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo: int,
-                    hi: int, *, dim: int = 256, batch_size: int = 256, chunk: int = 32,
-                    seed: int = 0) -> GradientSketch:
-    """One pass of per-sample gradients of blocks lo..hi over ``x`` (the input of block lo), labels ``y``."""
+                    hi: int, *, methods: Sequence[str] = PRIOR_METHODS, dim: int = 256, batch_size: int = 256,
+                    chunk: int = 32, seed: int = 0) -> GradientSketch:
+    """One pass of per-sample gradients of blocks lo..hi over ``x`` (the input of block lo), labels ``y``: with
+    the true labels for ``drop``, of sᵀz for ``align`` (see `passes`)."""
     from torch.func import functional_call, grad, vmap
 
     params = {b: {n: p.detach() for n, p in backbone.block(b).named_parameters()} for b in range(lo, hi + 1)}
     buffers = {b: dict(backbone.block(b).named_buffers()) for b in params}
 
-    def nll(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    def logits(p: dict, xi: torch.Tensor) -> torch.Tensor:
         calls = {b: _bound(backbone.block(b), p[b], buffers[b], functional_call) for b in params}
-        return F.cross_entropy(tail_logits(backbone, head, xi.unsqueeze(0), lo, calls), yi.unsqueeze(0))
+        return tail_logits(backbone, head, xi.unsqueeze(0), lo, calls)
 
-    def projected(p: dict, xi: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        calls = {b: _bound(backbone.block(b), p[b], buffers[b], functional_call) for b in params}
-        return (tail_logits(backbone, head, xi.unsqueeze(0), lo, calls).squeeze(0) * s).sum()
+    drops = {}
+    if "drop" in methods:
+        per_sample = vmap(grad(lambda p, xi, yi: F.cross_entropy(logits(p, xi), yi.unsqueeze(0))),
+                          in_dims=(None, 0, 0))
+        sums = {h: {b: {n: torch.zeros_like(p, dtype=torch.float64) for n, p in ps.items()}
+                    for b, ps in params.items()} for h in ("a", "b", "sq")}
+        for a in range(0, len(x), chunk):
+            _accumulate(sums, per_sample(params, x[a:a + chunk], y[a:a + chunk]), a)
+        drops = _drops(sums, len(x), batch_size)
+    if "align" not in methods:
+        return GradientSketch({}, None, drops)
+    jacobian = vmap(grad(lambda p, xi, s: (logits(p, xi).squeeze(0) * s).sum()), in_dims=(None, 0, None))
+    return GradientSketch(*_kernel_features(backbone, head, x, y, lo, params, jacobian, dim, chunk, seed), drops)
 
-    per_sample, jacobian = vmap(grad(nll), in_dims=(None, 0, 0)), vmap(grad(projected), in_dims=(None, 0, None))
+
+def passes(methods: Sequence[str]) -> tuple[int, int]:
+    """(per-sample backward passes, forward-only passes) `gradient_sketch` makes for ``methods``."""
+    return ("drop" in methods) + ("align" in methods), int("align" in methods)
+
+
+def _kernel_features(backbone: Backbone, head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lo: int,
+                     params: dict, jacobian, dim: int, chunk: int, seed: int
+                     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """CountSketch of the per-sample gradients of sᵀz per block, and the head's residual one-hot(y) − p."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         probs = torch.cat([tail_logits(backbone, head, x[a:a + chunk], lo).float().softmax(1)
@@ -75,17 +96,12 @@ def gradient_sketch(backbone: Backbone, head: torch.nn.Module, x: torch.Tensor, 
                       (torch.randint(2, (p.numel(),), generator=gen) * 2 - 1).to(x.device, torch.float32))
                   for n, p in ps.items()} for b, ps in params.items()}
     features = {b: torch.zeros(len(x), dim, device=x.device, dtype=torch.float64) for b in params}
-    sums = {h: {b: {n: torch.zeros_like(p, dtype=torch.float64) for n, p in ps.items()} for b, ps in params.items()}
-            for h in ("a", "b", "sq")}
     for a in range(0, len(x), chunk):
-        free = jacobian(params, x[a:a + chunk], s)
-        for b in params:
-            for n, g in free[b].items():
+        for b, named in jacobian(params, x[a:a + chunk], s).items():
+            for n, g in named.items():
                 idx, sign = sketch[b][n]
                 features[b][a:a + len(g)].index_add_(1, idx, (g.flatten(1) * sign).double())
-        _accumulate(sums, per_sample(params, x[a:a + chunk], y[a:a + chunk]), a)
-    residual = F.one_hot(y, probs.shape[1]).to(probs) - probs
-    return GradientSketch(features, residual.double(), _drops(sums, len(x), batch_size))
+    return features, (F.one_hot(y, probs.shape[1]).to(probs) - probs).double()
 
 
 def _bound(module: torch.nn.Module, p: dict, buffers: dict, functional_call):

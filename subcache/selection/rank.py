@@ -43,8 +43,8 @@ from ..errors import BlockError, ConfigError, TrainingError
 from ..evaluation import labels_for
 from ..store import Cache
 from ..train import TrainConfig, balanced_subset, open_for_training
-from .flops import training_flops
-from .prior import PRIOR_METHODS, gradient_sketch, prior_scores
+from .flops import forward_flops, training_flops, window_flops
+from .prior import PRIOR_METHODS, gradient_sketch, passes, prior_scores
 from .runs import load_profile
 from .windows import parse_range, spec_of, validation_split, windows
 
@@ -255,7 +255,8 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
         if set(methods) & set(GRADIENT):
             grads = gradient_scores(backbone, head, x, y[some], lo, hi)
         if set(methods) & set(PRIOR_METHODS):
-            sketch = gradient_sketch(backbone, head, x, y[some], lo, hi, batch_size=config.train.batch_size)
+            sketch = gradient_sketch(backbone, head, x, y[some], lo, hi, methods=methods,
+                                     batch_size=config.train.batch_size)
     if set(methods) & {"logme", "knn"}:
         transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
     ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w),
@@ -317,12 +318,15 @@ def pooled_widths(backbone: Backbone, lo: int, hi: int) -> list[int]:
 
 def rank_flops(backbone: Backbone, result: RankResult, lo: int, hi: int, rows: int) -> float:
     """Arithmetic of one rank, excluding the frozen forward that fills the bank (a profile shares it): per-sample
-    gradients (forward + backward of the range and the tail, as one training step; align/drop take two per sample:
-    true and drawn labels), LogME's SVD (≈ 4·N·D²) and
+    gradients (forward + backward of the range and the tail, as one training step; align and drop one each, align
+    also a forward for the head's probabilities), LogME's SVD (≈ 4·N·D²) and
     k-NN's similarities (2·N²·D) at every depth."""
     methods, dims = result.config.methods, pooled_widths(backbone, lo, hi)
-    step = min(result.config.samples, rows) * training_flops(backbone, tuple(range(lo, hi + 1)))[1]
-    grads = step * (bool(set(methods) & set(GRADIENT)) + 2 * bool(set(methods) & set(PRIOR_METHODS)))
+    span = tuple(range(lo, hi + 1))
+    step, forward = training_flops(backbone, span)[1], window_flops(forward_flops(backbone), span)[2]
+    backwards, forwards = passes(methods)
+    grads = min(result.config.samples, rows) * (step * (bool(set(methods) & set(GRADIENT)) + backwards)
+                                                + forward * forwards)
     svd = sum(4 * rows * d * min(rows, d) for d in dims) if "logme" in methods else 0
     knn = sum(2 * rows * rows * d for d in dims) if "knn" in methods else 0
     return float(grads + svd + knn)

@@ -2,12 +2,12 @@
 
 1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the fit set, then per-sample
    gradients of every block in the range at once → each window's ``align`` and ``drop`` scores, on at most
-   ``samples`` examples and at most ``prior_share`` of the budget.
+   ``samples`` examples and at most ``prior_share`` of the budget (only the ``prior`` score's pass is made).
 2. **Racing at step granularity**: candidates are the best ``top`` windows by the ``prior`` score (``drop`` by
-   default) plus the earliest and the latest window. Every candidate's head starts from the fitted probe (LP-FT), every candidate
-   follows one batch order (the one `train` draws for this seed) under one cosine schedule over the *full* run;
-   rung r trains the survivors to r0·2^r steps, ranks them by validation loss, keeps the better half. The last
-   survivor continues the same run to the full schedule: its racing steps are not paid twice.
+   default) plus the earliest and the latest window. Every candidate's head starts from the fitted probe (LP-FT),
+   every candidate follows one batch order (the one `train` draws for this seed) under one cosine schedule over
+   the *full* run; rung r trains the survivors to r0·2^r steps, ranks them by validation loss, keeps the better
+   half. The last survivor continues the same run to the full schedule: its racing steps are not paid twice.
 3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step and every
    validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same windows and
    settings that selects on the same validation set (every window's training epochs + one validation pass). The
@@ -38,7 +38,7 @@ from ..task import check_out_dir, save_task
 from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training, optimizer
 from ..tuned import TunedModel
 from .flops import forward_flops, window_flops
-from .prior import PRIOR_METHODS, gradient_sketch, prior_scores
+from .prior import PRIOR_METHODS, gradient_sketch, passes, prior_scores
 from .rank import fit_head
 from .windows import parse_range, spec_of, validation_split, windows
 
@@ -267,7 +267,8 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
     span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
     fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
-    per_sample = 2 * s.step_flops(span) + s.forward_flops(span)  # two gradients + the probabilities' pass
+    backwards, forwards = passes((s.config.prior,))
+    per_sample = backwards * s.step_flops(span) + forwards * s.forward_flops(span)
     count = min(s.config.samples, len(s.fit), int((cap * s.config.prior_share - fixed) // per_sample))
     if count < MIN_PRIOR_SAMPLES:
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs ({MIN_PRIOR_SAMPLES} samples "
@@ -276,8 +277,8 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     some = balanced_subset(y.cpu().numpy(), count, 0)
     some = np.arange(len(y)) if some is None else some
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
-        s.device)], lo, hi, batch_size=s.config.train.batch_size, seed=s.config.train.seed)
-    return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w) for w in wins}
+        s.device)], lo, hi, methods=(s.config.prior,), batch_size=s.config.train.batch_size, seed=s.config.train.seed)
+    return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w, (s.config.prior,)) for w in wins}
 
 
 def _candidates(wins: list[tuple[int, ...]], scores: dict, prior: str, top: int) -> list[tuple[int, ...]]:
