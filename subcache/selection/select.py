@@ -55,7 +55,7 @@ class SelectConfig:
     prior: str = "drop"  # which prior score picks the candidates: drop | align
     top: int = 2  # candidates: the prior's best `top` windows, + the earliest and the latest window
     samples: int = 256  # training examples for the prior's per-sample gradients (fewer if `prior_share` needs)
-    prior_share: float = 0.25  # the prior may take at most this share of the budget
+    prior_share: float = 0.25  # the prior takes at most this share of the budget (if 8 samples fit in it)
     head_l2: float = 1e-3  # L2 penalty of the fitted probe head
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, lr, batch size, seed, labels, device …
 
@@ -258,7 +258,8 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
 
 def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.nn.Linear, float, dict]:
     """The probe head on the fit set's neck features, and the prior's scores per window, with their FLOPs: on
-    ``config.samples`` examples, or fewer so that the prior takes at most ``config.prior_share`` of ``cap``."""
+    ``config.samples`` examples, or fewer (not under 8) so that the prior takes at most ``config.prior_share`` of
+    ``cap`` (FLOPs); refused when even that passes ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
     x, run = s.inputs(last, s.fit), lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))
     with torch.no_grad():
@@ -269,11 +270,12 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
     fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
     backwards, forwards = passes((s.config.prior,))
     per_sample = backwards * s.step_flops(span) + forwards * s.forward_flops(span)
-    count = min(s.config.samples, len(s.fit), int((cap * s.config.prior_share - fixed) // per_sample))
-    if count < MIN_PRIOR_SAMPLES:
-        raise ConfigError(f"--budget {s.config.budget} is below what the prior needs ({MIN_PRIOR_SAMPLES} samples "
-                          f"would take {(fixed + MIN_PRIOR_SAMPLES * per_sample) / cap * s.config.budget:.3f} of the "
-                          f"profile, and it may take {s.config.prior_share:.0%} of the budget); raise --budget")
+    share = int((cap * s.config.prior_share - fixed) // per_sample)
+    count = min(s.config.samples, len(s.fit), max(share, MIN_PRIOR_SAMPLES))
+    if fixed + count * per_sample > cap:
+        raise ConfigError(f"--budget {s.config.budget} is below what the prior needs (the probe fit and "
+                          f"{count} gradient samples take {(fixed + count * per_sample) / cap * s.config.budget:.3f} "
+                          f"of the profile); raise --budget")
     some = balanced_subset(y.cpu().numpy(), count, 0)
     some = np.arange(len(y)) if some is None else some
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
