@@ -405,7 +405,8 @@ def show_halving(result, out: str, as_json: bool) -> None:
 @click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
               help="window widths, e.g. 1,2")
 @click.option("--method", "methods", default="all", show_default=True,
-              help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, comma-separated, or all; the first orders")
+              help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, align, drop, comma-separated, or all; "
+                   "the first orders")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="leave out the validation set a profile with this --val-fraction selects on")
 @click.option("--samples", type=click.IntRange(min=2), default=256, show_default=True,
@@ -445,6 +446,59 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
             console.print(f"  {m:>9}: Spearman {v['spearman']:+.3f}  Kendall {v['kendall']:+.3f}  top {v['top']}  "
                           f"regret {v['regret']:+.2f} points")
     console.print(f"wrote {out}/rank.csv, rank.json, rank.png ({result.seconds:.1f}s)")
+
+
+@main.command()
+@click.option("--cache", required=True)
+@click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
+                                               "block]")
+@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
+              help="window widths, e.g. 1,2")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="hard cap on the selection's compute, as a fraction of a full profile's")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="class-balanced fraction of the training split the racing is judged on")
+@click.option("--prior", type=click.Choice(["drop", "align"]), default="drop", show_default=True,
+              help="the prior score that picks the candidates")
+@click.option("--top", type=click.IntRange(min=1), default=2, show_default=True,
+              help="candidates: the prior's best N, + the earliest and the latest window")
+@click.option("--samples", type=click.IntRange(min=2), default=256, show_default=True,
+              help="training examples for the prior's per-sample gradients")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="the winner's schedule")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--examples", "limit", type=int, help="a seeded, class-balanced subset of N training examples")
+@click.option("--labels", help="train on the cache's extra label set labels/NAME")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--out", required=True, help="task directory for the winner (as `train --out`)")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def select(cache, block_range, widths, budget, val_fraction, prior, top, samples, out, as_json, **kw) -> None:
+    """Choose a window within a compute budget (a label-aware gradient prior, then racing on validation loss),
+    finish training it and save it as a task."""
+    from subcache.selection import SelectConfig, select_window
+
+    config = SelectConfig(blocks=block_range, widths=widths, budget=budget, val_fraction=val_fraction, prior=prior,
+                          top=top, samples=samples, train=train_config(**kw))
+    result = select_window(cache, config, out=out, progress=not as_json)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title="select: candidates (prior score, racing)")
+    for col in ("blocks", prior, "steps raced", "val loss"):
+        table.add_column(col, justify="right")
+    for c in result.candidates:
+        mark = " ★" if c["blocks"] == result.to_dict()["blocks"] else ""
+        table.add_row(c["blocks"] + mark, f"{c[prior]:.4g}", str(c["steps_raced"]),
+                      "–" if c["val_loss"] is None else f"{c['val_loss']:.4f}")
+    console.print(table)
+    acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    console.print(f"picked {result.to_dict()['blocks']}: test accuracy [bold]{acc}[/]; selection "
+                  f"{result.compute_fraction:.1%} of a full profile's compute (with the winner's training "
+                  f"{result.total_fraction:.1%}){' — stopped by the budget' if result.stopped_by_budget else ''} "
+                  f"→ {out}")
 
 
 @main.command()

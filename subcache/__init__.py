@@ -24,7 +24,7 @@ from .evaluation import evaluate, evaluate_task  # noqa: E402
 from .tuned import TunedModel  # noqa: E402
 from .derive import DeriveConfig, derive_cache  # noqa: E402
 from .selection import (GreedyConfig, ProfileConfig, RankConfig, greedy_search, greedy_select,  # noqa: E402
-                        profile_blocks, rank_windows)
+                        profile_blocks, rank_windows, SelectConfig, select_window)
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
 from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
@@ -41,7 +41,7 @@ __all__ = [
     "save_task",
     # many runs on one cache
     "ProfileConfig", "profile_blocks", "RankConfig", "rank_windows", "GreedyConfig", "greedy_search", "greedy_select",
-    "ALConfig", "ALResult",
+    "SelectConfig", "select_window", "ALConfig", "ALResult",
     "PoolScores", "active_learning", "compare_strategies", "score_pool",
     # deployment
     "MultiTaskModel", "Predictions", "predict",

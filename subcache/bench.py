@@ -7,8 +7,9 @@
 * multitask: added latency per SubTuned task ÷ latency of a second full model, batch 1 and 64; on torchvision
           ResNets also the reference code's grouped-convolution rewrite ÷ MultiTaskModel, one task.
 * score:  pool scoring throughput from the cache ÷ through the full frozen network from images.
-* select: `rank` and `profile --halving` ÷ the full profile (validation 20 %, same windows and settings): wall
-          time, FLOPs, and regret — test-accuracy points lost against the window the full profile picks.
+* select: `rank`, `profile --halving` and `select` (budget 0.1) ÷ the full profile (validation 20 %, same windows
+          and settings): wall time, FLOPs, and regret — test-accuracy points lost against the window the full
+          profile picks (select's regret compares the profile's own runs of the two windows).
 * profile: a K-window profile with subcache (cache build included) ÷ the reference way (every run reads images
           through the whole frozen network each epoch); and the FLOP bound: FLOPs of a training step from images
           (prefix forward + window/tail forward and backward) ÷ FLOPs of the same step from the cache.
@@ -30,8 +31,8 @@ from .devices import resolve_device
 from .build import BuildConfig, build_cache
 from .data import open_source, to_input
 from .loader import DeviceLoader, ImageLoader, StreamLoader, read_rows
-from .selection import (HalvingResult, ProfileConfig, RankConfig, profile_blocks, profile_flops, rank_windows, spec_of,
-                        windows)
+from .selection import (HalvingResult, ProfileConfig, RankConfig, SelectConfig, profile_blocks, profile_flops,
+                        rank_windows, select_window, spec_of, windows)
 from .selection.rank import rank_flops
 from .store import dir_bytes, open_cache
 from .train import TrainConfig, fit
@@ -388,6 +389,9 @@ def bench_select(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     ranked = rank_windows(out, RankConfig(blocks=f"{lo}-{hi}", widths=widths, train=tcfg, val_fraction=0.2),
                           backbone=backbone, against=str(root / "profile"))
     rank_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chosen = select_window(out, SelectConfig(blocks=f"{lo}-{hi}", widths=widths, train=tcfg), backbone=backbone)
+    select_s = time.perf_counter() - t0
     test = {s["blocks"]: s["mean"] for s in full.summary()}
     pick = full.best()["blocks"]
     r_flops = rank_flops(backbone, ranked, lo, hi, int(0.8 * len(open_cache(out).split("train"))))
@@ -399,4 +403,8 @@ def bench_select(config: BenchConfig, progress: bool, *, root: Path) -> dict:
             "halving_regret": 100 * (test[pick] - test[halving.best["blocks"]]),
             "rank_seconds_ratio": rank_s / full_s, "rank_flops_ratio": r_flops / halving.full_flops,
             **{f"rank_{m}_regret": v["regret"] for m, v in c.items()},
-            **{f"rank_{m}_spearman": v["spearman"] for m, v in c.items()}}
+            **{f"rank_{m}_spearman": v["spearman"] for m, v in c.items()},
+            "select_pick": spec_of(chosen.blocks), "select_compute_fraction": chosen.compute_fraction,
+            "select_total_fraction": chosen.total_fraction, "select_seconds_ratio": select_s / full_s,
+            "select_regret": 100 * (test[pick] - test[spec_of(chosen.blocks)]),
+            "select_test_accuracy": chosen.test_accuracy}

@@ -57,5 +57,5 @@ def test_the_layout_names_every_module():
 
 def test_select_example_runs_in_tiny_mode(tmp_path):
     done = run_example("select.sh", tmp_path)
-    assert "halving" in done.stdout and (tmp_path / "select.json").is_file()
+    assert "halving" in done.stdout and "select        : picks" in done.stdout and (tmp_path / "select.json").is_file()
     assert (tmp_path / "fmc" / "rank" / "rank.png").is_file()

@@ -6,10 +6,11 @@ from .greedy import GreedyConfig, GreedyResult, greedy_search, greedy_select
 from .halving import HalvingResult, halving_profile
 from .profile import plot_profile, profile_blocks
 from .rank import RankConfig, RankResult, rank_windows
+from .select import SelectConfig, SelectResult, select_window
 from .runs import ProfileConfig, ProfileResult, load_profile
 from .windows import parse_range, spec_of, validation_split, windows
 
 __all__ = ["forward_flops", "profile_flops", "training_flops", "GreedyConfig", "GreedyResult", "greedy_search",
            "greedy_select", "HalvingResult", "halving_profile", "plot_profile", "profile_blocks", "RankConfig",
-           "RankResult", "rank_windows", "ProfileConfig", "ProfileResult", "load_profile", "parse_range", "spec_of",
-           "validation_split", "windows"]
+           "RankResult", "rank_windows", "SelectConfig", "SelectResult", "select_window", "ProfileConfig",
+           "ProfileResult", "load_profile", "parse_range", "spec_of", "validation_split", "windows"]

@@ -15,6 +15,10 @@ Two families of scores, each from one pass over (a subset of) the training split
   information the frozen window *loses*, which is what tuning it can win back. (The window's output alone would
   reward the windows the frozen network already handles well — the ones that need tuning least.)
 
+* label-aware priors from per-sample gradients (see `prior`): ``align`` — how much of the head's residual the
+  window's sketched gradient kernel predicts on held-out samples (leave-one-out kernel ridge), ``drop`` — the
+  cross-fitted first-order drop of held-out loss after an Adam-like step.
+
 Higher is better for every score. Selection never sees the validation set (``--val-fraction``) nor the test split;
 `compare` correlates a ranking with a measured profile (its validation means when it has them).
 """
@@ -39,11 +43,12 @@ from ..errors import BlockError, ConfigError, TrainingError
 from ..evaluation import labels_for
 from ..store import Cache
 from ..train import TrainConfig, balanced_subset, open_for_training
-from .flops import training_flops
+from .flops import forward_flops, training_flops, window_flops
+from .prior import PRIOR_METHODS, gradient_sketch, passes, prior_scores
 from .runs import load_profile
 from .windows import parse_range, spec_of, validation_split, windows
 
-METHODS = ("fisher", "fisher_pp", "rgn", "logme", "knn")
+METHODS = ("fisher", "fisher_pp", "rgn", "logme", "knn", *PRIOR_METHODS)
 GRADIENT = ("fisher", "fisher_pp", "rgn")
 
 
@@ -154,6 +159,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: flo
 
     with torch.enable_grad():
         opt.step(closure)
+    head.evaluations = int(opt.state[head.weight].get("func_evals", 0))  # L-BFGS's loss+gradient evaluations
     with torch.no_grad():  # fold the standardisation in: the head reads raw neck features
         head.weight.div_(std)
         head.bias.sub_(head.weight @ mean)
@@ -212,9 +218,10 @@ def transfer_scores(bank: ActivationBank, split: str, rows: torch.Tensor, y: tor
 
 # -- windows -----------------------------------------------------------------------------------------------------
 def window_scores(win: tuple[int, ...], grads: dict[int, dict], transfer: dict[int, dict],
-                  methods: Sequence[str]) -> dict[str, float]:
-    """Aggregate block scores over a window (see the module docstring for why sums and drops)."""
-    s: dict[str, float] = {}
+                  methods: Sequence[str], sketch=None) -> dict[str, float]:
+    """Aggregate block scores over a window (see the module docstring for why sums and drops; `prior` for align
+    and drop)."""
+    s: dict[str, float] = {} if sketch is None else prior_scores(sketch, win, methods)
     if grads:
         s["fisher"] = sum(grads[b]["fisher"] for b in win)
         s["fisher_pp"] = s["fisher"] / sum(grads[b]["params"] for b in win)
@@ -239,21 +246,28 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
     bank = ActivationBank(cache, backbone, device)
     split = config.train.train_split
     rows, y = _positions(cache, config, device)
-    grads, transfer = {}, {}
-    if set(methods) & set(GRADIENT):
+    grads, transfer, sketch = {}, {}, None
+    if set(methods) & {*GRADIENT, *PRIOR_METHODS}:
         classes = labels_for(cache, split, config.train.labels)[1]
         head = fit_head(bank.at(split, NECK)[rows].float(), y, classes, config.head_l2)
         some = _subset(y, config.samples)
-        grads = gradient_scores(backbone, head, bank.at(split, lo)[rows[some]].float(), y[some], lo, hi)
+        x = bank.at(split, lo)[rows[some]].float()
+        if set(methods) & set(GRADIENT):
+            grads = gradient_scores(backbone, head, x, y[some], lo, hi)
+        if set(methods) & set(PRIOR_METHODS):
+            sketch = gradient_sketch(backbone, head, x, y[some], lo, hi, methods=methods,
+                                     batch_size=config.train.batch_size)
     if set(methods) & {"logme", "knn"}:
         transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
-    ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w), **window_scores(w, grads, transfer,
-                                                                                           methods)} for w in wins]
+    ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w),
+                **window_scores(w, grads, transfer, methods, sketch)} for w in wins]
     _check_finite(ranking, methods)
     for r in ranking:
         r["score"] = r[methods[0]]
     ranking.sort(key=lambda r: (-r["score"], r["width"], r["window"][0]))
     blocks = {b: {m: v for m, v in grads.get(b, {}).items() if m in methods} for b in range(lo, hi + 1)}
+    for b in blocks:
+        blocks[b].update(prior_scores(sketch, (b,), methods) if sketch else {})
     for b in blocks:
         blocks[b].update({m: transfer[b][m] - transfer[b + 1][m] for m in ("logme", "knn") if m in methods})
     result = RankResult(ranking, blocks, time.perf_counter() - t0, config)
@@ -304,13 +318,18 @@ def pooled_widths(backbone: Backbone, lo: int, hi: int) -> list[int]:
 
 def rank_flops(backbone: Backbone, result: RankResult, lo: int, hi: int, rows: int) -> float:
     """Arithmetic of one rank, excluding the frozen forward that fills the bank (a profile shares it): per-sample
-    gradients (forward + backward of the range and the tail, as one training step), LogME's SVD (≈ 4·N·D²) and
+    gradients (forward + backward of the range and the tail, as one training step; align and drop one each, align
+    also a forward for the head's probabilities), LogME's SVD (≈ 4·N·D²) and
     k-NN's similarities (2·N²·D) at every depth."""
     methods, dims = result.config.methods, pooled_widths(backbone, lo, hi)
-    grads = min(result.config.samples, rows) * training_flops(backbone, tuple(range(lo, hi + 1)))[1]
+    span = tuple(range(lo, hi + 1))
+    step, forward = training_flops(backbone, span)[1], window_flops(forward_flops(backbone), span)[2]
+    backwards, forwards = passes(methods)
+    grads = min(result.config.samples, rows) * (step * (bool(set(methods) & set(GRADIENT)) + backwards)
+                                                + forward * forwards)
     svd = sum(4 * rows * d * min(rows, d) for d in dims) if "logme" in methods else 0
     knn = sum(2 * rows * rows * d for d in dims) if "knn" in methods else 0
-    return float(grads * bool(set(methods) & set(GRADIENT)) + svd + knn)
+    return float(grads + svd + knn)
 
 
 # -- judged against a profile ----------------------------------------------------------------------------------
