@@ -1,0 +1,63 @@
+"""Properties a user would notice, each guarded by one test that fails when the property breaks (issue 19)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subcache
+from subcache.evaluation import cached_logits, open_task
+
+
+def _frozen_state(backbone):
+    """Every parameter and buffer of the backbone: (a copy of its value, its strides)."""
+    tensors = dict(backbone.model.named_parameters()) | dict(backbone.model.named_buffers())
+    return {k: (v.detach().clone(), v.stride()) for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def early_cache(tmp_path_factory, npz_path, resnet18):
+    """The same data as `resnet_cache`, cached one block earlier (block 5's input), float32."""
+    out = str(tmp_path_factory.mktemp("early") / "r18_5.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("5",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="float32", batch_size=32),
+                         backbone=resnet18)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task7(resnet_cache, resnet18, tmp_path_factory):
+    """A task tuning block 7, trained on the block-6 cache."""
+    out = str(tmp_path_factory.mktemp("task7") / "t")
+    subcache.train(resnet_cache, subcache.TrainConfig(blocks="7", epochs=1, batch_size=32, device="cpu"),
+                   out=out, backbone=resnet18)
+    return out
+
+
+# --- 1. real defects ------------------------------------------------------------------------------------------
+def test_a_task_evaluates_on_a_cache_built_before_its_own_layer(task7, resnet_cache, early_cache, resnet18):
+    """A task trained at block 6's input runs on a block-5 cache (block 5 runs frozen on the fly): same logits."""
+    _, cache6, model6, _ = open_task(task7, resnet_cache, "cpu", resnet18)
+    _, cache5, model5, _ = open_task(task7, early_cache, "cpu", resnet18)
+    assert model5.start == 5
+    torch.testing.assert_close(cached_logits(model5, cache5, "test"), cached_logits(model6, cache6, "test"),
+                               rtol=1e-4, atol=1e-4)
+    assert subcache.load_task(task7).model(resnet18, start=5).start == 5  # without the cache's shape: probed
+
+
+def test_channels_last_runs_never_change_the_shared_frozen_blocks(resnet_cache, resnet18):
+    """Runs on one backbone with channels_last on (CUDA's default, forced here on the CPU): every frozen
+    parameter and buffer keeps its value and its memory layout, so a later run sees what an earlier one saw."""
+    before = _frozen_state(resnet18)
+    results = []
+    for blocks in ("7", "6,8", "7"):
+        config = subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32, seed=3, device="cpu",
+                                      channels_last=True)
+        results.append(subcache.train(resnet_cache, config, backbone=resnet18))
+    assert results[0].model.block(7).conv1.weight.is_contiguous(memory_format=torch.channels_last)  # it was on
+    after = _frozen_state(resnet18)
+    assert before.keys() == after.keys()
+    for key, (value, stride) in before.items():
+        assert after[key][1] == stride, key
+        assert torch.equal(after[key][0], value), key
+    first, last = results[0].model.task_state(), results[2].model.task_state()
+    assert all(torch.equal(first[k], last[k]) for k in first)  # the same run twice: the same result
