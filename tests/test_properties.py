@@ -1,6 +1,12 @@
 """Properties a user would notice, each guarded by one test that fails when the property breaks (issue 19)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +67,25 @@ def test_channels_last_runs_never_change_the_shared_frozen_blocks(resnet_cache, 
         assert torch.equal(after[key][0], value), key
     first, last = results[0].model.task_state(), results[2].model.task_state()
     assert all(torch.equal(first[k], last[k]) for k in first)  # the same run twice: the same result
+
+
+def test_a_skip_fails_the_suite_unless_the_test_is_marked_gpu(tmp_path):
+    """The suite's own conftest on planted tests: a plain skip and a module skipped whole fail; a `gpu` test's skip
+    and an expected failure do not."""
+    (tmp_path / "test_a.py").write_text(textwrap.dedent("""
+        import pytest
+        def test_skipped(): pytest.skip("no thing")
+        @pytest.mark.gpu
+        def test_gpu(): pytest.skip("no cuda")
+        @pytest.mark.xfail(reason="known")
+        def test_expected(): assert False
+        def test_ok(): pass
+        """))
+    (tmp_path / "test_b.py").write_text("import pytest\npytest.importorskip('no_such_module_xyz')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-c", os.devnull, "-q", "-p",
+                          "no:cacheprovider", "--continue-on-collection-errors", "-W", "ignore", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "1 failed, 1 passed, 1 skipped, 1 xfailed, 1 error" in run.stdout, run.stdout[-2000:]
+    assert "FAILED" in run.stdout and "test_skipped - unexpected skip" in run.stdout
