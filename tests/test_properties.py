@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -89,3 +90,41 @@ def test_a_skip_fails_the_suite_unless_the_test_is_marked_gpu(tmp_path):
     assert run.returncode != 0
     assert "1 failed, 1 passed, 1 skipped, 1 xfailed, 1 error" in run.stdout, run.stdout[-2000:]
     assert "FAILED" in run.stdout and "test_skipped - unexpected skip" in run.stdout
+
+
+# --- 2. properties no test guarded ----------------------------------------------------------------------------
+def _flip_first_chunk_byte(store: Path, split: str, array: str) -> None:
+    """Flip one byte in chunk 0 of ``split/array`` (a path inside the split: ``x``, ``labels/NAME``)."""
+    chunk = store / split / array / "c"
+    while chunk.is_dir():
+        chunk = chunk / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory, npz_path, resnet18):
+    """A small int8 cache with every kind of array: x, x_flip, x_scale, y, id, key and a label set."""
+    out = tmp_path_factory.mktemp("full") / "full.zarr"
+    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, batch_size=16, limit=32,
+                                              dtype="int8", flip_views=True), backbone=resnet18)
+    ids = subcache.open_cache(out).group["train/id"][:]
+    csv = tmp_path_factory.mktemp("labels") / "parity.csv"
+    csv.write_text("id,label\n" + "".join(f"{i},{'odd' if i % 2 else 'even'}\n" for i in ids))
+    subcache.add_labels(out, "parity", csv)
+    return out
+
+
+def test_verify_names_a_damaged_chunk_in_every_array(full_store, tmp_path):
+    from subcache.verify import verify_cache
+
+    arrays = ["x", "x_flip", "x_scale", "y", "id", "key", "labels/parity"]
+    assert verify_cache(str(full_store))["ok"]
+    for name in arrays:
+        damaged = Path(shutil.copytree(full_store, tmp_path / name.replace("/", "_")))
+        _flip_first_chunk_byte(damaged, "train", name)
+        report = verify_cache(str(damaged))
+        assert not report["ok"], name
+        assert [(b["split"], b["array"], b["chunk"]) for b in report["bad"]] == [("train", name, 0)]
