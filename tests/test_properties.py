@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,30 @@ def test_verify_names_a_damaged_chunk_in_every_array(full_store, tmp_path):
         report = verify_cache(str(damaged))
         assert not report["ok"], name
         assert [(b["split"], b["array"], b["chunk"]) for b in report["bad"]] == [("train", name, 0)]
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tmp_path_factory, npz_path, resnet18):
+    """`resnet_cache`'s data and layer (block 6's input), stored in int8."""
+    out = str(tmp_path_factory.mktemp("int8") / "r18_i8.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype="int8", batch_size=32),
+                         backbone=resnet18)
+    return out
+
+
+def test_evaluate_score_and_train_on_an_int8_cache_equal_the_float32_cache(task7, resnet_cache, int8_cache,
+                                                                           resnet18):
+    """int8 codes are dequantized everywhere a split is scored: the same task gives the same accuracy and the same
+    predictions on both caches, and training on either reports the same test accuracy."""
+    from subcache.evaluation import evaluate_task
+
+    accuracy = {c: evaluate_task(task7, c, device="cpu", backbone=resnet18) for c in (resnet_cache, int8_cache)}
+    assert accuracy[int8_cache] == accuracy[resnet_cache]
+    scores = {c: subcache.score_pool(c, task7, split="test", device="cpu", backbone=resnet18)
+              for c in (resnet_cache, int8_cache)}
+    np.testing.assert_array_equal(scores[int8_cache].pred, scores[resnet_cache].pred)
+    np.testing.assert_allclose(scores[int8_cache].prob, scores[resnet_cache].prob, atol=0.02)
+    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=32, seed=5, device="cpu")
+    trained = {c: subcache.train(c, config, backbone=resnet18).test_accuracy for c in (resnet_cache, int8_cache)}
+    assert trained[int8_cache] == trained[resnet_cache]
