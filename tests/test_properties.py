@@ -156,3 +156,33 @@ def test_evaluate_score_and_train_on_an_int8_cache_equal_the_float32_cache(task7
     config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=32, seed=5, device="cpu")
     trained = {c: subcache.train(c, config, backbone=resnet18).test_accuracy for c in (resnet_cache, int8_cache)}
     assert trained[int8_cache] == trained[resnet_cache]
+
+
+@pytest.mark.parametrize("zstd, lz4, raw, want", [
+    (86, 100, 1000, "lz4"),  # zstd saves 14 % over lz4: the fast codec
+    (85, 100, 1000, "zstd"),  # 15 %: zstd
+    (84, 100, 1000, "zstd"),
+    (860, 1000, 1000, "none"),  # lz4 saves nothing over raw, zstd 14 %: raw
+    (850, 1001, 1000, "zstd"),  # zstd 15 % over raw (lz4 larger than raw)
+])
+def test_codec_auto_keeps_zstd_only_where_it_saves_15_percent_over_the_fast_choice(monkeypatch, zstd, lz4, raw,
+                                                                                   want):
+    """The rule on measured sizes (a stand-in Blosc reports them): zstd where it is ≤ 85 % of min(lz4, raw), else
+    lz4 where lz4 saves anything over raw, else none."""
+    import numcodecs
+
+    from subcache.store import choose_codec
+
+    class Sized:
+        SHUFFLE = numcodecs.Blosc.SHUFFLE
+
+        def __init__(self, cname, clevel, shuffle):
+            self.size = {"zstd": zstd, "lz4": lz4}[cname]
+
+        def encode(self, data):
+            return b"\0" * self.size
+
+    monkeypatch.setattr(numcodecs, "Blosc", Sized)
+    codec, measured = choose_codec(np.zeros(raw, np.uint8))
+    assert codec == want
+    assert measured == {"raw_bytes": raw, "zstd_bytes": zstd, "lz4_bytes": lz4}
