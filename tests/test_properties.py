@@ -186,3 +186,21 @@ def test_codec_auto_keeps_zstd_only_where_it_saves_15_percent_over_the_fast_choi
     codec, measured = choose_codec(np.zeros(raw, np.uint8))
     assert codec == want
     assert measured == {"raw_bytes": raw, "zstd_bytes": zstd, "lz4_bytes": lz4}
+
+
+def test_fisher_pp_is_the_windows_fisher_over_its_parameter_count(resnet_cache, resnet18):
+    """Blocks 6-8 of resnet18 differ in size (layer3.1: 1.2 M parameters, layer4.0: 2.1 M, layer4.1: 4.7 M)."""
+    from subcache.rank import RankConfig, rank_windows
+
+    config = RankConfig(blocks="6-8", widths=(1, 2, 3), methods=("fisher", "fisher_pp"), samples=16,
+                        train=subcache.TrainConfig(device="cpu", limit=32))
+    result = rank_windows(resnet_cache, config, backbone=resnet18)
+    params = {b: sum(p.numel() for p in resnet18.block(b).parameters()) for b in (6, 7, 8)}
+    assert len(set(params.values())) == 3
+    assert len(result.ranking) == 6
+    for row in result.ranking:
+        fisher = sum(result.blocks[b]["fisher"] for b in row["window"])
+        assert row["fisher"] == pytest.approx(fisher, rel=1e-9)
+        assert row["fisher_pp"] == pytest.approx(fisher / sum(params[b] for b in row["window"]), rel=1e-9)
+    for b, scores in result.blocks.items():
+        assert scores["fisher_pp"] == pytest.approx(scores["fisher"] / params[b], rel=1e-9)
