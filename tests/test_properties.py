@@ -204,3 +204,97 @@ def test_fisher_pp_is_the_windows_fisher_over_its_parameter_count(resnet_cache, 
         assert row["fisher_pp"] == pytest.approx(fisher / sum(params[b] for b in row["window"]), rel=1e-9)
     for b, scores in result.blocks.items():
         assert scores["fisher_pp"] == pytest.approx(scores["fisher"] / params[b], rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def planted_cache(tmp_path_factory):
+    """test_rank's planted cache: four 3-channel 1×1-conv blocks at 8 px (fast to rank and train)."""
+    from test_rank import planted_backbone, planted_npz
+
+    root = tmp_path_factory.mktemp("planted")
+    backbone, out = planted_backbone(), str(root / "planted.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=("1",), model="planted", weights="none",
+                                              data=planted_npz(root / "planted.npz"), image_size=8,
+                                              dtype="float32"), backbone=backbone)
+    return out, backbone
+
+
+def test_halving_keeps_the_best_ceil_n_over_eta_of_each_rung(planted_cache, monkeypatch):
+    """Runs stubbed with distinct validation scores that change from rung to rung: each rung keeps exactly its best
+    ⌈n/η⌉, and the pick is the last rung's best."""
+    import subcache.profiling as profiling
+
+    cache, backbone = planted_cache
+    base = {"1": 0.30, "2": 0.90, "3": 0.50, "4": 0.10, "1-2": 0.70, "2-3": 0.60, "3-4": 0.80}
+    flipped = {"1-2": 0.1, "3-4": 0.2, "2": 0.3, "2-3": 0.4}  # rung 1 (2 epochs): another order
+
+    def stub(cache, config, backbone, bank, split):
+        val = (flipped if config.epochs == 2 else base)[config.blocks] + config.seed / 1000
+        return {"test_accuracy": val / 2, "trainable_params": 1, "seconds": 0.0, "val_accuracy": val}
+
+    monkeypatch.setattr(profiling, "run_window", stub)
+    train = subcache.TrainConfig(epochs=4, batch_size=32, device="cpu")
+    config = profiling.ProfileConfig(widths=(1, 2), halving=True, eta=2, min_epochs=1, seeds=2, train=train,
+                                     val_fraction=0.25)
+    result = profiling.halving_profile(cache, config, backbone=backbone)
+    assert [(r["epochs"], len(r["windows"])) for r in result.rungs] == [(1, 7), (2, 4), (4, 2)]
+    assert sorted(result.rungs[0]["kept"]) == sorted(["2", "3-4", "1-2", "2-3"])  # ⌈7/2⌉ = 4 best of base
+    assert sorted(result.rungs[1]["kept"]) == sorted(["2-3", "2"])  # ⌈4/2⌉ = 2 best of the rung-1 scores
+    assert result.rungs[2]["kept"] == ["2"] and result.best["blocks"] == "2"  # base: 2 (0.9) beats 2-3 (0.6)
+    assert result.best["val_accuracy"] == pytest.approx(0.9005)  # the mean over seeds
+
+
+def test_validation_accuracy_is_computed_on_exactly_the_validation_positions(resnet_cache, resnet18, tmp_path,
+                                                                            monkeypatch):
+    """In a copy of the cache each validation item holds the activations of an item of the next class, so a trained
+    model gets them (nearly) all wrong and the rest mostly right: a run's val_accuracy equals the accuracy computed
+    by hand on exactly the validation positions, with and without the shared activation bank."""
+    import zarr
+
+    import subcache.profiling as profiling
+    from subcache.bank import ActivationBank
+
+    moved = str(shutil.copytree(resnet_cache, tmp_path / "moved.zarr"))
+    config = subcache.TrainConfig(blocks="8", epochs=1, batch_size=32, device="cpu", seed=2)
+    cache = subcache.open_cache(moved)
+    fit, val = profiling.validation_split(cache, config, 0.25)
+    y = cache.read_y("train")
+    x = zarr.open_array(f"{moved}/train/x", mode="r+")
+    donor = {c: fit[y.numpy()[fit] == (c + 1) % 4][0] for c in range(4)}
+    x[np.sort(val)] = x[:][[donor[int(c)] for c in y.numpy()[np.sort(val)]]]
+    models = []
+    real_train = profiling.train
+    monkeypatch.setattr(profiling, "train", lambda *a, **kw: models.append(real_train(*a, **kw)) or models[-1])
+
+    def accuracy_on(model, rows):
+        with torch.no_grad():
+            pred = model(cache.read_x("train")[torch.from_numpy(rows)].float()).argmax(1)
+        return (pred == y[torch.from_numpy(rows)]).float().mean().item()
+
+    for bank in (None, ActivationBank(cache, resnet18, torch.device("cpu"))):
+        row = profiling.run_window(cache, config, resnet18, bank, (fit, val))
+        model = models[-1].model.eval()
+        assert row["val_accuracy"] == pytest.approx(accuracy_on(model, val), abs=1e-9)
+        assert row["val_accuracy"] < 0.2 and accuracy_on(model, fit) > 0.7  # the planted difference is there
+
+
+def test_rank_never_reads_the_validation_positions(planted_cache, tmp_path):
+    """The validation items' activations are NaN in a copy of the cache: rank with that --val-fraction still scores
+    every window finitely (reading one of them would make a score NaN, which rank refuses)."""
+    import zarr
+
+    from subcache.errors import TrainingError
+    from subcache.profiling import validation_split
+    from subcache.rank import RankConfig, rank_windows
+
+    cache_path, backbone = planted_cache
+    poisoned = str(shutil.copytree(cache_path, tmp_path / "poisoned.zarr"))
+    train = subcache.TrainConfig(device="cpu")
+    val = validation_split(subcache.open_cache(poisoned), train, 0.25)[1]
+    x = zarr.open_array(f"{poisoned}/train/x", mode="r+")
+    x[np.sort(val)] = np.nan
+    config = RankConfig(val_fraction=0.25, samples=64, train=train)
+    result = rank_windows(poisoned, config, backbone=backbone)
+    assert len(result.ranking) == 4 and result.ranking[0]["blocks"] == "3"
+    with pytest.raises(TrainingError, match="non-finite"):  # the poison works: without the split it is read
+        rank_windows(poisoned, RankConfig(samples=64, train=train), backbone=backbone)
