@@ -298,3 +298,42 @@ def test_rank_never_reads_the_validation_positions(planted_cache, tmp_path):
     assert len(result.ranking) == 4 and result.ranking[0]["blocks"] == "3"
     with pytest.raises(TrainingError, match="non-finite"):  # the poison works: without the split it is read
         rank_windows(poisoned, RankConfig(samples=64, train=train), backbone=backbone)
+
+
+def _small_build(out, data, **kw):
+    return subcache.BuildConfig(out=str(out), data=str(data), layers=("2",), model="resnet18", weights="none",
+                                image_size=32, dtype="float32", batch_size=16, limit=8, **kw)
+
+
+def test_an_out_that_contains_the_source_or_lies_inside_it_is_refused(tmp_path, npz_path, resnet18):
+    """Both directions of overlap, for `build` (an .npz source) and `build --from` (a cache source), even with
+    --overwrite: the source is never touched."""
+    from subcache.derive import DeriveConfig, derive_cache
+    from subcache.errors import ConfigError
+
+    outer = tmp_path / "outer.zarr"
+    subcache.build_cache(_small_build(outer, npz_path), backbone=resnet18)
+    inner = outer / "inner.zarr"  # a store inside a store: the source lies inside the --out
+    subcache.build_cache(_small_build(inner, npz_path), backbone=resnet18)
+    data = Path(shutil.copy(npz_path, outer / "data.npz"))
+    before = {p: p.read_bytes() for p in sorted(outer.rglob("*")) if p.is_file()}
+    attempts = [lambda: derive_cache(DeriveConfig(source=str(inner), out=str(outer), layers=("4",), overwrite=True),
+                                     backbone=resnet18),  # --out contains the source
+                lambda: derive_cache(DeriveConfig(source=str(outer), out=str(inner / "d.zarr"), layers=("4",),
+                                                  overwrite=True), backbone=resnet18),  # --out inside the source
+                lambda: subcache.build_cache(_small_build(outer, data, overwrite=True), backbone=resnet18),
+                lambda: subcache.build_cache(_small_build(outer, data, resume=True), backbone=resnet18)]
+    for attempt in attempts:
+        with pytest.raises(ConfigError, match="overlaps the build's source"):
+            attempt()
+    assert {p: p.read_bytes() for p in sorted(outer.rglob("*")) if p.is_file()} == before
+    from PIL import Image
+
+    folder = tmp_path / "images"  # an ImageFolder source with --out inside it
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / split / c / "0.png")
+    with pytest.raises(ConfigError, match="overlaps the build's source"):
+        subcache.build_cache(_small_build(folder / "c.zarr", folder), backbone=resnet18)
+    assert not (folder / "c.zarr").exists()
