@@ -337,3 +337,16 @@ def test_an_out_that_contains_the_source_or_lies_inside_it_is_refused(tmp_path, 
     with pytest.raises(ConfigError, match="overlaps the build's source"):
         subcache.build_cache(_small_build(folder / "c.zarr", folder), backbone=resnet18)
     assert not (folder / "c.zarr").exists()
+
+
+def test_score_exclude_keeps_each_ids_own_prediction_and_probability(task7, resnet_cache, resnet18):
+    everything = subcache.score_pool(resnet_cache, task7, split="train", device="cpu", backbone=resnet18)
+    assert len(set(everything.pred.tolist())) > 1  # predictions differ between items
+    excluded = everything.ids[::3]
+    some = subcache.score_pool(resnet_cache, task7, split="train", exclude=excluded, device="cpu", backbone=resnet18)
+    assert sorted(some.ids.tolist()) == sorted(set(everything.ids.tolist()) - set(excluded.tolist()))
+    row = {int(i): k for k, i in enumerate(everything.ids)}
+    for k, i in enumerate(some.ids):
+        j = row[int(i)]
+        assert (some.pred[k], some.prob[k], some.score[k], some.keys[k], some.positions[k]) == \
+               (everything.pred[j], everything.prob[j], everything.score[j], everything.keys[j], everything.positions[j])
