@@ -350,3 +350,32 @@ def test_score_exclude_keeps_each_ids_own_prediction_and_probability(task7, resn
         j = row[int(i)]
         assert (some.pred[k], some.prob[k], some.score[k], some.keys[k], some.positions[k]) == \
                (everything.pred[j], everything.prob[j], everything.score[j], everything.keys[j], everything.positions[j])
+
+
+@pytest.mark.parametrize("norm, removed", [("l1", {0, 1}), ("l2", {2, 3})])
+def test_prune_norm_removes_the_channels_with_the_smallest_norm(norm, removed):
+    """A tuned block 4 → 8 → 4 (1×1 convs) whose 8 hidden channels have known norms: channels 0-1 have the
+    smallest L1 norms, 2-3 the smallest L2 norms (the output convolution's columns are all alike, so only the first
+    convolution's rows decide). Pruning a quarter removes exactly those."""
+    from torch import nn
+
+    from subcache.backbones import Backbone, Preprocess
+    from subcache.pruning import PruneConfig, prune_tuned_blocks
+    from subcache.tuned import TunedModel
+
+    block = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    rows = torch.tensor([[2.5, 0, 0, 0], [2.6, 0, 0, 0], [0.9] * 4, [0.95] * 4,  # L1 2.5, 2.6, 3.6, 3.8;
+                         [4.0] * 4, [4.1] * 4, [4.2] * 4, [4.3] * 4])  # L2 2.5, 2.6, 1.8, 1.9; then larger
+    with torch.no_grad():
+        block[0].weight.copy_(rows.view(8, 4, 1, 1))
+        block[0].bias.zero_()
+        block[2].weight.fill_(0.5)
+    pre = Preprocess(image_size=4, mean=(0.0,) * 3, std=(1.0,) * 3, interpolation="bilinear", crop_pct=1.0)
+    backbone = Backbone.from_modules(nn.Conv2d(3, 4, 1), [block, nn.Identity()],
+                                     nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), pre, model_id="norms")
+    model = TunedModel(backbone, 1, (1,), 2, (4, 4, 4))
+    prune_tuned_blocks(model, (4, 4, 4), PruneConfig(0.25, norm))
+    kept = model.tuned_blocks["1"][0].weight.detach().view(-1, 4)
+    assert kept.shape == (6, 4)
+    kept_rows = {next(i for i in range(8) if torch.equal(rows[i], r)) for r in kept}
+    assert set(range(8)) - kept_rows == removed
