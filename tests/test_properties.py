@@ -379,3 +379,38 @@ def test_prune_norm_removes_the_channels_with_the_smallest_norm(norm, removed):
     assert kept.shape == (6, 4)
     kept_rows = {next(i for i in range(8) if torch.equal(rows[i], r)) for r in kept}
     assert set(range(8)) - kept_rows == removed
+
+
+def test_lr_follows_one_cosine_over_all_steps_and_weight_decay_reaches_the_optimiser(resnet_cache, tmp_path,
+                                                                                      monkeypatch):
+    """Through the CLI: the learning rate of every optimiser step, over all epochs, is one cosine from --lr down to
+    near 0, and every parameter group decays by --weight-decay (not AdamW's default)."""
+    import importlib
+    import math
+
+    from click.testing import CliRunner
+
+    from subcache.cli.main import main
+
+    train_module = importlib.import_module("subcache.train")  # the module (the package exports the function)
+
+    seen = []
+    real = train_module.optimizer
+
+    def spy(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        opt.register_step_pre_hook(lambda o, a, k: seen.append([(g["lr"], g["weight_decay"]) for g in o.param_groups]))
+        return opt
+
+    monkeypatch.setattr(train_module, "optimizer", spy)
+    result = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "none", "--epochs", "2", "--batch-size", "32",
+                                       "--lr", "0.004", "--weight-decay", "0.123", "--device", "cpu", "--out",
+                                       str(tmp_path / "t"), "--json"])
+    assert result.exit_code == 0, result.output
+    steps = 2 * 192 // 32
+    assert len(seen) == steps
+    for k, groups in enumerate(seen):
+        for lr, decay in groups:
+            assert lr == pytest.approx(0.004 * (1 + math.cos(math.pi * k / steps)) / 2, rel=1e-9, abs=1e-12)
+            assert decay == 0.123
+    assert seen[-1][0][0] < 0.02 * 0.004
