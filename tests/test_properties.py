@@ -414,3 +414,19 @@ def test_lr_follows_one_cosine_over_all_steps_and_weight_decay_reaches_the_optim
             assert lr == pytest.approx(0.004 * (1 + math.cos(math.pi * k / steps)) / 2, rel=1e-9, abs=1e-12)
             assert decay == 0.123
     assert seen[-1][0][0] < 0.02 * 0.004
+
+
+def test_a_label_file_in_any_row_order_labels_each_id(full_store, tmp_path):
+    from subcache.labels import label_classes, read_labels
+
+    store = str(shutil.copytree(full_store, tmp_path / "c.zarr"))
+    ids = subcache.open_cache(store).group["train/id"][:]
+    want = {int(i): f"k{int(i) * 7 % 5}" for i in ids}
+    order = np.random.default_rng(4).permutation(len(ids))
+    assert not np.array_equal(order, np.arange(len(ids)))
+    (tmp_path / "shuffled.csv").write_text("label,id\n" + "".join(f"{want[int(ids[p])]},{ids[p]}\n" for p in order))
+    subcache.add_labels(store, "sevens", tmp_path / "shuffled.csv")
+    cache = subcache.open_cache(store)
+    values, count = read_labels(cache, "train", "sevens")
+    names = label_classes(cache, "train", "sevens")
+    assert count == 5 and [names[v] for v in values.tolist()] == [want[int(i)] for i in ids]
