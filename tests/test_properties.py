@@ -430,3 +430,48 @@ def test_a_label_file_in_any_row_order_labels_each_id(full_store, tmp_path):
     values, count = read_labels(cache, "train", "sevens")
     names = label_classes(cache, "train", "sevens")
     assert count == 5 and [names[v] for v in values.tolist()] == [want[int(i)] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def forking_tasks(task7, resnet_cache, resnet18, tmp_path_factory):
+    """Tasks on the block-6 cache forking at blocks 8, 6 and 7 (in that order)."""
+    root = tmp_path_factory.mktemp("forks")
+    dirs = []
+    for blocks in ("8", "6"):
+        dirs.append(str(root / f"t{blocks}"))
+        subcache.train(resnet_cache, subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32, device="cpu"),
+                       out=dirs[-1], backbone=resnet18)
+    return [*dirs, task7]
+
+
+def _alone(task_dir, backbone, x):
+    """A task run by itself: its own TunedModel on the prefix's output at its cache layer."""
+    task = subcache.load_task(task_dir)
+    with torch.no_grad():
+        return task.model(backbone)(backbone.prefix(x, task.start))
+
+
+def test_multitask_predict_and_export_without_the_original_equal_each_task_alone(forking_tasks, resnet18, npz_path,
+                                                                                tmp_path):
+    from subcache.data import open_source, to_input
+    from subcache.export import export
+    from subcache.multitask import MultiTaskModel, predict
+
+    source = open_source(npz_path, "test", limit=12)
+    x = to_input(source.load(0, 12, resnet18.preprocess), resnet18.preprocess)
+    alone = {Path(d).name: _alone(d, resnet18, x) for d in forking_tasks}
+    model = MultiTaskModel.from_tasks(resnet18, forking_tasks, include_original=False)
+    with torch.no_grad():
+        together = model(x)
+    assert set(together) == set(alone)
+    for name, logits in alone.items():
+        torch.testing.assert_close(together[name], logits, rtol=1e-5, atol=1e-5)
+    got = predict(forking_tasks, npz_path, limit=12, device="cpu", backbone=resnet18)
+    for name, logits in alone.items():
+        probs = logits.softmax(1).max(1)
+        np.testing.assert_array_equal(got.preds[name], probs.indices.numpy())
+        np.testing.assert_allclose(got.probs[name], probs.values.numpy(), rtol=1e-5)
+    meta = export(forking_tasks, "torchscript", tmp_path / "m.pt", backbone=resnet18)
+    outputs = torch.jit.load(str(tmp_path / "m.pt"))(x)
+    for name, logits in zip(meta["outputs"], outputs):
+        torch.testing.assert_close(logits, alone[name], rtol=1e-5, atol=1e-5)
