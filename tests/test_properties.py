@@ -348,8 +348,8 @@ def test_score_exclude_keeps_each_ids_own_prediction_and_probability(task7, resn
     row = {int(i): k for k, i in enumerate(everything.ids)}
     for k, i in enumerate(some.ids):
         j = row[int(i)]
-        assert (some.pred[k], some.prob[k], some.score[k], some.keys[k], some.positions[k]) == \
-               (everything.pred[j], everything.prob[j], everything.score[j], everything.keys[j], everything.positions[j])
+        columns = ("pred", "prob", "score", "keys", "positions")
+        assert [getattr(some, c)[k] for c in columns] == [getattr(everything, c)[j] for c in columns]
 
 
 @pytest.mark.parametrize("norm, removed", [("l1", {0, 1}), ("l2", {2, 3})])
@@ -403,8 +403,8 @@ def test_lr_follows_one_cosine_over_all_steps_and_weight_decay_reaches_the_optim
         return opt
 
     monkeypatch.setattr(train_module, "optimizer", spy)
-    result = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "none", "--epochs", "2", "--batch-size", "32",
-                                       "--lr", "0.004", "--weight-decay", "0.123", "--device", "cpu", "--out",
+    result = CliRunner().invoke(main, ["train", "--cache", resnet_cache, "--blocks", "none", "--epochs", "2",
+                                       "--batch-size", "32", "--lr", "0.004", "--weight-decay", "0.123", "--device", "cpu", "--out",
                                        str(tmp_path / "t"), "--json"])
     assert result.exit_code == 0, result.output
     steps = 2 * 192 // 32
