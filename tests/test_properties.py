@@ -58,7 +58,7 @@ def test_channels_last_runs_never_change_the_shared_frozen_blocks(resnet_cache, 
     before = _frozen_state(resnet18)
     results = []
     for blocks in ("7", "6,8", "7"):
-        config = subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32, seed=3, device="cpu",
+        config = subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32, seed=3, device="cpu", limit=64,
                                       channels_last=True)
         results.append(subcache.train(resnet_cache, config, backbone=resnet18))
     assert results[0].model.block(7).conv1.weight.is_contiguous(memory_format=torch.channels_last)  # it was on
@@ -153,7 +153,7 @@ def test_evaluate_score_and_train_on_an_int8_cache_equal_the_float32_cache(task7
               for c in (resnet_cache, int8_cache)}
     np.testing.assert_array_equal(scores[int8_cache].pred, scores[resnet_cache].pred)
     np.testing.assert_allclose(scores[int8_cache].prob, scores[resnet_cache].prob, atol=0.02)
-    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=32, seed=5, device="cpu")
+    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=32, seed=5, device="cpu", limit=64)
     trained = {c: subcache.train(c, config, backbone=resnet18).test_accuracy for c in (resnet_cache, int8_cache)}
     assert trained[int8_cache] == trained[resnet_cache]
 
