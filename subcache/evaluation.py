@@ -110,7 +110,7 @@ def open_task(task_dir: str | os.PathLike, cache: Cache | str | os.PathLike, dev
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     cache.check_backbone(task.meta["backbone"])
     _, backbone, dev = load_tasks([task], device, backbone, cache.backbone)
-    return task, cache, task.model(backbone, start=cache.layer).to(dev), dev
+    return task, cache, task.model(backbone, start=cache.layer, shape=cache.sample_shape).to(dev), dev
 
 
 def load_tasks(task_dirs: Sequence[str | os.PathLike | Task], device: str = "auto", backbone: Backbone | None = None,

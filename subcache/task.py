@@ -44,14 +44,16 @@ class Task:
                             f"(sha256 {mine['weights_sha256'][:12]}…), not {backbone.model_id} weights "
                             f"{backbone.weights_id} (sha256 {backbone.weights_sha256[:12]}…)")
 
-    def model(self, backbone: Backbone, start: int | None = None) -> TunedModel:
-        """The task's TunedModel on ``backbone``, fed from the input of block ``start`` (default: its cache layer)."""
+    def model(self, backbone: Backbone, start: int | None = None,
+              shape: tuple[int, ...] | None = None) -> TunedModel:
+        """The task's TunedModel on ``backbone``, fed from the input of block ``start`` (default: its cache layer)
+        whose samples have ``shape`` (default: derived from the task's own cache shape)."""
         self.check_backbone(backbone)
         first = self.start if start is None else start
         if self.blocks and first > min(self.blocks):
             raise TaskError(f"task {self.path} tunes block {min(self.blocks)}, before block {first}")
         try:
-            model, (missing, unexpected) = self._build(backbone, first)
+            model, (missing, unexpected) = self._build(backbone, first, shape)
         except SubcacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - edited blocks/shapes surface as many error types
@@ -63,9 +65,9 @@ class Task:
                             f"unexpected {unexpected[:3]}")
         return model.eval()
 
-    def _build(self, backbone: Backbone, first: int) -> tuple[TunedModel, tuple[list, list]]:
-        shape = tuple(self.meta["sample_shape"])
-        shape = shape if first == self.start else backbone.input_shape(first, start=self.start, start_shape=shape)
+    def _build(self, backbone: Backbone, first: int,
+               shape: tuple[int, ...] | None) -> tuple[TunedModel, tuple[list, list]]:
+        shape = tuple(shape) if shape is not None else self._input_shape(backbone, first)
         model = TunedModel(backbone, first, self.blocks, len(self.meta["classes"]), shape,
                            self.meta.get("siamese", False))
         if self.meta.get("pruned_shapes"):
@@ -75,6 +77,16 @@ class Task:
             rebuild(model, shape, PruneConfig(c["prune"], c["prune_norm"], c["prune_scope"]),
                     self.meta["pruned_shapes"])
         return model, model.load_state_dict(self.state, strict=False)
+
+    def _input_shape(self, backbone: Backbone, first: int) -> tuple[int, ...]:
+        """Shape of block ``first``'s input: the task's cache shape, run forward from there for a later block; for
+        an earlier block (before the task's cache layer) probed from images."""
+        shape = tuple(self.meta["sample_shape"])
+        if first == self.start:
+            return shape
+        if first < self.start:
+            return backbone.input_shape(first)
+        return backbone.input_shape(first, start=self.start, start_shape=shape)
 
 
 def check_out_dir(path: str | os.PathLike) -> Path:

@@ -251,10 +251,10 @@ def training_forward(model: TunedModel, config: TrainConfig, device: torch.devic
 
 
 def trainable_channels_last(model: TunedModel) -> None:
-    """Tuned copies, the frozen blocks after them and the head in channels_last (convolutions run fastest so with
-    bf16 on GPUs). The frozen prefix and bridge keep their layout: live activations stay bit-equal to cached ones."""
-    for i in range(model.first_trainable, model.backbone.num_blocks + 1):
-        model.block(i).to(memory_format=torch.channels_last)
+    """The run's own tuned copies and head in channels_last (convolutions run fastest so with bf16 on GPUs; the
+    frozen blocks between and after them take channels_last inputs as they are). Frozen modules are shared by
+    every run on the backbone and never change, layout included: runs must not depend on their order."""
+    model.tuned_blocks.to(memory_format=torch.channels_last)
     model.head.to(memory_format=torch.channels_last)
 
 

@@ -1,7 +1,14 @@
 """`verify`: decode every stored chunk of a cache and list the damaged and the missing ones."""
 from __future__ import annotations
 
+import zarr
+
 from .store import bad_chunk, has_checksums, open_cache, written_chunks
+
+
+def split_arrays(group: zarr.Group) -> list[zarr.Array]:
+    """Every array of a split: x, x_flip, x_scale, y, id, key and each label set (``labels/NAME``)."""
+    return [a for _, a in sorted(group.members(max_depth=None), key=lambda m: m[0]) if isinstance(a, zarr.Array)]
 
 
 def verify_cache(path: str) -> dict:
@@ -10,9 +17,8 @@ def verify_cache(path: str) -> dict:
     cache = open_cache(path, require_complete=False)
     bad, missing, checked = [], [], 0
     for split in cache.splits:
-        s = cache.split(split)
-        for arr in (a for a in (s.x, s.x_flip, s.x_scale, s.y, s.id) if a is not None):
-            name = arr.path.split("/")[-1]
+        for arr in split_arrays(cache.group[split]):
+            name = arr.path.split("/", 1)[1]
             on_disk = written_chunks(arr)
             length = (arr.shards or arr.chunks)[0]
             missing += [{"split": split, "array": name, "object": i} for i in

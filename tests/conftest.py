@@ -29,6 +29,35 @@ def make_npz(path, n_train=192, n_test=96, size=32, classes=4, seed=0, channels=
     return str(path)
 
 
+def _unexpected_skip(report, item=None) -> bool:
+    """A skip that is not an expected failure (xfail) nor a test marked `gpu` (skipped without CUDA)."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return False
+    return item is None or item.get_closest_marker("gpu") is None
+
+
+def _fail_skip(report) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"unexpected skip (only tests marked gpu may skip; install what the test needs): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped test is a missing test: every skip fails the suite, except a `gpu` test's."""
+    report = (yield).get_result()
+    if _unexpected_skip(report, item):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module skipped whole (a module-level ``importorskip``) fails the suite too."""
+    report = (yield).get_result()
+    if _unexpected_skip(report):
+        _fail_skip(report)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -144,6 +144,9 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: flo
     """L2-regularised multinomial logistic regression, full batch L-BFGS, on centred features scaled by one number
     (per-feature scaling would let the penalty favour large raw weights on near-constant features, whose
     gradients then swamp the blocks' scores)."""
+    if not bool(torch.isfinite(features).all()):
+        raise TrainingError("rank: the neck features hold non-finite values; the cache's activations may hold "
+                            "inf/nan (check with `subcache verify`)")
     mean, std = features.mean(0), features.std() + 1e-6
     x = (features - mean) / std
     head = torch.nn.Linear(x.shape[1], classes).to(features.device)
