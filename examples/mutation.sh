@@ -2,7 +2,7 @@
 # Mutation testing with mutmut (3.x): does the suite fail when a behaviour module's code is changed?
 # Outside CI (minutes per small module, hours for all of them). Needs `pip install mutmut`.
 #
-#   examples/mutation.sh [MODULE ...]       e.g.  examples/mutation.sh augment labels
+#   examples/mutation.sh [MODULE ...]       e.g.  examples/mutation.sh augment labels selection/rank
 #
 # With no MODULE it runs every behaviour module below. Each module runs in its own scratch copy of the working tree
 # (tracked and untracked-but-not-ignored files, so nothing is written into the checkout) with a [tool.mutmut]
@@ -26,10 +26,10 @@ tests_for() {
     build) echo "tests/test_build.py tests/test_reliability.py tests/test_store_v2.py" ;;
     train | loader) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     evaluation) echo "tests/test_properties.py tests/test_active.py tests/test_train.py" ;;
-    rank | profiling) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
+    selection/*) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
     active) echo "tests/test_active.py tests/test_properties.py" ;;
     multitask | export) echo "tests/test_multitask.py tests/test_export.py tests/test_properties.py" ;;
-    backbones) echo "tests/test_backbones.py tests/test_models.py" ;;
+    backbones/*) echo "tests/test_backbones.py tests/test_models.py" ;;
     *) echo "Error: no test selection for module '$1'; add it to tests_for in $0" >&2; return 2 ;;
   esac
 }
@@ -38,7 +38,7 @@ run_module() {
   local module=$1 selection scratch
   selection=$(tests_for "$module")
   [ -f "$ROOT/subcache/$module.py" ] || { echo "Error: subcache/$module.py does not exist" >&2; return 2; }
-  scratch=$(mktemp -d "${TMPDIR:-/tmp}/subcache-mutation-$module.XXXXXX")
+  scratch=$(mktemp -d "${TMPDIR:-/tmp}/subcache-mutation-${module//\//-}.XXXXXX")
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) |
     tar -xf - -C "$scratch"
   # the selection as a TOML list: "-k EXPR" keeps EXPR as one argument (underscores in it stand for spaces)
@@ -59,10 +59,10 @@ EOF
   (cd "$scratch" && OMP_NUM_THREADS=1 PYTHONPATH="$scratch/mutants:$scratch" \
      mutmut run --max-children "${MUTMUT_CHILDREN:-$(nproc)}" >"$scratch/run.log" 2>&1) || { tail -20 "$scratch/run.log" >&2; return 1; }
   mkdir -p "$OUT"
-  (cd "$scratch" && mutmut export-cicd-stats >/dev/null && cp mutants/mutmut-cicd-stats.json "$OUT/$module.json" &&
+  (cd "$scratch" && mutmut export-cicd-stats >/dev/null && cp mutants/mutmut-cicd-stats.json "$OUT/${module//\//-}.json" &&
      for m in $(mutmut results | awk -F: '/: survived/ {print $1}'); do mutmut show "$m"; echo; done \
-     >"$OUT/$module.txt")
-  "$PYTHON" - "$module" "$OUT/$module.json" <<'EOF'
+     >"$OUT/${module//\//-}.txt")
+  "$PYTHON" - "$module" "$OUT/${module//\//-}.json" <<'EOF'
 import json, sys
 module, path = sys.argv[1], sys.argv[2]
 s = json.load(open(path))
@@ -75,6 +75,6 @@ EOF
 }
 
 modules=("$@")
-[ ${#modules[@]} -gt 0 ] || modules=(store build train loader evaluation rank profiling active labels multitask export
-                                      backbones augment)
+[ ${#modules[@]} -gt 0 ] || modules=(store build train loader evaluation selection/rank selection/profile
+  selection/halving selection/greedy selection/windows active labels multitask export backbones/core backbones/factory augment)
 for module in "${modules[@]}"; do run_module "$module"; done

@@ -190,7 +190,7 @@ def test_codec_auto_keeps_zstd_only_where_it_saves_15_percent_over_the_fast_choi
 
 def test_fisher_pp_is_the_windows_fisher_over_its_parameter_count(resnet_cache, resnet18):
     """Blocks 6-8 of resnet18 differ in size (layer3.1: 1.2 M parameters, layer4.0: 2.1 M, layer4.1: 4.7 M)."""
-    from subcache.rank import RankConfig, rank_windows
+    from subcache.selection.rank import RankConfig, rank_windows
 
     config = RankConfig(blocks="6-8", widths=(1, 2, 3), methods=("fisher", "fisher_pp"), samples=16,
                         train=subcache.TrainConfig(device="cpu", limit=32))
@@ -222,7 +222,7 @@ def planted_cache(tmp_path_factory):
 def test_halving_keeps_the_best_ceil_n_over_eta_of_each_rung(planted_cache, monkeypatch):
     """Runs stubbed with distinct validation scores that change from rung to rung: each rung keeps exactly its best
     ⌈n/η⌉, and the pick is the last rung's best."""
-    import subcache.profiling as profiling
+    import subcache.selection.halving as profiling
 
     cache, backbone = planted_cache
     base = {"1": 0.30, "2": 0.90, "3": 0.50, "4": 0.10, "1-2": 0.70, "2-3": 0.60, "3-4": 0.80}
@@ -251,13 +251,14 @@ def test_validation_accuracy_is_computed_on_exactly_the_validation_positions(res
     by hand on exactly the validation positions, with and without the shared activation bank."""
     import zarr
 
-    import subcache.profiling as profiling
+    import subcache.selection.runs as profiling
     from subcache.bank import ActivationBank
+    from subcache.selection import validation_split
 
     moved = str(shutil.copytree(resnet_cache, tmp_path / "moved.zarr"))
     config = subcache.TrainConfig(blocks="8", epochs=1, batch_size=32, device="cpu", seed=2)
     cache = subcache.open_cache(moved)
-    fit, val = profiling.validation_split(cache, config, 0.25)
+    fit, val = validation_split(cache, config, 0.25)
     y = cache.read_y("train")
     x = zarr.open_array(f"{moved}/train/x", mode="r+")
     donor = {c: fit[y.numpy()[fit] == (c + 1) % 4][0] for c in range(4)}
@@ -284,8 +285,8 @@ def test_rank_never_reads_the_validation_positions(planted_cache, tmp_path):
     import zarr
 
     from subcache.errors import TrainingError
-    from subcache.profiling import validation_split
-    from subcache.rank import RankConfig, rank_windows
+    from subcache.selection import validation_split
+    from subcache.selection.rank import RankConfig, rank_windows
 
     cache_path, backbone = planted_cache
     poisoned = str(shutil.copytree(cache_path, tmp_path / "poisoned.zarr"))
