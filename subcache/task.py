@@ -139,16 +139,41 @@ def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Tas
     meta_file, weights_file = p / "task.json", p / "task.safetensors"
     if not meta_file.is_file() or not weights_file.is_file():
         raise TaskError(f"{p} is not a task directory (needs task.json and task.safetensors from `subcache train`)")
+    meta = _read_meta(meta_file)
+    if not isinstance(meta.get("weights_sha256"), str):
+        raise TaskError(f"task {p}: task.json names no weights_sha256, so its weights cannot be checked; retrain "
+                        f"with `subcache train --out {p}`")
+    if meta["weights_sha256"] != _sha256(weights_file):  # checked before any tensor is read
+        raise TaskError(f"task {p}: task.safetensors is not the file task.json describes (a save was interrupted "
+                        f"or a file edited); retrain with `subcache train --out {p}`")
     try:
-        meta = json.loads(meta_file.read_text())
         state = load_file(str(weights_file))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise TaskError(f"cannot read task {p}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
-        raise TaskError(f"{meta_file} is not a subcache task file")
-    if "weights_sha256" in meta and meta["weights_sha256"] != _sha256(weights_file):
-        raise TaskError(f"task {p}: task.safetensors is not the file task.json describes (a save was interrupted "
-                        f"or a file edited); retrain with `subcache train --out {p}`")
+    _check_state(state, p)
     if not meta.get("complete", False) and not allow_incomplete:
         raise TaskError(f"task {p} is incomplete ({meta.get('stopped', 'training did not finish')})")
     return Task(str(p), meta, state)
+
+
+def _read_meta(meta_file: Path) -> dict:
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise TaskError(f"cannot read task {meta_file.parent}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
+        raise TaskError(f"{meta_file} is not a subcache task file")
+    return meta
+
+
+def _check_state(state: dict[str, torch.Tensor], p: Path) -> None:
+    """Weights are floating point and finite; anything else (an edited or foreign file) is refused."""
+    for name, t in state.items():
+        if name.endswith("num_batches_tracked") and t.dtype == torch.int64 and t.dim() == 0:
+            continue  # BatchNorm's step counter, the one integer buffer a block has
+        if not t.is_floating_point():
+            raise TaskError(f"task {p}: weight {name} is {str(t.dtype).removeprefix('torch.')}; a task's weights "
+                            f"are floating point")
+        if not torch.isfinite(t).all():
+            raise TaskError(f"task {p}: weight {name} is not finite (NaN or inf); retrain with "
+                            f"`subcache train --out {p}`")

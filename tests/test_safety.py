@@ -108,3 +108,38 @@ def test_timm_hub_names_in_a_record_are_code_too(evil, npz_path):
     edit_json(evil["task"] / "task.json", lambda d: d["backbone"].update(model="timm:hf-hub:evil/model"))
     r = run(*commands(evil, npz_path)["predict"])
     one_error_line(r, "timm:hf-hub:evil/model", "--allow-factory")
+
+
+# -- 5 (tasks). A task's weights are checked by sha256 before use, and must be finite floating point --------------
+def resave(task, edit):
+    """Rewrite task.safetensors with ``edit(state)`` and make task.json name the new file's sha256."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(task / "task.safetensors"))
+    edit(state)
+    save_file(state, str(task / "task.safetensors"), metadata={"format": "subcache-task"})
+    digest = hashlib.sha256((task / "task.safetensors").read_bytes()).hexdigest()
+    edit_json(task / "task.json", lambda d: d.update(weights_sha256=digest))
+
+
+def first_weight(state):
+    return next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("nan", "not finite"), ("bool", "is bool"), ("int", "is int32"), ("no sha", "names no weights_sha256")])
+def test_tasks_with_unusable_weights_are_refused(tmp_path, task_dir, resnet_cache, case, needle):
+    import torch
+
+    task = tmp_path / "t"
+    shutil.copytree(task_dir, task)
+    if case == "nan":
+        resave(task, lambda s: s[first_weight(s)].view(-1).__setitem__(0, float("nan")))
+    elif case in ("bool", "int"):
+        dtype = torch.bool if case == "bool" else torch.int32
+        resave(task, lambda s: s.update({first_weight(s): s[first_weight(s)].to(dtype)}))
+    else:
+        edit_json(task / "task.json", lambda d: d.pop("weights_sha256"))
+    one_error_line(run("evaluate", "--task", task, "--cache", resnet_cache), needle)
