@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import WrapperStore
 
 from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError,
                      StoreExistsError)
@@ -134,6 +135,8 @@ def bad_chunk(array: zarr.Array, index: int, length: int | None = None) -> str |
     length = length or array.chunks[0]
     try:
         array[index * length:(index + 1) * length]
+    except MissingChunkError:
+        return "its object is missing"
     except DECODE_ERRORS as exc:
         return (str(exc).splitlines() or [type(exc).__name__])[0]
     return None
@@ -189,6 +192,37 @@ def has_checksums(array: zarr.Array) -> bool:
             out += [d["name"], *names(d.get("configuration", {}).get("codecs", []))]
         return out
     return "crc32c" in names(array.metadata.codecs)
+
+
+class MissingChunkError(CorruptChunkError):
+    """A chunk object of a complete store is not there (zarr itself would read it as the fill value)."""
+
+
+class CompleteStore(WrapperStore):
+    """The store of a complete cache, for reading: a chunk (or shard) object that is missing raises instead of
+    reading as zeros, so a hole is reported like a corrupt chunk."""
+
+    async def get(self, key: str, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and _is_chunk_key(key):
+            raise MissingChunkError(f"chunk object {key} of cache {self._store} is missing; rerun the build with "
+                                    f"--resume to recompute it (`subcache verify` lists every missing chunk)")
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None and _is_chunk_key(key):
+                raise MissingChunkError(f"chunk object {key} of cache {self._store} is missing")
+        return values
+
+    def __str__(self) -> str:
+        return str(self._store)
+
+
+def _is_chunk_key(key: str) -> bool:
+    return "/c/" in f"/{key}" and not key.endswith("zarr.json")
 
 
 @dataclass
@@ -358,6 +392,8 @@ def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: 
     if require_complete and cache.status != "complete":
         raise IncompleteStoreError(f"cache {path} is incomplete (status {cache.status}): rerun the same "
                                    f"`subcache build` command with --resume to finish it")
+    if require_complete and mode == "r":  # a complete store has every chunk: a missing one is damage, not zeros
+        cache = Cache(zarr.open_group(CompleteStore(group.store), mode="r"), path)
     check_arrays(cache)
     return cache
 

@@ -143,3 +143,34 @@ def test_tasks_with_unusable_weights_are_refused(tmp_path, task_dir, resnet_cach
     else:
         edit_json(task / "task.json", lambda d: d.pop("weights_sha256"))
     one_error_line(run("evaluate", "--task", task, "--cache", resnet_cache), needle)
+
+
+# -- 2. a complete store never reads a hole as zeros ------------------------------------------------------------
+def chunk_file(store, split, array):
+    return next(f for f in sorted((store / split / array / "c").rglob("*")) if f.is_file())
+
+
+def hole_commands(cache, task, tmp_path):
+    return {"train": ["train", "--cache", cache, "--blocks", "6", "--epochs", "1", "--out", tmp_path / "t"],
+            "score": ["score", "--cache", cache, "--task", task, "--split", "train", "--out", tmp_path / "s.csv"]}
+
+
+@pytest.mark.parametrize("array, command", [("x", "train"), ("y", "train"), ("id", "score"), ("key", "score"),
+                                            ("x", "score")])
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_hole_in_a_complete_store_is_the_same_error_as_a_corrupt_chunk(tmp_path, resnet_cache, task_dir, array,
+                                                                         command, damage):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    f = chunk_file(cache, "train", array)
+    if damage == "missing":
+        f.unlink()
+    else:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    line = one_error_line(run(*hole_commands(cache, task_dir, tmp_path)[command]),
+                          f"split train, array {array}, chunk 0 (samples 0–191) is corrupt (",
+                          "rerun the build with --resume to recompute it")
+    assert ("its object is missing" in line) == (damage == "missing")
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "t" / "task.json").exists()
