@@ -174,3 +174,44 @@ def test_a_hole_in_a_complete_store_is_the_same_error_as_a_corrupt_chunk(tmp_pat
                           "rerun the build with --resume to recompute it")
     assert ("its object is missing" in line) == (damage == "missing")
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "t" / "task.json").exists()
+
+
+@pytest.fixture(scope="module")
+def int8_store(tmp_path_factory, npz_path):
+    out = tmp_path_factory.mktemp("int8") / "i8.zarr"
+    args = ["build", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--data", npz_path,
+            "--layer", "6", "--dtype", "int8", "--batch-size", "64", "--out", out]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    return out, args, subcache.open_cache(out).read_x("train")
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_resume_rewrites_missing_or_damaged_int8_scales(tmp_path, int8_store, damage):
+    import torch
+
+    src, args, want = int8_store
+    out = tmp_path / "i8.zarr"
+    shutil.copytree(src, out)
+    f = chunk_file(out, "train", "x_scale")
+    if damage == "missing":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    one_error_line(run("train", "--cache", out, "--blocks", "6", "--epochs", "1", "--out", tmp_path / "t"),
+                   "array x_scale, chunk 0", "--resume")
+    r = run(*args[:-1], out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert torch.equal(subcache.open_cache(out).read_x("train"), want)  # the same bits as before the damage
+
+
+def test_finish_refuses_an_int8_store_whose_scales_are_gone(tmp_path, int8_store, monkeypatch):
+    from subcache import build
+
+    src, args, _ = int8_store
+    out = tmp_path / "i8.zarr"
+    shutil.copytree(src, out)
+    chunk_file(out, "test", "x_scale").unlink()
+    monkeypatch.setattr(build, "restore_scales", lambda cache, plan: None)  # a resume that forgot them
+    one_error_line(run(*args[:-1], out, "--resume"), "x_scale (the int8 scales) is missing")
+    assert subcache.open_cache(out, require_complete=False).status == "complete"  # untouched: it was complete
