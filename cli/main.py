@@ -215,7 +215,7 @@ def verify(path: str, as_json: bool) -> None:
             console.print(f"[red]corrupt[/] {b['split']}/{b['array']} chunk {b['chunk']}: {b['error']}")
         for m in d["missing"]:
             console.print(f"[red]missing[/] {m['split']}/{m['array']} object {m['object']}")
-        verdict = "[green]ok[/]" if d["ok"] else f"[red]{len(d['bad'])} corrupt, {len(d['missing'])} missing[/]"
+        verdict = "[green]ok[/]" if d["ok"] else f"[red]{len(d['bad'])} corrupt, {d['missing_count']} missing[/]"
         console.print(f"{path}: {d['chunks_checked']} chunks decoded, {verdict}"
                       f"{'' if d['checksums'] else ' (format 1: no checksums, only codec errors are caught)'}"
                       f"{'' if d['ok'] else ' — rerun the build with --resume to recompute them'}")

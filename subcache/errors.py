@@ -38,6 +38,10 @@ class CorruptChunkError(StoreError, ValueError):
     """A chunk of a cache array fails to decode (its checksum or its codec says the bytes are damaged)."""
 
 
+class MissingChunkError(CorruptChunkError):
+    """A chunk object of a complete store is not there (zarr itself would read it as the fill value)."""
+
+
 class StoreExistsError(StoreError, FileExistsError):
     """The output exists and --overwrite/--resume was not given."""
 

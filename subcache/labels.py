@@ -13,7 +13,7 @@ import zarr
 from .distributed import WriterLock
 from .errors import DataError
 from .faults import fault
-from .store import Cache, open_cache, read
+from .store import Cache, compressors, open_cache, read
 
 
 def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -69,6 +69,7 @@ def _write_set(cache: Cache, split: str, name: str, values: np.ndarray, classes:
     group = zarr.open_group(cache.path, mode="r+")
     target = group.require_group(f"{split}/labels")
     arr = target.create_array(name, shape=values.shape, chunks=(chunk,), dtype=np.int64, overwrite=True,
+                              compressors=compressors("zstd", np.int64), dimension_names=("sample",),
                               attributes={"classes": classes, "status": "building"},
                               config={"write_empty_chunks": True})
     fault("labels-created")

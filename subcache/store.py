@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import WrapperStore
 
-from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError,
-                     StoreExistsError)
+from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, MissingChunkError,
+                     StoreError, StoreExistsError)
 from .faults import fault
+from .integrity import CompleteStore, check_layout, has_checksums  # noqa: F401 - has_checksums: API
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, dimension_names and per-array attrs, measured codec, int8, sharding
@@ -181,48 +181,6 @@ def corrupt_message(array: zarr.Array, index: int, why: str) -> str:
     return (f"cache {array.store}: split {split}, array {name}, chunk {index} (samples "
             f"{index * array.chunks[0]}–{min(array.shape[0], (index + 1) * array.chunks[0]) - 1}) is corrupt "
             f"({why[:80]}); rerun the build with --resume to recompute it (`subcache verify` lists every bad chunk)")
-
-
-def has_checksums(array: zarr.Array) -> bool:
-    """Whether every chunk of ``array`` carries a crc32c (format 2; format 1 stores have none)."""
-    def names(codecs) -> list[str]:
-        out = []
-        for c in codecs:
-            d = c if isinstance(c, dict) else c.to_dict()
-            out += [d["name"], *names(d.get("configuration", {}).get("codecs", []))]
-        return out
-    return "crc32c" in names(array.metadata.codecs)
-
-
-class MissingChunkError(CorruptChunkError):
-    """A chunk object of a complete store is not there (zarr itself would read it as the fill value)."""
-
-
-class CompleteStore(WrapperStore):
-    """The store of a complete cache, for reading: a chunk (or shard) object that is missing raises instead of
-    reading as zeros, so a hole is reported like a corrupt chunk."""
-
-    async def get(self, key: str, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
-        if value is None and _is_chunk_key(key):
-            raise MissingChunkError(f"chunk object {key} of cache {self._store} is missing; rerun the build with "
-                                    f"--resume to recompute it (`subcache verify` lists every missing chunk)")
-        return value
-
-    async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
-        values = await self._store.get_partial_values(prototype, key_ranges)
-        for (key, _), value in zip(key_ranges, values):
-            if value is None and _is_chunk_key(key):
-                raise MissingChunkError(f"chunk object {key} of cache {self._store} is missing")
-        return values
-
-    def __str__(self) -> str:
-        return str(self._store)
-
-
-def _is_chunk_key(key: str) -> bool:
-    return "/c/" in f"/{key}" and not key.endswith("zarr.json")
 
 
 @dataclass
@@ -411,6 +369,7 @@ def check_arrays(cache: Cache) -> None:
             why = " (an int8 cache needs its scales to be read)" if missing == ["x_scale"] else ""
             raise StoreError(f"cache {cache.path}: split {split} has no readable array {', '.join(missing)}{why}; "
                              f"the store is damaged: rebuild it with `subcache build ... --overwrite`")
+    check_layout(cache, np.dtype(DTYPES.get(cache.dtype, np.float32)))
 
 
 @dataclass

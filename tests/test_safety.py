@@ -215,3 +215,66 @@ def test_finish_refuses_an_int8_store_whose_scales_are_gone(tmp_path, int8_store
     monkeypatch.setattr(build, "restore_scales", lambda cache, plan: None)  # a resume that forgot them
     one_error_line(run(*args[:-1], out, "--resume"), "x_scale (the int8 scales) is missing")
     assert subcache.open_cache(out, require_complete=False).status == "complete"  # untouched: it was complete
+
+
+def add_label_set(cache, tmp_path, name="coarse"):
+    ids = subcache.open_cache(cache).split("train").id[:]
+    f = tmp_path / "labels.csv"
+    f.write_text("id,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in ids))
+    r = run("labels", "add", cache, "--name", name, "--file", f)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("array", ["labels/coarse", "key", "x", "id"])
+def test_verify_covers_every_array_and_label_sets_are_checksummed(tmp_path, resnet_cache, array):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    add_label_set(cache, tmp_path)
+    f = chunk_file(cache, "train", array)
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit
+    f.write_bytes(bytes(data))
+    r = run("verify", cache, "--json")
+    report = json.loads(r.stdout)
+    assert r.exit_code == 1 and [(b["split"], b["array"]) for b in report["bad"]] == [("train", array)]
+    if array == "labels/coarse":
+        one_error_line(run("train", "--cache", cache, "--labels", "coarse", "--blocks", "6", "--epochs", "1",
+                           "--out", tmp_path / "t"), "array coarse, chunk 0", "is corrupt")
+    f.unlink()
+    report = json.loads(run("verify", cache, "--json").stdout)
+    assert [(m["array"], m["object"]) for m in report["missing"]] == [(array, 0)] and not report["bad"]
+
+
+def edit_array(cache, split, array, fn):
+    edit_json(cache / split / array / "zarr.json", fn)
+
+
+def drop_crc(d):
+    d["codecs"] = [c for c in d["codecs"] if c["name"] != "crc32c"]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (("train", "y", drop_crc), "array y has no crc32c checksum"),
+    (("test", "key", drop_crc), "array key has no crc32c checksum"),
+    (("train", "id", lambda d: d.update(shape=[100])), "array id has shape (100,), the store's record says (192,)"),
+    (("test", "x", lambda d: d.update(shape=[96, 128, 4, 5])), "array x has shape (96, 128, 4, 5)"),
+    (("train", "y", lambda d: d.update(data_type="int32", fill_value=0)), "array y has dtype int32"),
+])
+def test_every_array_must_match_the_stores_record(tmp_path, resnet_cache, edit, needle):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    split, array, fn = edit
+    edit_array(cache, split, array, fn)
+    for args in (["verify", cache], ["train", "--cache", cache, "--blocks", "6", "--epochs", "1", "--out",
+                                     tmp_path / "t"]):
+        one_error_line(run(*args), needle, "the store is damaged")
+
+
+def test_absurd_recorded_shapes_are_refused_before_anything_is_allocated(tmp_path, resnet_cache):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    for array in ("x", "y", "id", "key"):
+        edit_array(cache, "train", array, lambda d: d["shape"].__setitem__(0, 10 ** 12))
+    one_error_line(run("verify", cache), "array x records 1000000000000 items, more than")
+    edit_json(cache / "zarr.json", lambda d: d["attributes"].update(sample_shape=[10 ** 6, 10 ** 6, 10 ** 6]))
+    one_error_line(run("verify", cache), "sample_shape [1000000, 1000000, 1000000] is not")
