@@ -304,12 +304,13 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--prune-norm", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option("--prune-scope", type=click.Choice(["local", "global"]), default="local", show_default=True)
 @click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
+@click.option("--overwrite", is_flag=True, help="replace a complete task already in --out")
 @click.option("--json", "as_json", is_flag=True)
 @allows_factories
 @friendly
-def train(cache, out, as_json, **kw) -> None:
+def train(cache, out, overwrite, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=True)
+    result = subcache.train(cache, train_config(**kw), out=out, progress=True, overwrite=overwrite)
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
@@ -518,11 +519,15 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
               help="file of ids to leave out (one per line, or a CSV with an id column)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="scores as .csv or .npz (id, key, score, pred, pred_index, prob)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
 @allows_factories
 @friendly
-def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
+def score(cache, task_dir, split, metric, top, exclude_file, device, out, overwrite, as_json) -> None:
     """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
+    from subcache.task import check_output_file
+
+    check_output_file(out, overwrite=overwrite)
     exclude = read_ids(exclude_file) if exclude_file else None
     scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device,
                                  progress=True)
@@ -630,12 +635,17 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @allows_factories
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, device, out, show, overwrite, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
+    if out:
+        from subcache.task import check_output_file
+
+        check_output_file(out, overwrite=overwrite)
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
                               progress=True)
     if out:
@@ -661,14 +671,15 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
 @click.option("--format", "fmt", type=click.Choice(["onnx", "pt2", "torchscript", "timm"]), required=True,
               help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
 @click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
 @allows_factories
 @friendly
-def export(tasks, fmt, out, as_json) -> None:
+def export(tasks, fmt, out, overwrite, as_json) -> None:
     """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""
     from subcache.export import export as export_tasks
 
-    meta = export_tasks(tasks, fmt, out)
+    meta = export_tasks(tasks, fmt, out, overwrite=overwrite)
     if as_json:
         emit_json(meta)
     elif fmt == "timm":

@@ -58,6 +58,10 @@ class TaskError(SubcacheError, ValueError):
     """A saved task is malformed or does not fit the backbone/cache."""
 
 
+class OutputExistsError(SubcacheError, FileExistsError):
+    """An output file or task exists and --overwrite was not given."""
+
+
 class TrainingError(SubcacheError, RuntimeError):
     """Training could not go on (for example the loss stopped being finite)."""
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbones import Backbone
-from .errors import SubcacheError, TaskError
+from .errors import OutputExistsError, SubcacheError, TaskError
 from .faults import fault
 from .tuned import TunedModel
 
@@ -91,21 +91,65 @@ def check_out_dir(path: str | os.PathLike) -> Path:
     return out
 
 
+def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """An output file (export, scores, predictions) may be written to ``path``: not a folder, and not an existing
+    file unless ``overwrite``. Checked before any work; its folder is created."""
+    p = Path(path)
+    if p.is_dir():
+        raise TaskError(f"--out {p} is a folder; give a file path (e.g. {p / 'out'}{p.suffix or '.ext'})")
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"--out {p} exists; pass --overwrite to replace it")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TaskError(f"cannot write to --out {p}: {exc.strerror or exc}") from None
+    return p
+
+
+def check_task_out(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """A task folder may be (re)written when it holds no task files, or an incomplete subcache task (a killed run);
+    a complete task, or task files subcache did not write, need ``overwrite``."""
+    p = Path(path)
+    if overwrite or not ((p / "task.json").exists() or (p / "task.safetensors").exists()):
+        return
+    try:
+        meta = json.loads((p / "task.json").read_text(encoding="utf-8"))
+        ours_incomplete = isinstance(meta, dict) and meta.get("format") == TASK_FORMAT and not meta.get("complete")
+    except (OSError, ValueError):
+        ours_incomplete = False
+    if not ours_incomplete:
+        raise OutputExistsError(f"--out {p} already holds a task (or task files subcache did not write); pass "
+                                f"--overwrite to replace it, or choose another --out")
+
+
 def atomic_write(target: str | os.PathLike, write) -> None:
-    """``write(tmp_path)`` then rename over ``target``; on any failure the temp file is removed, ``target`` is
-    left as it was, and an OSError becomes one TaskError line."""
+    """``write(tmp_path)`` into a temp file in ``target``'s folder, fsync it, rename it over ``target``, fsync the
+    folder; on any failure the temp file is removed, ``target`` is left as it was, and an OSError becomes one
+    TaskError line."""
     target = Path(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes a private (0600) file; outputs are ordinary files
+        _fsync(tmp)
+        fault("before-rename")
         os.replace(tmp, target)
+        _fsync(target.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, SubcacheError):  # OSError, SafetensorError (disk full)
             raise TaskError(f"cannot write {target}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         raise
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's: the rename) bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_task(path: str | os.PathLike, model: TunedModel, meta: dict) -> None:

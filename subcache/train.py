@@ -31,7 +31,7 @@ from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, open_cache
-from .task import check_out_dir, save_task
+from .task import check_out_dir, check_task_out, save_task
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -272,10 +272,10 @@ class TrainData:
 
 def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(), data: TrainData = TrainData(), *,
           out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache on ``data``; score on its test split (or
     ``data.eval_positions``); save the task to ``out``, checked writable first and locked (``OUT.lock``) while this
-    run owns it: one writer per task folder."""
+    run owns it: one writer per task folder. A complete task already in ``out`` needs ``overwrite``."""
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
@@ -283,6 +283,7 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
         return run()
     check_out_dir(out)
     with WriterLock(out, what="train"):
+        check_task_out(out, overwrite=overwrite)
         return run()
 
 

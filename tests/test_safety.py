@@ -278,3 +278,67 @@ def test_absurd_recorded_shapes_are_refused_before_anything_is_allocated(tmp_pat
     one_error_line(run("verify", cache), "array x records 1000000000000 items, more than")
     edit_json(cache / "zarr.json", lambda d: d["attributes"].update(sample_shape=[10 ** 6, 10 ** 6, 10 ** 6]))
     one_error_line(run("verify", cache), "sample_shape [1000000, 1000000, 1000000] is not")
+
+
+# -- 3. no output is ever half-written, and nothing subcache did not write is replaced without --overwrite ---------
+def test_a_full_disk_during_export_leaves_nothing_and_keeps_the_old_file(tmp_path, task_dir, monkeypatch):
+    import errno
+
+    import torch
+
+    def full_disk(obj, f, *a, **k):
+        with open(f, "wb") as handle:
+            handle.write(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.jit, "save", full_disk)
+    out = tmp_path / "m.pt"
+    one_error_line(run("export", "--task", task_dir, "--format", "torchscript", "--out", out), "No space left")
+    assert list(tmp_path.iterdir()) == []  # no truncated model, no temp file
+    out.write_bytes(b"the previous export")
+    one_error_line(run("export", "--task", task_dir, "--format", "torchscript", "--out", out, "--overwrite"),
+                   "No space left")
+    assert out.read_bytes() == b"the previous export" and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_killed_export_never_leaves_a_file_at_out(tmp_path, task_dir):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.pt"
+    env = {**os.environ, "SUBCACHE_FAULT": "before-rename", "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-m", "subcache", "export", "--task", str(task_dir), "--format",
+                        "torchscript", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 86, p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "score", "predict"])
+def test_an_existing_output_file_needs_overwrite(tmp_path, task_dir, resnet_cache, npz_path, command):
+    out = tmp_path / ("m.pt" if command == "export" else "out.csv")
+    out.write_text("somebody's file")
+    args = {"export": ["export", "--task", task_dir, "--format", "torchscript", "--out", out],
+            "score": ["score", "--cache", resnet_cache, "--task", task_dir, "--out", out],
+            "predict": ["predict", "--task", task_dir, "--data", npz_path, "--limit", "4", "--out", out]}[command]
+    one_error_line(run(*args), f"--out {out} exists; pass --overwrite")
+    assert out.read_text() == "somebody's file"
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() != b"somebody's file"
+
+
+def test_an_output_that_is_a_folder_is_one_error_line(tmp_path, task_dir):
+    one_error_line(run("export", "--task", task_dir, "--format", "timm", "--out", tmp_path), "is a folder")
+
+
+def test_train_onto_a_complete_task_needs_overwrite(tmp_path, task_dir, resnet_cache):
+    task = tmp_path / "t"
+    shutil.copytree(task_dir, task)
+    before = (task / "task.safetensors").read_bytes()
+    args = ["train", "--cache", resnet_cache, "--blocks", "7", "--epochs", "1", "--batch-size", "64", "--out", task]
+    one_error_line(run(*args), "already holds a task", "--overwrite")
+    assert (task / "task.safetensors").read_bytes() == before
+    r = run(*args, "--overwrite", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((task / "task.json").read_text())["blocks"] == [7]
