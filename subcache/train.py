@@ -23,7 +23,7 @@ from .backbones import Backbone, backbone_for, parse_block_spec
 from .devices import autocast_dtype, fused_adamw_supported, resolve_device
 from .distributed import Dist, WriterLock
 from .errors import BlockError, ConfigError, DataError, TrainingError
-from .labels import label_classes
+from .labels import freeze_labels, label_classes
 from .evaluation import labels_for, scorer
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, bridge, memory_budget, resident_dtype,
                      split_nbytes)
@@ -298,6 +298,8 @@ def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(
     tuned = parse_block_spec(config.blocks, backbone)
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
+    if config.labels is not None:
+        freeze_labels(cache, config.labels)  # one snapshot: labels, head size and the record's classes agree
     labels, num_classes = labels_for(cache, config.train_split, config.labels)
     labels = labels if data.labels is None else data.labels
     positions = data.positions

@@ -217,11 +217,11 @@ def test_finish_refuses_an_int8_store_whose_scales_are_gone(tmp_path, int8_store
     assert subcache.open_cache(out, require_complete=False).status == "complete"  # untouched: it was complete
 
 
-def add_label_set(cache, tmp_path, name="coarse"):
-    ids = subcache.open_cache(cache).split("train").id[:]
-    f = tmp_path / "labels.csv"
+def add_label_set(cache, tmp_path, name="coarse", split="train"):
+    ids = subcache.open_cache(cache).split(split).id[:]
+    f = tmp_path / f"labels-{split}.csv"
     f.write_text("id,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in ids))
-    r = run("labels", "add", cache, "--name", name, "--file", f)
+    r = run("labels", "add", cache, "--name", name, "--file", f, "--split", split)
     assert r.exit_code == 0, r.output
 
 
@@ -342,3 +342,91 @@ def test_train_onto_a_complete_task_needs_overwrite(tmp_path, task_dir, resnet_c
     r = run(*args, "--overwrite", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads((task / "task.json").read_text())["blocks"] == [7]
+
+
+# -- 4. locks: OS locks the kernel releases; training reads labels and classes as one snapshot -------------------
+def test_a_full_disk_never_strands_a_writer_lock(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from subcache.distributed import WriterLock
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = str(tmp_path / "c.zarr")
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", full)
+        m.setattr(json, "dump", full)
+        try:
+            with WriterLock(store):  # its pid/host note cannot be written: only a message, the lock holds
+                with pytest.raises(subcache.StoreError, match=r"another build \(pid \? on \?\) is writing"):
+                    WriterLock(store).__enter__()
+        except OSError:
+            pass
+    with WriterLock(store):  # nothing stranded: the next writer takes it
+        pass
+
+
+def test_a_writer_that_died_holding_the_lock_does_not_block_the_next(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from subcache.distributed import WriterLock
+
+    store = str(tmp_path / "c.zarr")
+    code = f"from subcache.distributed import WriterLock; import os; WriterLock({store!r}).__enter__(); os._exit(9)"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()}).returncode == 9
+    assert (tmp_path / "c.zarr.lock.holder").exists()  # its note is left behind, its lock is not
+    with WriterLock(store):
+        pass
+
+
+def test_labels_add_waits_for_a_reader_taking_a_snapshot(tmp_path, resnet_cache):
+    import threading
+    import time
+
+    from subcache.distributed import reading_lock
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    released = []
+
+    def reader():
+        with reading_lock(str(cache)):
+            time.sleep(1.0)
+            released.append(time.monotonic())
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.2)
+    add_label_set(cache, tmp_path)
+    done = time.monotonic()
+    t.join()
+    assert released and done >= released[0]  # it waited for the reader
+
+
+def test_a_label_set_rewritten_during_training_leaves_a_consistent_task(tmp_path, resnet_cache, resnet18):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    add_label_set(cache, tmp_path)  # 2 classes: a, b
+    add_label_set(cache, tmp_path, split="test")
+    ids = subcache.open_cache(cache).split("train").id[:]
+    five = tmp_path / "five.csv"
+    five.write_text("id,label\n" + "".join(f"{i},{'abcde'[i % 5]}\n" for i in ids))
+    rewrites = []
+
+    def relabel(_history):
+        if not rewrites:
+            rewrites.append(subcache.add_labels(str(cache), "coarse", str(five)))
+
+    subcache.train(str(cache), subcache.TrainConfig(blocks="none", labels="coarse", epochs=2, batch_size=64,
+                                                    device="cpu"), out=str(tmp_path / "t"), backbone=resnet18,
+                   on_epoch=relabel)
+    assert rewrites and len(rewrites[0]["classes"]) == 5  # the set did change mid-run
+    meta = json.loads((tmp_path / "t" / "task.json").read_text())
+    head = [v for k, v in load_file(str(tmp_path / "t" / "task.safetensors")).items() if k.endswith("head.weight")]
+    assert meta["classes"] == ["a", "b"] and head[0].shape[0] == 2
