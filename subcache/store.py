@@ -352,12 +352,13 @@ def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: 
                                    f"`subcache build` command with --resume to finish it")
     if require_complete and mode == "r":  # a complete store has every chunk: a missing one is damage, not zeros
         cache = Cache(zarr.open_group(CompleteStore(group.store), mode="r"), path)
-    check_arrays(cache)
+    check_arrays(cache, readers=mode == "r")
     return cache
 
 
-def check_arrays(cache: Cache) -> None:
-    """Every split has x, y, id (x_flip with flip views, x_scale for int8) with readable metadata."""
+def check_arrays(cache: Cache, readers: bool = True) -> None:
+    """Every split has x, y, id (x_flip with flip views, x_scale for int8) with readable metadata, each array
+    agreeing with the store's record (and, for ``readers``, checksummed: a writer makes its own arrays)."""
     wanted = ["x", "y", "id"] + ["x_flip"] * bool(cache.attrs.get("flip_views")) + ["x_scale"] * (cache.dtype == "int8")
     for split in cache.splits:
         try:
@@ -369,7 +370,7 @@ def check_arrays(cache: Cache) -> None:
             why = " (an int8 cache needs its scales to be read)" if missing == ["x_scale"] else ""
             raise StoreError(f"cache {cache.path}: split {split} has no readable array {', '.join(missing)}{why}; "
                              f"the store is damaged: rebuild it with `subcache build ... --overwrite`")
-    check_layout(cache, np.dtype(DTYPES.get(cache.dtype, np.float32)))
+    check_layout(cache, np.dtype(DTYPES.get(cache.dtype, np.float32)), checksums=readers)
 
 
 @dataclass
