@@ -113,3 +113,30 @@ def _disagrees(arr, want: tuple[tuple, object], checksummed: bool) -> str | None
     if checksummed and not has_checksums(arr):
         return "has no crc32c checksum (every array of a format-2 store has one)"
     return None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+RECORD = {  # what every part of a cache's record must be before anything reads it
+    "backbone": lambda b: isinstance(b, dict) and all(isinstance(b.get(k), str) for k in ("model", "weights_sha256")),
+    "layer": lambda v: isinstance(v, dict) and _is_int(v.get("index")) and v["index"] >= 1 and
+    isinstance(v.get("name"), str),
+    "dtype": lambda v: isinstance(v, str),
+    "splits": lambda v: _strings(v) and 0 < len(v) <= 64,
+    "classes": lambda v: _strings(v) and len(v) <= MAX_CLASSES,
+}
+MAX_CLASSES = 1_000_000
+
+
+def check_record(attrs: dict, where: str) -> None:
+    """The store's record (its root attrs) has every part subcache reads, of the right kind: one line if not."""
+    bad = [k for k, ok in RECORD.items() if not ok(attrs.get(k))]
+    if bad:
+        raise StoreError(f"{where}: its record's {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} missing or "
+                         f"malformed; the store is damaged: rebuild it with `subcache build ... --overwrite`")

@@ -16,6 +16,9 @@ from .faults import fault
 from .store import Cache, compressors, open_cache, read
 
 
+MAX_COLUMNS = 64  # a label file is id,label (and perhaps a few more columns)
+
+
 def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """A CSV with columns ``id,label`` (header required) → (ids, label strings)."""
     p = Path(path)
@@ -24,10 +27,14 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     try:
         with open(p, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{p} needs a header with columns id,label; it has {reader.fieldnames}")
-            rows = list(reader)
+            if not reader.fieldnames or len(reader.fieldnames) > MAX_COLUMNS or \
+                    not {"id", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{p} needs a header with columns id,label (at most {MAX_COLUMNS} columns); it has "
+                                f"{str(reader.fieldnames)[:80]}")
+            rows = [_row(r, p) for r in reader]
         ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
+    except DataError:
+        raise
     except (UnicodeDecodeError, csv.Error):
         raise DataError(f"{p} is not a UTF-8 CSV text file with columns id,label") from None
     except (ValueError, TypeError):
@@ -36,6 +43,14 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     if "" in labels:
         raise DataError(f"{p}: row {labels.index('') + 2} has an empty label; every row needs one")
     return ids, labels
+
+
+def _row(row: dict, p: Path) -> dict:
+    """Only the id and label of a CSV row; a row longer than the header is refused (it may be huge)."""
+    if row.get(None):
+        raise DataError(f"{p}: a row has more fields than its header; every "
+                        f"row is id,label")
+    return {"id": row["id"], "label": row["label"]}
 
 
 def add_labels(cache_path: str | os.PathLike, name: str, file: str | os.PathLike, split: str = "train") -> dict:

@@ -30,7 +30,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, MissingChunkError,
                      StoreError, StoreExistsError)
 from .faults import fault
-from .integrity import CompleteStore, check_layout, has_checksums  # noqa: F401 - has_checksums: API
+from .integrity import CompleteStore, check_layout, check_record, has_checksums  # noqa: F401 - has_checksums: API
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, dimension_names and per-array attrs, measured codec, int8, sharding
@@ -347,6 +347,7 @@ def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: 
     if cache.attrs.get("format_version", 0) > FORMAT_VERSION:
         raise ForeignStoreError(f"{path} has cache format {cache.attrs['format_version']}; this subcache reads "
                                 f"up to {FORMAT_VERSION}: upgrade subcache")
+    check_record(cache.attrs, f"cache {path}")
     if require_complete and cache.status != "complete":
         raise IncompleteStoreError(f"cache {path} is incomplete (status {cache.status}): rerun the same "
                                    f"`subcache build` command with --resume to finish it")

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbones import Backbone
-from .errors import OutputExistsError, SubcacheError, TaskError
+from .errors import OutputExistsError, StoreError, SubcacheError, TaskError
+from .integrity import MAX_CLASSES, check_sample_shape
 from .faults import fault
 from .tuned import TunedModel
 
@@ -195,6 +196,7 @@ def load_task(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Tas
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
         raise TaskError(f"cannot read task {p}: {str(exc).splitlines()[0]}") from None
     _check_state(state, p)
+    _check_meta(meta, p)
     if not meta.get("complete", False) and not allow_incomplete:
         raise TaskError(f"task {p} is incomplete ({meta.get('stopped', 'training did not finish')})")
     return Task(str(p), meta, state)
@@ -208,6 +210,20 @@ def _read_meta(meta_file: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
         raise TaskError(f"{meta_file} is not a subcache task file")
     return meta
+
+
+def _check_meta(meta: dict, p: Path) -> None:
+    """What building a task's model reads from task.json, checked before it allocates anything."""
+    try:
+        check_sample_shape(meta.get("sample_shape"), f"task {p}")
+    except StoreError as exc:
+        raise TaskError(str(exc)) from None
+    classes, blocks = meta.get("classes"), meta.get("blocks")
+    if not (isinstance(classes, list) and 0 < len(classes) <= MAX_CLASSES and isinstance(blocks, list) and
+            all(isinstance(b, int) and not isinstance(b, bool) for b in blocks) and
+            isinstance(meta.get("backbone"), dict) and isinstance(meta.get("cache_layer"), int)):
+        raise TaskError(f"task {p}: task.json's classes, blocks, backbone or cache_layer are missing or malformed; "
+                        f"retrain with `subcache train --out {p}`")
 
 
 def _check_state(state: dict[str, torch.Tensor], p: Path) -> None:

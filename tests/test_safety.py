@@ -430,3 +430,105 @@ def test_a_label_set_rewritten_during_training_leaves_a_consistent_task(tmp_path
     meta = json.loads((tmp_path / "t" / "task.json").read_text())
     head = [v for k, v in load_file(str(tmp_path / "t" / "task.safetensors")).items() if k.endswith("head.weight")]
     assert meta["classes"] == ["a", "b"] and head[0].shape[0] == 2
+
+
+# -- 5. small inputs that asked for huge allocations, or ended in a traceback ---------------------------------------
+def test_a_huge_label_in_an_npz_is_refused_before_naming_its_classes(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 10 ** 9]))
+    one_error_line(run("build", "--model", "resnet18", "--weights", "none", "--data", tmp_path / "d.npz", "--layer",
+                       "6", "--out", tmp_path / "c.zarr"), "holds label 1000000000; labels are class indices below")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_label_file_with_a_million_columns_is_refused(tmp_path, resnet_cache):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    wide = tmp_path / "wide.csv"
+    wide.write_text("id,label," + ",".join(f"c{i}" for i in range(10 ** 6)) + "\n0,a\n")
+    one_error_line(run("labels", "add", cache, "--name", "w", "--file", wide), "at most 64 columns")
+    long_row = tmp_path / "row.csv"
+    long_row.write_text("id,label\n0,a," + ",".join("x" * 10 for _ in range(10 ** 5)) + "\n")
+    one_error_line(run("labels", "add", cache, "--name", "w", "--file", long_row), "more fields than its header")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda a: a.pop("backbone"), "record's backbone is missing or malformed"),
+    (lambda a: a["layer"].update(index="six"), "record's layer is missing or malformed"),
+    (lambda a: a.update(classes=None), "record's classes is missing or malformed"),
+])
+def test_a_damaged_record_is_one_error_line(tmp_path, resnet_cache, edit, needle):
+    cache = tmp_path / "c.zarr"
+    shutil.copytree(resnet_cache, cache)
+    edit_json(cache / "zarr.json", lambda d: edit(d["attributes"]))
+    for args in (["train", "--cache", cache, "--blocks", "6", "--out", tmp_path / "t"], ["info", cache],
+                 ["verify", cache]):
+        one_error_line(run(*args), needle)
+
+
+def test_a_task_with_a_huge_sample_shape_is_refused(tmp_path, task_dir, resnet_cache):
+    task = tmp_path / "t"
+    shutil.copytree(task_dir, task)
+    edit_json(task / "task.json", lambda d: d.update(sample_shape=[10 ** 5, 10 ** 5, 10 ** 5]))
+    one_error_line(run("evaluate", "--task", task, "--cache", resnet_cache), "sample_shape [100000, 100000, 100000]")
+
+
+def png(path, value=200, size=8, mode="RGB"):
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        Image.fromarray(np.full((size, size), value, np.uint16)).save(path)
+    else:
+        Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+def test_an_image_folder_never_follows_directory_symlinks(tmp_path):
+    import os
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        for i in range(3):
+            png(root / "train" / c / f"{i}.png")
+    os.symlink("..", root / "train" / "cat" / "loop")  # back into the root: dogs would be read as cats
+    outside = tmp_path / "elsewhere" / "bird"
+    png(outside / "0.png")
+    os.symlink(outside, root / "train" / "bird")  # a class folder out of the root
+    src = subcache.open_source(str(root), "train")
+    assert src.classes == ["cat", "dog"] and len(src) == 6
+    assert sorted(zip(src.source_keys(), src.labels.tolist())) == [
+        (f"train/{c}/{i}.png", k) for k, c in enumerate(("cat", "dog")) for i in range(3)]
+
+
+def test_a_file_name_that_is_not_utf8_is_one_error_line(tmp_path):
+    import os
+
+    root = tmp_path / "imgs"
+    png(root / "train" / "cat" / "ok.png")
+    good = (root / "train" / "cat" / "ok.png").read_bytes()
+    with open(os.path.join(os.fsencode(root / "train" / "cat"), b"\xff\xfe.png"), "wb") as f:
+        f.write(good)
+    one_error_line(run("build", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--data", root,
+                       "--split", "train", "--layer", "6", "--out", tmp_path / "c.zarr"), "is not UTF-8")
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_a_decompression_bomb_is_one_error_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    png(root / "train" / "cat" / "0.png", size=64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 × 64 is then more than twice the limit
+    one_error_line(run("build", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--data", root,
+                       "--split", "train", "--layer", "6", "--out", tmp_path / "c.zarr"), "decompression bomb")
+
+
+def test_16_bit_images_are_scaled_not_saturated(tmp_path):
+    root = tmp_path / "imgs"
+    png(root / "train" / "a" / "0.png", value=30000, mode="I;16")
+    png(root / "train" / "b" / "0.png", value=65535, mode="I;16")
+    x = subcache.open_source(str(root), "train").load(0, 2, subcache.Preprocess(image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                                                                crop_pct=1.0))
+    assert x[0].unique().tolist() == [round(30000 / 257)] and x[1].unique().tolist() == [255]
