@@ -144,34 +144,40 @@ def reading_lock(path: str, wait: float = 60.0) -> Iterator[None]:
     reader waits up to ``wait`` seconds for a writer. Remote stores, read-only media and systems without ``fcntl``
     go unlocked (no writer can take the lock there either)."""
     local = str(path).removeprefix("file://")
+    fd = None if "://" in local else _shared(local, time.monotonic() + wait)
     try:
-        import fcntl
-
-        fd = None if "://" in local else os.open(local + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except (ImportError, OSError):
-        fd = None
-    try:
-        if fd is not None:
-            _shared(fd, local, wait)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the flock
 
 
-def _shared(fd: int, path: str, wait: float) -> None:
-    import fcntl
-
-    deadline = time.monotonic() + wait
+def _shared(path: str, deadline: float) -> int | None:
+    """A descriptor holding a shared flock on ``path.lock`` (the file still at that path), or None where no lock
+    can be taken (read-only media, no ``fcntl``)."""
+    try:
+        import fcntl
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        return None
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
+            if os.path.samestat(os.fstat(fd), os.stat(path + ".lock")):
+                return fd  # not a lock file a writer has just unlinked
         except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise StoreError(f"{path} is being written by another process for more than {wait:.0f}s; retry "
-                                 f"when it has finished") from None
-            time.sleep(0.05)
+            pass
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            os.close(fd)
+            raise StoreError(f"{path} is being written by another process; retry when it has finished")
+        os.close(fd)
+        time.sleep(0.05)
+        try:
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
 
 
 @contextlib.contextmanager
