@@ -32,6 +32,21 @@ def friendly(fn):
     return wrapper
 
 
+def allows_factories(fn):
+    """``--allow-factory PKG.MOD:FACTORY`` (repeatable): the only way a factory a cache or task names is run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, allow_factory=(), **kw):
+        from subcache.trust import allow_factories
+
+        with allow_factories(allow_factory):
+            return fn(*args, **kw)
+
+    return click.option("--allow-factory", "allow_factory", multiple=True, metavar="PKG.MOD:FACTORY",
+                        help="run this model factory when a cache or task names it (trusted code only; also "
+                             "$SUBCACHE_ALLOW_FACTORY)")(wrapper)
+
+
 def emit_json(obj: dict) -> None:
     if is_main_process():
         click.echo(json.dumps(obj, default=str))
@@ -108,6 +123,7 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
+@allows_factories
 @friendly
 def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
           flip_views, corrupt, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
@@ -199,7 +215,7 @@ def verify(path: str, as_json: bool) -> None:
             console.print(f"[red]corrupt[/] {b['split']}/{b['array']} chunk {b['chunk']}: {b['error']}")
         for m in d["missing"]:
             console.print(f"[red]missing[/] {m['split']}/{m['array']} object {m['object']}")
-        verdict = "[green]ok[/]" if d["ok"] else f"[red]{len(d['bad'])} corrupt, {len(d['missing'])} missing[/]"
+        verdict = "[green]ok[/]" if d["ok"] else f"[red]{len(d['bad'])} corrupt, {d['missing_count']} missing[/]"
         console.print(f"{path}: {d['chunks_checked']} chunks decoded, {verdict}"
                       f"{'' if d['checksums'] else ' (format 1: no checksums, only codec errors are caught)'}"
                       f"{'' if d['ok'] else ' — rerun the build with --resume to recompute them'}")
@@ -288,11 +304,13 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--prune-norm", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option("--prune-scope", type=click.Choice(["local", "global"]), default="local", show_default=True)
 @click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
+@click.option("--overwrite", is_flag=True, help="replace a complete task already in --out")
 @click.option("--json", "as_json", is_flag=True)
+@allows_factories
 @friendly
-def train(cache, out, as_json, **kw) -> None:
+def train(cache, out, overwrite, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=True)
+    result = subcache.train(cache, train_config(**kw), out=out, progress=True, overwrite=overwrite)
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
@@ -310,6 +328,7 @@ def train(cache, out, as_json, **kw) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and SPLIT_accuracy (test_accuracy)")
+@allows_factories
 @friendly
 def evaluate(task_dir, cache, split, device, as_json) -> None:
     """Re-score a saved task on a cached split."""
@@ -353,6 +372,7 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
+@allows_factories
 @friendly
 def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
             as_json, **kw) -> None:
@@ -419,6 +439,7 @@ def show_halving(result, out: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--limit", "limit", "--examples", type=int)
+@allows_factories
 @friendly
 def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labels, device, against, out,
          as_json) -> None:
@@ -517,6 +538,7 @@ def select(cache, block_range, widths, budget, val_fraction, prior, top, samples
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
+@allows_factories
 @friendly
 def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json,
            **kw) -> None:
@@ -551,10 +573,15 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
               help="file of ids to leave out (one per line, or a CSV with an id column)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="scores as .csv or .npz (id, key, score, pred, pred_index, prob)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True)
+@allows_factories
 @friendly
-def score(cache, task_dir, split, metric, top, exclude_file, device, out, as_json) -> None:
+def score(cache, task_dir, split, metric, top, exclude_file, device, out, overwrite, as_json) -> None:
     """Score every item of a cached split with a task: margin, entropy or least-confidence (offline inference)."""
+    from subcache.task import check_output_file
+
+    check_output_file(out, overwrite=overwrite)
     exclude = read_ids(exclude_file) if exclude_file else None
     scores = subcache.score_pool(cache, task_dir, split=split, metric=metric, exclude=exclude, device=device,
                                  progress=True)
@@ -603,6 +630,7 @@ def read_ids(path: str):
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
+@allows_factories
 @friendly
 def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
     """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
@@ -661,11 +689,17 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
+@allows_factories
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, device, out, show, overwrite, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
+    if out:
+        from subcache.task import check_output_file
+
+        check_output_file(out, overwrite=overwrite)
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
                               progress=True)
     if out:
@@ -691,13 +725,15 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
 @click.option("--format", "fmt", type=click.Choice(["onnx", "pt2", "torchscript", "timm"]), required=True,
               help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
 @click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
+@allows_factories
 @friendly
-def export(tasks, fmt, out, as_json) -> None:
+def export(tasks, fmt, out, overwrite, as_json) -> None:
     """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""
     from subcache.export import export as export_tasks
 
-    meta = export_tasks(tasks, fmt, out)
+    meta = export_tasks(tasks, fmt, out, overwrite=overwrite)
     if as_json:
         emit_json(meta)
     elif fmt == "timm":

@@ -28,6 +28,7 @@ from .selection import (GreedyConfig, ProfileConfig, RankConfig, greedy_search, 
 from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
 from .labels import add_labels  # noqa: E402
 from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
+from .trust import allow_factories  # noqa: E402
 
 __all__ = [
     # backbones and data
@@ -45,4 +46,6 @@ __all__ = [
     "PoolScores", "active_learning", "compare_strategies", "score_pool",
     # deployment
     "MultiTaskModel", "Predictions", "predict",
+    # trust
+    "allow_factories",
 ]

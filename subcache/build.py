@@ -363,6 +363,7 @@ def open_or_create(path: str, attrs: dict, layout: Layout, *, resume: bool, plan
             raise ForeignStoreError(f"cannot resume {path}: its source data changed since the build began "
                                     f"(fingerprint differs); rebuild it with --overwrite")
         sweep_partials(path)
+        restore_scales(cache, plan)
         return cache
     if exists(path):
         remove(path)
@@ -370,6 +371,26 @@ def open_or_create(path: str, attrs: dict, layout: Layout, *, resume: bool, plan
     location(path).create_whole(lambda where: create_cache(where, attrs, layout, flip_views=attrs["flip_views"],
                                                            **plan()))
     return open_cache(path, require_complete=False, mode="r+")
+
+
+def restore_scales(cache: Cache, plan: Callable[[], dict]) -> None:
+    """An int8 store's scales are deterministic (measured on the first items): a resume rewrites every split's
+    ``x_scale`` whose chunk is missing or damaged, so the codes already written read right again."""
+    if cache.dtype != "int8":
+        return
+    for split in cache.splits:
+        arr = cache.split(split).x_scale
+        if 0 not in good_chunks(arr):
+            arr[:] = plan()["scale"]
+
+
+def check_scales(cache: Cache) -> None:
+    """`finish`: an int8 store's scales are on disk, decode, and are finite and positive in every split."""
+    for split in cache.splits if cache.dtype == "int8" else ():
+        arr = cache.split(split).x_scale
+        if 0 not in good_chunks(arr) or not (np.isfinite(values := arr[:]).all() and (values > 0).all()):
+            raise StoreError(f"{cache.path}: {arr.path} (the int8 scales) is missing, damaged or not positive "
+                             f"after the build; rerun with --resume")
 
 
 def _arrays(cache: Cache, split: str) -> list:
@@ -492,6 +513,7 @@ def finish(cache: Cache) -> None:
             if missing:
                 raise StoreError(f"{cache.path}: {arr.path} is missing chunks {sorted(missing)[:5]} after the build;"
                                  f" rerun with --resume")
+    check_scales(cache)
     import zarr
 
     group = zarr.open_group(cache.path, mode="r+")

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from .backbones import Preprocess
 from .corrupt import corrupt, parse_corruption
 from .errors import DataError
+from .imagefiles import list_image_folder, open_rgb, read_image, utf8_name
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 NAMED = ("fashion-mnist", "cifar10", "cifar100", "flowers102")
+MAX_CLASSES = 1_000_000  # a label beyond this is an index gone wrong, not a class (each class gets a name)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -112,10 +114,7 @@ def _bchw(array: np.ndarray) -> torch.Tensor:
 
 
 def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return _fit_photo(im, pre)
+    return read_image(path, lambda im: _fit_photo(im, pre))
 
 
 def _as_pil(image: Any):
@@ -137,7 +136,7 @@ def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
     """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop."""
     from PIL import Image
 
-    im = im.convert("RGB")
+    im = open_rgb(im)
     scale = pre.image_size / pre.crop_pct / min(im.size)
     w, h = max(pre.image_size, round(im.size[0] * scale)), max(pre.image_size, round(im.size[1] * scale))
     resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
@@ -267,24 +266,19 @@ def _flowers(split: str, download: bool, root: Path) -> ImageSource:
 
 
 def _image_folder(path: Path, split: str) -> ImageSource:
-    from torchvision.datasets import ImageFolder
-
     folder = path / split if (path / split).is_dir() else (path if split == "train" else None)
     if folder is None:
         raise DataError(f"no split {split!r} in {path}: expected {path / split}/<class>/<image>")
-    try:
-        ds = ImageFolder(str(folder))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"{folder} is not an ImageFolder (<class>/<image> files): {str(exc).splitlines()[0]}") from None
-    y = np.asarray(ds.targets, dtype=np.int64)
-    files = [s[0] for s in ds.samples]
-    return ImageSource(str(path), split, y, np.arange(len(y)), list(ds.classes), files=files,
+    classes, samples = list_image_folder(folder)
+    y = np.asarray([s[1] for s in samples], dtype=np.int64)
+    files = [s[0] for s in samples]
+    return ImageSource(str(path), split, y, np.arange(len(y)), classes, files=files,
                        keys=[Path(f).relative_to(path).as_posix() for f in files])
 
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (an unlabelled folder, e.g. for `predict`)."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(Path(utf8_name(f)) for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _unlabelled(spec: str, split: str, files: list[Path]) -> ImageSource:
@@ -315,6 +309,8 @@ def _npz(path: Path, split: str) -> ImageSource:
         raise DataError(f"{path}: {yk} must be N non-negative integer labels matching {xk} ({len(x)}); got "
                         f"{y.dtype} {y.shape}")
     num_classes = int(y.max()) + 1 if len(y) else 0
+    if num_classes > MAX_CLASSES:
+        raise DataError(f"{path}: {yk} holds label {num_classes - 1}; labels are class indices below {MAX_CLASSES}")
     return ImageSource(str(path), split, y.astype(np.int64), np.arange(len(y)),
                        [str(i) for i in range(num_classes)], array=x)
 

@@ -43,7 +43,7 @@ class DeriveConfig:
 def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Backbone | None = None) -> BuildResult:
     """Write the input of each later block in ``config.layers`` by running frozen blocks over ``config.source``."""
     src = open_cache(config.source)
-    backbone = backbone or backbone_for(src.backbone)
+    backbone = backbone or backbone_for(src.backbone, f"cache {src.path}")
     src.check_backbone(backbone.identity())
     dtype = config.dtype or src.dtype
     check_storage(dtype, config.codec, config.chunk_mb, config.shard_mb, config.batch_size)

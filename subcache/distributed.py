@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+import filelock
 import torch
 import torch.distributed as dist
 
@@ -91,59 +92,92 @@ class Dist:
 
 
 # -- a lock for writers that are not one torchrun job ---------------------------------------------------------
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class WriterLock:
-    """``PATH.lock`` beside a local store (or task folder) while one writer writes it. A second writer is refused;
-    a lock left by a dead process on this host is taken over. (Object stores have no such lock: run one build job
-    per store.) Builds lock each store path itself, so a multi-layer build into ``D`` and a single-layer build into
-    ``D/block05.zarr`` exclude each other."""
+    """An OS lock (`filelock.FileLock`: ``flock`` on POSIX) on ``PATH.lock`` beside a local store (or task folder)
+    while one writer writes it. A second writer is refused at once; the kernel releases the lock when its holder
+    dies, so no lock is ever stale and no takeover can race. The holder's pid and host (``PATH.lock.holder``) are
+    only a message. (Object stores have no such lock: run one build job per store.) Builds lock each store path
+    itself, so a multi-layer build into ``D`` and a single-layer build into ``D/block05.zarr`` exclude each other."""
 
-    def __init__(self, path: str, enabled: bool = True, what: str = "build"):
-        self.what = what
-        self.file = Path(str(path).removeprefix("file://") + ".lock")
-        self.enabled = enabled and "://" not in str(path).removeprefix("file://")
-        self.held = False
+    def __init__(self, path: str, enabled: bool = True, what: str = "build", wait: float = 0):
+        self.what, self.path, self.wait = what, str(path).removeprefix("file://"), wait
+        self.file, self.holder = Path(self.path + ".lock"), Path(self.path + ".lock.holder")
+        self.enabled = enabled and "://" not in self.path
+        self.lock: filelock.FileLock | None = None
 
     def __enter__(self) -> "WriterLock":
         if not self.enabled:
             return self
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                other = self._read()
-                if other.get("host") == me["host"] and not _alive(int(other.get("pid", -1))):
-                    self.file.unlink(missing_ok=True)  # stale: its writer died
-                    continue
-                raise StoreError(f"another {self.what} (pid {other.get('pid')} on {other.get('host')}) is writing "
-                                 f"{str(self.file)[:-5]}; wait for it, or delete {self.file} if it is gone") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise StoreError(f"cannot take the writer lock {self.file}")
+        lock = filelock.FileLock(str(self.file), timeout=self.wait)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            other = self._read()
+            raise StoreError(f"another {self.what} (pid {other.get('pid', '?')} on {other.get('host', '?')}) is "
+                             f"writing {self.path}; wait for it to finish (its lock {self.file} is released when "
+                             f"it exits)") from None
+        self.lock = lock
+        try:  # only a message for the next writer: a full disk must not fail (or strand) the lock itself
+            self.holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        except OSError:
+            self.holder.unlink(missing_ok=True)
+        return self
 
     def _read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.file.read_text())
+            return json.loads(self.holder.read_text())
         except (OSError, ValueError):
             return {}
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            self.file.unlink(missing_ok=True)
-            self.held = False
+        if self.lock is not None:
+            self.holder.unlink(missing_ok=True)
+            self.lock.release()
+            self.lock = None
+
+
+@contextlib.contextmanager
+def reading_lock(path: str, wait: float = 60.0) -> Iterator[None]:
+    """A shared ``flock`` on the store's ``PATH.lock`` while a reader takes a snapshot (labels and their classes):
+    several readers share it, a writer (`WriterLock`: build, ``labels add``) waits or is refused meanwhile, and the
+    reader waits up to ``wait`` seconds for a writer. Remote stores, read-only media and systems without ``fcntl``
+    go unlocked (no writer can take the lock there either)."""
+    local = str(path).removeprefix("file://")
+    fd = None if "://" in local else _shared(local, time.monotonic() + wait)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+
+
+def _shared(path: str, deadline: float) -> int | None:
+    """A descriptor holding a shared flock on ``path.lock`` (the file still at that path), or None where no lock
+    can be taken (read-only media, no ``fcntl``)."""
+    try:
+        import fcntl
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except (ImportError, OSError):
+        return None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(path + ".lock")):
+                return fd  # not a lock file a writer has just unlinked
+        except BlockingIOError:
+            pass
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            os.close(fd)
+            raise StoreError(f"{path} is being written by another process; retry when it has finished")
+        os.close(fd)
+        time.sleep(0.05)
+        try:
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
 
 
 @contextlib.contextmanager

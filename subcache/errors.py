@@ -14,6 +14,10 @@ class UnknownModelError(SubcacheError, ValueError):
     """The model name is not one subcache knows."""
 
 
+class UntrustedCodeError(SubcacheError, PermissionError):
+    """A store or task names code (a model factory) that the user did not allow subcache to run."""
+
+
 class BlockError(SubcacheError, ValueError):
     """A block (index, name, range) does not exist or cannot be used here."""
 
@@ -34,6 +38,10 @@ class CorruptChunkError(StoreError, ValueError):
     """A chunk of a cache array fails to decode (its checksum or its codec says the bytes are damaged)."""
 
 
+class MissingChunkError(CorruptChunkError):
+    """A chunk object of a complete store is not there (zarr itself would read it as the fill value)."""
+
+
 class StoreExistsError(StoreError, FileExistsError):
     """The output exists and --overwrite/--resume was not given."""
 
@@ -48,6 +56,10 @@ class ForeignStoreError(StoreError, ValueError):
 
 class TaskError(SubcacheError, ValueError):
     """A saved task is malformed or does not fit the backbone/cache."""
+
+
+class OutputExistsError(SubcacheError, FileExistsError):
+    """An output file or task exists and --overwrite was not given."""
 
 
 class TrainingError(SubcacheError, RuntimeError):

@@ -119,7 +119,8 @@ def load_tasks(task_dirs: Sequence[str | os.PathLike | Task], device: str = "aut
     from ``identity``, or from the first task's record) placed on the resolved device: what `evaluate`, `score`
     and `predict` all start from."""
     tasks = [t if isinstance(t, Task) else load_task(t) for t in task_dirs]
-    backbone = backbone or backbone_for(identity or tasks[0].meta["backbone"])
+    backbone = backbone or backbone_for(identity or tasks[0].meta["backbone"],
+                                       "the cache" if identity else f"task {tasks[0].path}")
     dev = resolve_device(device)
     return tasks, backbone.to(dev), dev
 

@@ -23,7 +23,7 @@ from .backbones import Backbone
 from .errors import TaskError
 from .multitask import MultiTaskModel
 from .backbones import backbone_for
-from .task import Task, load_task
+from .task import Task, atomic_write, check_output_file, load_task
 
 FORMATS = ("onnx", "pt2", "torchscript", "timm")
 PREPROCESS_HOW = ("RGB scaled to [0, 1]; resize the short side to image_size / crop_pct (interpolation), center-crop "
@@ -44,23 +44,24 @@ class Deployable(nn.Module):
 
 
 def export(tasks: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike, *,
-           backbone: Backbone | None = None) -> dict:
-    """Write ``tasks`` as ``fmt`` (one of `FORMATS`) to ``out``; returns the metadata written with it."""
+           backbone: Backbone | None = None, overwrite: bool = False) -> dict:
+    """Write ``tasks`` as ``fmt`` (one of `FORMATS`) to ``out`` (a temp file in its folder, flushed and renamed into
+    place; an existing ``out`` needs ``overwrite``); returns the metadata written with it."""
     if fmt not in FORMATS:
         raise TaskError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    out = check_output_file(out, overwrite=overwrite)
     loaded = [load_task(t) for t in tasks]
     if not loaded:
         raise TaskError("export needs at least one --task")
-    backbone = (backbone or backbone_for(loaded[0].meta["backbone"])).cpu().eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    backbone = (backbone or backbone_for(loaded[0].meta["backbone"], f"task {loaded[0].path}")).cpu().eval()
     if fmt == "timm":
         return _fold(loaded, backbone, out)
     model = Deployable(MultiTaskModel.from_tasks(backbone, loaded, include_original=False)).eval()
     meta = metadata(model, loaded, backbone)
     size = backbone.preprocess.image_size
     example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let exporters fix the batch size
-    {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt](model, example, out, meta)
+    writer = {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt]
+    atomic_write(out, lambda tmp: writer(model, example, Path(tmp), meta))
     return meta
 
 
@@ -114,9 +115,9 @@ def _fold(tasks: list[Task], backbone: Backbone, out: Path) -> dict:
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(out), metadata={"subcache": json.dumps(meta)})
+        atomic_write(out, lambda tmp: save_file(state, tmp, metadata={"subcache": json.dumps(meta)}))
     else:
-        torch.save(state, out)
+        atomic_write(out, lambda tmp: torch.save(state, tmp))
     return meta
 
 

@@ -3,7 +3,8 @@
 
 Points: ``store-created`` (a store's metadata half written), ``unit-written`` (after a unit's chunks are on
 disk), ``before-finish`` (every unit written, nothing marked complete), ``labels-created`` (a label set created,
-its values not written), ``task-weights`` (a task's new weights renamed into place, its task.json not yet).
+its values not written), ``task-weights`` (a task's new weights renamed into place, its task.json not yet), ``before-rename`` (an
+output file's temp copy written and flushed, not yet renamed into place).
 """
 from __future__ import annotations
 

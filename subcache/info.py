@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from .integrity import split_arrays
 from .store import dir_bytes, has_checksums, open_cache
 
 
@@ -27,7 +28,8 @@ def cache_info(path: str) -> dict:
         "path": path, "status": cache.status, "backbone": cache.backbone, "layer": cache.attrs["layer"],
         "dtype": cache.dtype, "preprocess": cache.attrs["preprocess"], "data": cache.attrs["data"],
         "classes": len(cache.classes), "splits": splits, "codecs": codecs, "bytes_on_disk": on_disk,
-        "format_version": cache.attrs.get("format_version", 1), "checksums": has_checksums(first.x),
+        "format_version": cache.attrs.get("format_version", 1), "checksums": all(has_checksums(a) for s in cache.splits
+                                                                      for a in split_arrays(cache.group[s]).values()),
         "bytes_float32": raw, "compression_ratio": raw / on_disk if on_disk else None,
         "versions": cache.attrs.get("versions"), "created": cache.attrs.get("created"),
     }

@@ -10,10 +10,13 @@ import numpy as np
 import torch
 import zarr
 
-from .distributed import WriterLock
+from .distributed import WriterLock, reading_lock
 from .errors import DataError
 from .faults import fault
 from .store import Cache, compressors, open_cache, read
+
+
+MAX_COLUMNS = 64  # a label file is id,label (and perhaps a few more columns)
 
 
 def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -24,10 +27,14 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     try:
         with open(p, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{p} needs a header with columns id,label; it has {reader.fieldnames}")
-            rows = list(reader)
+            if not reader.fieldnames or len(reader.fieldnames) > MAX_COLUMNS or \
+                    not {"id", "label"} <= set(reader.fieldnames):
+                raise DataError(f"{p} needs a header with columns id,label (at most {MAX_COLUMNS} columns); it has "
+                                f"{str(reader.fieldnames)[:80]}")
+            rows = [_row(r, p) for r in reader]
         ids = np.array([int(r["id"]) for r in rows], dtype=np.int64)
+    except DataError:
+        raise
     except (UnicodeDecodeError, csv.Error):
         raise DataError(f"{p} is not a UTF-8 CSV text file with columns id,label") from None
     except (ValueError, TypeError):
@@ -36,6 +43,14 @@ def read_label_file(path: str | Path) -> tuple[np.ndarray, list[str]]:
     if "" in labels:
         raise DataError(f"{p}: row {labels.index('') + 2} has an empty label; every row needs one")
     return ids, labels
+
+
+def _row(row: dict, p: Path) -> dict:
+    """Only the id and label of a CSV row; a row longer than the header is refused (it may be huge)."""
+    if row.get(None):
+        raise DataError(f"{p}: a row has more fields than its header; every "
+                        f"row is id,label")
+    return {"id": row["id"], "label": row["label"]}
 
 
 def add_labels(cache_path: str | os.PathLike, name: str, file: str | os.PathLike, split: str = "train") -> dict:
@@ -58,7 +73,7 @@ def add_labels(cache_path: str | os.PathLike, name: str, file: str | os.PathLike
     index = {c: i for i, c in enumerate(classes)}
     values = np.empty(len(cache_ids), dtype=np.int64)
     values[[position[int(i)] for i in ids]] = [index[label] for label in labels]
-    with WriterLock(cache.path, what="writer"):
+    with WriterLock(cache.path, what="writer", wait=60):  # waits for readers taking a snapshot
         _write_set(cache, split, name, values, classes, s.chunk_len)
     return {"name": name, "split": split, "items": len(values), "classes": classes}
 
@@ -97,8 +112,28 @@ def label_sets(cache: Cache, split: str) -> list[str]:
     return sorted(group["labels"].array_keys()) if "labels" in group else []
 
 
+def freeze_labels(cache: Cache, name: str) -> None:
+    """Read label set ``name`` of every split (values and class names) once, under a shared lock that ``labels add``
+    waits for: from then on `read_labels` and `label_classes` on this ``cache`` answer from this one snapshot, so a
+    run's labels, its head and its task record agree even if the set is rewritten meanwhile."""
+    with reading_lock(cache.path):
+        snapshot = {split: (_read_set(cache, split, name), label_classes(cache, split, name))
+                    for split in cache.splits if name in label_sets(cache, split)}
+    if not snapshot:
+        _read_set(cache, cache.splits[0], name)  # the usual error: no such set
+    cache.__dict__.setdefault("frozen_labels", {})[name] = snapshot
+
+
 def read_labels(cache: Cache, split: str, name: str) -> tuple[torch.Tensor, int]:
-    """Labels of ``split`` from label set ``name`` and its number of classes."""
+    """Labels of ``split`` from label set ``name`` and its number of classes (from `freeze_labels`' snapshot
+    when one was taken)."""
+    frozen = cache.__dict__.get("frozen_labels", {}).get(name, {})
+    if split in frozen:
+        return frozen[split][0], len(frozen[split][1])
+    return _read_set(cache, split, name), len(label_classes(cache, split, name))
+
+
+def _read_set(cache: Cache, split: str, name: str) -> torch.Tensor:
     available = label_sets(cache, split)
     if name not in available:
         raise DataError(f"cache {cache.path} has no label set {name!r} for split {split}; it has "
@@ -107,10 +142,13 @@ def read_labels(cache: Cache, split: str, name: str) -> tuple[torch.Tensor, int]
     if arr.attrs.get("status", "complete") != "complete":
         raise DataError(f"label set {name!r} of {cache.path} is incomplete (`labels add` was interrupted); rerun "
                         f"`subcache labels add {cache.path} --name {name} ...`")
-    return torch.from_numpy(read(arr, slice(None))), len(arr.attrs["classes"])
+    return torch.from_numpy(read(arr, slice(None)))
 
 
 def label_classes(cache: Cache, split: str, name: str) -> list[str]:
+    frozen = cache.__dict__.get("frozen_labels", {}).get(name, {})
+    if split in frozen:
+        return list(frozen[split][1])
     return list(cache.group[split]["labels"][name].attrs["classes"])
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .backbones import Backbone
 from .evaluation import load_tasks
 from .errors import TaskError
-from .task import Task, load_task
+from .task import Task, atomic_write, load_task
 
 
 class TaskBranch(nn.Module):
@@ -135,10 +135,15 @@ class Predictions:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["id", "key", "label", *(c for n in self.preds for c in (n, f"{n}_prob"))])
-            w.writeheader()
-            w.writerows(rows)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["id", "key", "label",
+                                                  *(c for n in self.preds for c in (n, f"{n}_prob"))])
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(p, write)
 
 
 def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: int | None = None,

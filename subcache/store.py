@@ -25,10 +25,11 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, StoreError,
-                     StoreExistsError)
+from .errors import (ConfigError, CorruptChunkError, ForeignStoreError, IncompleteStoreError, MissingChunkError,
+                     StoreError, StoreExistsError)
 from .faults import fault
 from .locations import location
+from .integrity import CompleteStore, check_layout, check_record, has_checksums  # noqa: F401 - has_checksums: API
 
 FORMAT = "subcache-cache"
 FORMAT_VERSION = 2  # 2: crc32c per chunk, dimension_names and per-array attrs, measured codec, int8, sharding
@@ -133,6 +134,8 @@ def bad_chunk(array: zarr.Array, index: int, length: int | None = None) -> str |
     length = length or array.chunks[0]
     try:
         array[index * length:(index + 1) * length]
+    except MissingChunkError:
+        return "its object is missing"
     except DECODE_ERRORS as exc:
         return (str(exc).splitlines() or [type(exc).__name__])[0]
     return None
@@ -177,17 +180,6 @@ def corrupt_message(array: zarr.Array, index: int, why: str) -> str:
     return (f"cache {array.store}: split {split}, array {name}, chunk {index} (samples "
             f"{index * array.chunks[0]}–{min(array.shape[0], (index + 1) * array.chunks[0]) - 1}) is corrupt "
             f"({why[:80]}); rerun the build with --resume to recompute it (`subcache verify` lists every bad chunk)")
-
-
-def has_checksums(array: zarr.Array) -> bool:
-    """Whether every chunk of ``array`` carries a crc32c (format 2; format 1 stores have none)."""
-    def names(codecs) -> list[str]:
-        out = []
-        for c in codecs:
-            d = c if isinstance(c, dict) else c.to_dict()
-            out += [d["name"], *names(d.get("configuration", {}).get("codecs", []))]
-        return out
-    return "crc32c" in names(array.metadata.codecs)
 
 
 @dataclass
@@ -339,15 +331,19 @@ def open_cache(path: str | os.PathLike, *, require_complete: bool = True, mode: 
     if cache.attrs.get("format_version", 0) > FORMAT_VERSION:
         raise ForeignStoreError(f"{path} has cache format {cache.attrs['format_version']}; this subcache reads "
                                 f"up to {FORMAT_VERSION}: upgrade subcache")
+    check_record(cache.attrs, f"cache {path}")
     if require_complete and cache.status != "complete":
         raise IncompleteStoreError(f"cache {path} is incomplete (status {cache.status}): rerun the same "
                                    f"`subcache build` command with --resume to finish it")
-    check_arrays(cache)
+    if require_complete and mode == "r":  # a complete store has every chunk: a missing one is damage, not zeros
+        cache = Cache(zarr.open_group(CompleteStore(group.store), mode="r"), path)
+    check_arrays(cache, readers=mode == "r")
     return cache
 
 
-def check_arrays(cache: Cache) -> None:
-    """Every split has x, y, id (x_flip with flip views, x_scale for int8) with readable metadata."""
+def check_arrays(cache: Cache, readers: bool = True) -> None:
+    """Every split has x, y, id (x_flip with flip views, x_scale for int8) with readable metadata, each array
+    agreeing with the store's record (and, for ``readers``, checksummed: a writer makes its own arrays)."""
     wanted = ["x", "y", "id"] + ["x_flip"] * bool(cache.attrs.get("flip_views")) + ["x_scale"] * (cache.dtype == "int8")
     for split in cache.splits:
         try:
@@ -359,6 +355,7 @@ def check_arrays(cache: Cache) -> None:
             why = " (an int8 cache needs its scales to be read)" if missing == ["x_scale"] else ""
             raise StoreError(f"cache {cache.path}: split {split} has no readable array {', '.join(missing)}{why}; "
                              f"the store is damaged: rebuild it with `subcache build ... --overwrite`")
+    check_layout(cache, np.dtype(DTYPES.get(cache.dtype, np.float32)), checksums=readers)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .backbones import Backbone, backbone_for, parse_block_spec
 from .devices import autocast_dtype, fused_adamw_supported, resolve_device
 from .distributed import Dist, WriterLock
 from .errors import BlockError, ConfigError, DataError, TrainingError
-from .labels import label_classes
+from .labels import freeze_labels, label_classes
 from .evaluation import labels_for, scorer
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, bridge, memory_budget, resident_dtype,
                      split_nbytes)
@@ -31,7 +31,7 @@ from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
 from .store import Cache, open_cache
-from .task import check_out_dir, save_task
+from .task import check_out_dir, check_task_out, save_task
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def check_blocks(tuned: tuple[int, ...], cache: Cache, backbone: Backbone) -> No
 def open_for_training(cache: Cache | str | os.PathLike, backbone: Backbone | None) -> tuple[Cache, Backbone]:
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if backbone is None:
-        backbone = backbone_for(cache.backbone)
+        backbone = backbone_for(cache.backbone, f"cache {cache.path}")
     cache.check_backbone(backbone.identity())
     return cache, backbone
 
@@ -272,10 +272,10 @@ class TrainData:
 
 def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(), data: TrainData = TrainData(), *,
           out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
-          on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache on ``data``; score on its test split (or
     ``data.eval_positions``); save the task to ``out``, checked writable first and locked (``OUT.lock``) while this
-    run owns it: one writer per task folder."""
+    run owns it: one writer per task folder. A complete task already in ``out`` needs ``overwrite``."""
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
@@ -283,6 +283,7 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
         return run()
     check_out_dir(out)
     with WriterLock(out, what="train"):
+        check_task_out(out, overwrite=overwrite)
         return run()
 
 
@@ -297,6 +298,8 @@ def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(
     tuned = parse_block_spec(config.blocks, backbone)
     check_blocks(tuned, cache, backbone)
     augments = parse_augment(config.augment)
+    if config.labels is not None:
+        freeze_labels(cache, config.labels)  # one snapshot: labels, head size and the record's classes agree
     labels, num_classes = labels_for(cache, config.train_split, config.labels)
     labels = labels if data.labels is None else data.labels
     positions = data.positions

@@ -157,15 +157,17 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(npz_path, tmp_pa
     out = str(tmp_path / "c.zarr")
     config = subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none", data=npz_path,
                                   splits=("test",), image_size=32)
-    lock = tmp_path / "c.zarr.lock"
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
-    with pytest.raises(StoreError, match="another build .* is writing"):
-        subcache.build_cache(config, backbone=resnet18)
+    from subcache.distributed import WriterLock
+
+    with WriterLock(out):  # a live writer (an OS lock: flock)
+        with pytest.raises(StoreError, match=f"another build \\(pid {os.getpid()} on .*\\) is writing"):
+            subcache.build_cache(config, backbone=resnet18)
     assert not os.path.exists(out)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    code = f"from subcache.distributed import WriterLock; import os; WriterLock({out!r}).__enter__(); os._exit(9)"
+    dead = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert dead.returncode == 9  # died holding the lock: the kernel released it
     subcache.build_cache(config, backbone=resnet18)
-    assert subcache.open_cache(out).status == "complete" and not lock.exists()
+    assert subcache.open_cache(out).status == "complete"
 
 
 def test_build_train_score_against_s3(s3, npz_path, resnet18, tmp_path):

@@ -111,11 +111,14 @@ def test_factory_backbone_end_to_end_from_the_cli(factory_module, npz_path, tmp_
     assert torch.allclose(cache.read_x("train", 0, 4), want)  # eval-mode statistics, not batch statistics
     r = CliRunner().invoke(main, ["train", "--cache", str(out), "--blocks", "3-4", "--epochs", "1", "--out",
                                   str(task), "--json"])
+    assert r.exit_code != 0 and "--allow-factory" in r.output  # a cache never runs the code it names by itself
+    r = CliRunner().invoke(main, ["train", "--cache", str(out), "--blocks", "3-4", "--epochs", "1", "--out",
+                                  str(task), "--json", "--allow-factory", model])
     assert r.exit_code == 0, r.output
     assert json.loads((task / "task.json").read_text())["backbone"]["model"] == model  # rebuildable
     for args in (["evaluate", "--task", str(task), "--cache", str(out), "--json"],
                  ["predict", "--task", str(task), "--data", npz_path, "--limit", "8", "--json"]):
-        r = CliRunner().invoke(main, args)
+        r = CliRunner().invoke(main, args, env={"SUBCACHE_ALLOW_FACTORY": model})
         assert r.exit_code == 0, r.output
 
 

@@ -362,12 +362,13 @@ def test_full_disk_leaves_no_half_written_files(tmp_path, resnet_cache, tasks, m
 
 # -- Low: one writer per store and per task folder -------------------------------------------------------------
 def test_locks_are_per_store_and_per_task_folder(tmp_path, npz_path, resnet_cache, resnet18):
+    from subcache.distributed import WriterLock
+
     (tmp_path / "D").mkdir()
-    mine = json.dumps({"pid": os.getpid(), "host": os.uname().nodename})
-    (tmp_path / "D" / "block05.zarr.lock").write_text(mine)  # a live single-layer build of D/block05.zarr
-    with pytest.raises(StoreError, match="is writing"):
-        subcache.build_cache(config(tmp_path / "D", npz_path, layers=("3", "5"), limit=8), backbone=resnet18)
-    (tmp_path / "t.lock").write_text(mine)  # a live `train --out t`
-    with pytest.raises(StoreError, match="is writing"):
-        subcache.train(resnet_cache, subcache.TrainConfig(epochs=1, device="cpu"), out=str(tmp_path / "t"),
-                       backbone=resnet18)
+    with WriterLock(str(tmp_path / "D" / "block05.zarr")):  # a live single-layer build of D/block05.zarr
+        with pytest.raises(StoreError, match="is writing"):
+            subcache.build_cache(config(tmp_path / "D", npz_path, layers=("3", "5"), limit=8), backbone=resnet18)
+    with WriterLock(str(tmp_path / "t"), what="train"):  # a live `train --out t`
+        with pytest.raises(StoreError, match="is writing"):
+            subcache.train(resnet_cache, subcache.TrainConfig(epochs=1, device="cpu"), out=str(tmp_path / "t"),
+                           backbone=resnet18)

@@ -10,6 +10,7 @@ import os
 import torch
 
 from ..errors import UnknownModelError, WeightsError
+from ..trust import check_record
 from . import factory, lite, timm_models, torchvision_models
 from .core import (IMAGENET_MEAN, IMAGENET_STD, Backbone, BlockInfo, Preprocess, describe_blocks, parse_block_spec,
                    state_dict_sha256)
@@ -55,8 +56,10 @@ def _build(model: str, weights: str, image_size: int | None) -> Backbone:
     raise UnknownModelError(f"unknown model {model!r}; known: {known_models()}")
 
 
-def backbone_for(record: dict) -> Backbone:
-    """Rebuild the backbone a cache or task records (model, weights spec, image size) and check its sha256."""
+def backbone_for(record: dict, source: str = "the cache or task") -> Backbone:
+    """Rebuild the backbone a cache or task (``source``) records (model, weights spec, image size) and check its
+    sha256. A model that names code (``package.module:factory``) is refused unless the user allowed it."""
+    check_record(str(record.get("model")), source)
     backbone = load_backbone(record["model"], record["weights_spec"], image_size=record["image_size"])
     if backbone.weights_sha256 != record["weights_sha256"]:
         raise WeightsError(f"weights {record['weights_spec']} for {record['model']} changed since the cache was "

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import replace
 
 from torch import nn
 
 from ..errors import UnknownModelError
+from ..trust import FACTORY
 from .core import Backbone, Preprocess, state_dict_sha256
 from .timm_models import cut_timm, timm_preprocess
 from .torchvision_models import cut_torchvision
 from .weights import apply_weights
 
-FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # package.module:factory
 
 
 
