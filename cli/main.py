@@ -607,16 +607,20 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True,
+              help="the K most probable classes per item, with probabilities")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, device, out, show, top, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
                               progress=True)
     if out:
         result.save(out)
-    rows = result.rows()
+    rows = result.rows(top)
+    for reason in result.no_accuracy.values():
+        click.echo(reason, err=True)
     if as_json:
         emit_json({"items": len(result.ids), "accuracy": result.accuracy, "tasks": list(result.preds),
                    "images_per_second": round(result.images_per_second, 1), "out": out, "predictions": rows})
@@ -625,10 +629,17 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -
     for col in ("key", "label", *result.preds):
         table.add_column(col)
     for row in rows[:show]:
-        table.add_row(row["key"], row["label"], *(f"{row[n]} ({row[n + '_prob']:.2f})" for n in result.preds))
+        table.add_row(row["key"], row["label"], *(predicted(row, n, top) for n in result.preds))
     console.print(table)
     for name, acc in result.accuracy.items():
         console.print(f"{name}: accuracy {acc:.4f}")
+
+
+def predicted(row: dict, name: str, top: int) -> str:
+    """``Sneaker (0.65)``, or with --top K: ``Sneaker 0.65, Sandal 0.20, Ankle boot 0.10``."""
+    if top == 1:
+        return f"{row[name]} ({row[name + '_prob']:.2f})"
+    return ", ".join(f"{c} {p:.2f}" for c, p in row[f"{name}_top"])
 
 
 # -- export ----------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
+from .inputs import record
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -346,7 +347,7 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
                      "image_size": backbone.preprocess.image_size},
         "layer": {"index": layer, "name": backbone.block_names[layer - 1], "num_blocks": backbone.num_blocks},
         "sample_shape": list(shape),
-        "preprocess": backbone.preprocess.to_dict(),
+        "preprocess": record(backbone.preprocess, first),  # exactly how the inputs were made (subcache.inputs)
         "dtype": config.dtype,
         "data": config.data, "splits": list(sources), "classes": first.classes,
         "flip_views": config.flip_views,

@@ -7,6 +7,7 @@ decoded, resized and center-cropped with PIL in worker threads.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -62,19 +63,32 @@ class ImageSource:
         """Where each item came from: its path under the folder given, else its index in the dataset."""
         return [str(k) for k in (self.keys if self.keys is not None else self.ids.tolist())]
 
-    def load(self, start: int, stop: int, pre: Preprocess) -> torch.Tensor:
-        """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size."""
-        if self.array is not None:
+    def load(self, start: int, stop: int, pre: Preprocess,
+             fit: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+        """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size (by ``fit``,
+        PIL image → uint8 (3, S, S), when given: then arrays are fitted the same way, one by one)."""
+        if self.array is not None and fit is None:
             return _bchw(np.array(self.array[start:stop]))  # a writable copy
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
-        return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre), range(start, stop))))
+        return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre, fit), range(start, stop))))
 
-    def _photo(self, i: int, pre: Preprocess) -> torch.Tensor:
+    def _photo(self, i: int, pre: Preprocess, fit: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+        fit = fit or functools.partial(_fit_photo, pre=pre)
+        if self.array is not None:
+            return fit(_as_pil(self.array[i]))
         if self.item is not None:
-            return _fit_photo(_as_pil(self.item(i)), pre)
-        return _read_photo(self.files[i], pre)
+            return fit(_as_pil(self.item(i)))
+        from PIL import Image
 
+        with Image.open(self.files[i]) as im:
+            return fit(im)
+
+    def frame(self, i: int) -> torch.Tensor:
+        """Item ``i`` at its own size as uint8 (C, H, W): arrays as stored, images decoded to RGB."""
+        if self.array is not None:
+            return _bchw(np.array(self.array[i:i + 1]))[0]
+        return self._photo(i, None, lambda im: torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
 
     def take(self, positions: np.ndarray, pre: Preprocess) -> torch.Tensor:
         """uint8 images at arbitrary positions, as (B, C, H, W)."""
@@ -87,13 +101,6 @@ def _bchw(array: np.ndarray) -> torch.Tensor:
     """uint8 N×H×W or N×H×W×C → (N, C, H, W)."""
     x = torch.from_numpy(array)
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-
-
-def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return _fit_photo(im, pre)
 
 
 def _as_pil(image: Any):
@@ -111,18 +118,23 @@ def _as_pil(image: Any):
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
-    """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop."""
+def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
     from PIL import Image
 
-    im = im.convert("RGB")
-    scale = pre.image_size / pre.crop_pct / min(im.size)
-    w, h = max(pre.image_size, round(im.size[0] * scale)), max(pre.image_size, round(im.size[1] * scale))
-    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
-    im = im.resize((w, h), resample)
-    left, top = (w - pre.image_size) // 2, (h - pre.image_size) // 2
-    im = im.crop((left, top, left + pre.image_size, top + pre.image_size))
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+    with Image.open(path) as im:
+        return _fit_photo(im, pre)
+
+
+def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
+    """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop (timm's eval transform)."""
+    return _crop_fit(pre)(im)
+
+
+@functools.lru_cache(maxsize=8)
+def _crop_fit(pre: Preprocess) -> Callable[[Any], torch.Tensor]:
+    from .inputs import crop_fit
+
+    return crop_fit(pre.to_dict())
 
 
 def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch.Tensor:

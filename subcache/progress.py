@@ -6,6 +6,7 @@ itself with ``line()`` (``every=None``; training writes one per epoch).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 stderr = Console(stderr=True)
+
+
+def warn(text: str) -> None:
+    """One line on stderr (a note or a warning), flushed at once, whatever the progress settings."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def rate_text(per_second: float | None, unit: str = "img/s") -> str:

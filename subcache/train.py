@@ -420,11 +420,13 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
           complete: bool, **extra) -> dict:
     import zarr
 
+    from .inputs import recorded
+
     return {
         "complete": complete,
         "backbone": cache.backbone,
         "cache": cache.path, "cache_layer": cache.layer, "cache_layer_name": cache.layer_name,
-        "sample_shape": cache.attrs["sample_shape"], "preprocess": cache.attrs["preprocess"],
+        "sample_shape": cache.attrs["sample_shape"], "preprocess": recorded(cache.attrs["preprocess"], cache.attrs.get("data")),
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
         "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,
