@@ -13,6 +13,8 @@ from rich.table import Table
 
 import subcache
 from subcache.errors import SubcacheError
+from subcache.inputs import resizing
+from subcache.progress import stage
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
 
@@ -59,19 +61,24 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--weights", default="none", show_default=True, help="imagenet | none | PATH (shapes only need none)")
-@click.option("--image-size", type=click.IntRange(min=8), help="input side in pixels [default: the model's]")
+@click.option("--image-size", type=click.IntRange(min=8),
+              help="input side in pixels, as `build --image-size` [default: the model's native size, e.g. 224]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @friendly
 def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> None:
-    """List MODEL's blocks: index, name, parameters, input shape and forward FLOPs (per image)."""
-    backbone = subcache.load_backbone(model, weights, image_size=image_size)
-    infos = subcache.describe_blocks(backbone)
+    """List MODEL's blocks: index, name, parameters, input shape and forward FLOPs per image (FLOPs = 2 × MACs,
+    one multiply-add counted as 2; fvcore and timm's profilers report MACs, half this)."""
+    with stage(f"blocks {model}: loading and counting FLOPs", not as_json):
+        backbone = subcache.load_backbone(model, weights, image_size=image_size)
+        infos = subcache.describe_blocks(backbone)
     if as_json:
         emit_json({"model": model, "image_size": backbone.preprocess.image_size, "num_blocks": len(infos),
-                   "blocks": [vars(i) for i in infos]})
+                   "flops_unit": "FLOPs = 2 x MACs", "blocks": [vars(i) for i in infos]})
         return
-    table = Table(title=f"{model} at {backbone.preprocess.image_size}px — `--layer L` caches block L's input")
-    for col in ("index", "name", "params", "input shape", "FLOPs"):
+    size = backbone.preprocess.image_size
+    default = "" if image_size else " (its default; pass --image-size S for the size you will build at)"
+    table = Table(title=f"{model} at {size}px{default} — `--layer L` caches block L's input")
+    for col in ("index", "name", "params", "input shape", "FLOPs (2×MACs)"):
         table.add_column(col, justify="right" if col != "name" else "left")
     for i in infos:
         table.add_row(str(i.index), i.name, fmt_int(i.params), "×".join(map(str, i.input_shape)), fmt_int(i.flops))
@@ -169,6 +176,7 @@ def info(path: str, as_json: bool) -> None:
                   f"backbone {b['model']}  weights {b['weights']}  sha256 {b['weights_sha256'][:16]}…\n"
                   f"layer    input of block {layer['index']} ({layer['name']}) of {layer['num_blocks']}\n"
                   f"data     {d['data']}, {d['classes']} classes, {d['preprocess']['image_size']}px, {d['dtype']}\n"
+                  f"input    {resizing(d['preprocess'])}\n"
                   f"codec    {' → '.join(c['name'] for c in d['codecs'])} "
                   f"{d['codecs'][-1].get('configuration', '')}\n"
                   f"format   {d['format_version']}, checksums {'crc32c' if d['checksums'] else 'none'}\n"
@@ -648,21 +656,24 @@ def predicted(row: dict, name: str, top: int) -> str:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "pt2", "torchscript", "timm"]), required=True,
               help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
 @click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
+@click.option("--preprocess", is_flag=True,
+              help="onnx | pt2 | torchscript: the model takes uint8 RGB images and scales and normalises them")
 @click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
 @friendly
-def export(tasks, fmt, out, as_json) -> None:
+def export(tasks, fmt, out, preprocess, as_json) -> None:
     """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""
     from subcache.export import export as export_tasks
 
-    meta = export_tasks(tasks, fmt, out)
+    with stage(f"export {fmt} to {out}"):
+        meta = export_tasks(tasks, fmt, out, preprocess=preprocess)
     if as_json:
         emit_json(meta)
     elif fmt == "timm":
         console.print(f"{out}: load it into {meta['model']} built with num_classes={meta['num_classes']} "
                       f"(strict=True)")
     else:
-        console.print(f"{out}: input images (batch, 3, {meta['input']['shape'][-1]}, {meta['input']['shape'][-1]})"
-                      f" normalised; outputs {', '.join(meta['outputs'])}")
+        console.print(f"{out}: input images (batch, 3, {meta['input']['shape'][-1]}, {meta['input']['shape'][-1]}) "
+                      f"{meta['input']['dtype']}: {meta['input']['how']}; outputs {', '.join(meta['outputs'])}")
 
 
 # -- bench -------------------------------------------------------------------------------------------------------

@@ -74,3 +74,26 @@ def test_python_loading_makes_inputs_as_the_cache_did(gray):
     source = subcache.open_source(gray["npz"], "test")
     want = subcache.data.to_input(source.load(0, 3, backbone.preprocess), backbone.preprocess)
     torch.testing.assert_close(got, want)
+
+
+def test_onnx_export_names_the_task_record_and_can_normalise_in_graph(gray, tmp_path):
+    import onnx
+    import onnxruntime
+
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(main, ["export", "--task", gray["task"], "--format", "onnx", "--out", str(out),
+                                  "--preprocess", "--json"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["subcache"])
+    assert meta == json.loads(r.stdout)
+    assert meta["input"]["preprocess"]["resize"] == "frame" and "whole frame" in meta["input"]["how"]
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["normalised_in_model"]
+    images = torch.from_numpy(np.stack([gray["x_test"][:5]] * 3, 1))  # gray → RGB
+    images = torch.nn.functional.pad(images, (2, 2, 2, 2))  # 32 px: nothing to resize
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": images.numpy()})[0]
+    task, backbone = subcache.load_task(gray["task"]), gray["backbone"]
+    with torch.no_grad():
+        want = subcache.MultiTaskModel.from_tasks(backbone, [task], include_original=False)(
+            subcache.data.to_input(images, backbone.preprocess))
+    np.testing.assert_allclose(got, next(iter(want.values())).numpy(), rtol=1e-4, atol=1e-4)
