@@ -13,8 +13,10 @@ from rich.table import Table
 
 import subcache
 from subcache.errors import SubcacheError
+from subcache.data import default_split
 from subcache.inputs import resizing
-from subcache.progress import stage
+from subcache.advice import warn_few_steps, within_noise
+from subcache.progress import stage, warn
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
 
@@ -130,6 +132,10 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                                            chunk_mb=chunk_mb, device=device, resume=resume, overwrite=overwrite),
                               progress=True)
     else:
+        if (ctx.get_parameter_source("splits") is click.core.ParameterSource.DEFAULT
+                and default_split(data) == "train"):
+            splits = ("train",)  # a folder of class folders (the ImageFolder layout) is one split
+            click.echo(f"note: {data} holds class folders directly: one split, train", err=True)
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
@@ -274,8 +280,8 @@ def train_config(**kw) -> "subcache.TrainConfig":
 
 def history_table(history: list[dict]) -> Table:
     table = Table(title="training")
-    cols = ["epoch", "loss", "train_accuracy", "seconds"] + (["test_accuracy"] if any("test_accuracy" in h for h in
-                                                                                     history) else [])
+    cols = ["epoch", "loss", "train_accuracy", "seconds"] + [c for c in ("val_accuracy", "test_accuracy")
+                                                             if any(c in h for h in history)]
     for col in cols:
         table.add_column(col.replace("_", " "), justify="right")
     for h in history:
@@ -289,7 +295,10 @@ def history_table(history: list[dict]) -> Table:
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="evaluate on the test split every k epochs (0: at the end)")
+              help="report test accuracy every k epochs (0: at the end); never used to choose")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="hold out this class-balanced fraction of the training examples: validation accuracy every "
+                   "epoch, the best epoch's weights kept")
 @click.option("--siamese", is_flag=True, help="head sees original + tuned features")
 @click.option("--prune", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="channel-prune this fraction of the tuned blocks before training")
@@ -298,14 +307,24 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--out", required=True, help="task directory (task.safetensors + task.json)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def train(cache, out, as_json, **kw) -> None:
+def train(cache, out, val_fraction, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=True)
+    from subcache.profiling import validation_split
+
+    config, data = train_config(**kw), subcache.TrainData()
+    opened = subcache.open_cache(cache)
+    if val_fraction:
+        fit, val = validation_split(opened, config, val_fraction)
+        data = subcache.TrainData(positions=fit, val_positions=val)
+    warn_few_steps(opened, config, val_fraction)
+    result = subcache.train(opened, config, data, out=out, progress=os.path.basename(os.path.normpath(out)))
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
     console.print(history_table(result.history))
     acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    if result.best_epoch is not None:
+        acc += f" (epoch {result.best_epoch}, best on validation {result.val_accuracy:.4f})"
     pruned = f" ({result.param_fraction:.0%} of the blocks' params after pruning)" if kw["prune"] else ""
     console.print(f"blocks {kw['blocks']}: test accuracy [bold]{acc}[/], {fmt_int(result.trainable_params)} "
                   f"trainable params{pruned}, {result.samples_per_second:,.0f} samples/s ({result.loader} loader) "
@@ -372,10 +391,13 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
                            min_epochs=min_epochs, prior=prior)
+    warn_few_steps(subcache.open_cache(cache), config.train, val_fraction)
     result = profile_blocks(cache, config, out=out, progress=True)
     if halving:
         return show_halving(result, out, as_json)
     best = result.best()
+    if within_noise(result.summary(), best):
+        warn(within_noise(result.summary(), best))
     if as_json:
         emit_json({"summary": result.summary(), "best": best, "selected_on": "validation" if val_fraction else "test",
                    "out": out})
@@ -479,6 +501,7 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
+    warn_few_steps(subcache.open_cache(cache), config.train, val_fraction)
     result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
@@ -609,7 +632,7 @@ def labels_add(cache, name, file, split) -> None:
 @main.command()
 @click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
 @click.option("--data", required=True, help="a dataset spec (split --split), an unlabelled folder, or one image file")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", help="the data's split [default: test; train for a folder of class folders, its one split]")
 @click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -633,7 +656,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, top, as_js
         emit_json({"items": len(result.ids), "accuracy": result.accuracy, "tasks": list(result.preds),
                    "images_per_second": round(result.images_per_second, 1), "out": out, "predictions": rows})
         return
-    table = Table(title=f"predictions on {data} ({split}, {len(result.ids)} images)")
+    table = Table(title=f"predictions on {data} ({result.split}, {len(result.ids)} images)")
     for col in ("key", "label", *result.preds):
         table.add_column(col)
     for row in rows[:show]:

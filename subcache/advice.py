@@ -12,12 +12,12 @@ MIN_STEPS = 10  # optimiser steps per epoch below which an epoch is hardly train
 def few_steps(examples: int, batch_size: int, epochs: int) -> str | None:
     """The warning for ``examples`` training examples at ``batch_size``, or None when an epoch has enough steps."""
     steps = max(1, math.ceil(examples / batch_size))
-    if steps >= MIN_STEPS:
+    if steps >= MIN_STEPS or examples < 1:
         return None
     batch = max(2, examples // MIN_STEPS)
     return (f"warning: {examples:,} training examples at batch {batch_size} make {steps} optimiser "
             f"step{'s' if steps > 1 else ''} per epoch ({steps * epochs} in all); results may mean little: use "
-            f"--batch-size {batch} or fewer, or more --examples (under {MIN_STEPS} steps an epoch warns)")
+            f"--batch-size {batch} or less, or more --examples")
 
 
 def training_examples(cache, config, val_fraction: float = 0.0) -> int:

@@ -26,6 +26,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 NAMED = ("fashion-mnist", "cifar10", "cifar100", "flowers102")
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # an image folder with these holds splits
+UNLABELLED = "unlabelled"  # the split name of a flat folder of images, or of one image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -192,6 +194,8 @@ def _from_spec(spec: str, split: str, download: bool, root: Path) -> ImageSource
         source = _image_folder(Path(spec), split)
     elif Path(spec).suffix.lower() in IMAGE_SUFFIXES and Path(spec).is_file():
         source = _unlabelled(spec, split, [Path(spec)])
+    elif Path(spec).suffix.lower() in (*IMAGE_SUFFIXES, ".npz", ".parquet") or os.sep in spec:
+        raise DataError(f"{spec}: file or folder not found")
     else:
         raise DataError(f"unknown data {spec!r}; use one of {', '.join(NAMED)}, an ImageFolder directory, an "
                         f".npz file with x (uint8 N×H×W[×C]) and y, hf:PATH, or an image file")
@@ -258,11 +262,27 @@ def _flowers(split: str, download: bool, root: Path) -> ImageSource:
                        files=[str(f) for f in ds._image_files])
 
 
+def split_layout(path: Path) -> bool:
+    """Whether an image folder holds splits (``DIR/<split>/<class>/``) rather than classes directly (``DIR/<class>/``,
+    torchvision's ImageFolder layout: one split, ``train``)."""
+    return any((path / s).is_dir() for s in SPLIT_NAMES)
+
+
+def default_split(spec: Any, wanted: str = "test") -> str:
+    """``wanted``, except for a folder of class folders (one split: ``train``)."""
+    path = Path(os.fspath(spec)) if isinstance(spec, str | os.PathLike) else None
+    one = path is not None and path.is_dir() and not _images_in(path) and not split_layout(path)
+    return "train" if one else wanted
+
+
 def _image_folder(path: Path, split: str) -> ImageSource:
     from torchvision.datasets import ImageFolder
 
-    folder = path / split if (path / split).is_dir() else (path if split == "train" else None)
-    if folder is None:
+    if not split_layout(path) and split != "train":
+        raise DataError(f"{path} holds class folders directly (the ImageFolder layout): one split, train; use "
+                        f"--split train, or lay it out as {path}/<split>/<class>/<image>")
+    folder = path / split if split_layout(path) else path
+    if not folder.is_dir():
         raise DataError(f"no split {split!r} in {path}: expected {path / split}/<class>/<image>")
     try:
         ds = ImageFolder(str(folder))
@@ -280,8 +300,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _unlabelled(spec: str, split: str, files: list[Path]) -> ImageSource:
-    """Images without labels (label -1, no classes), keyed by file name."""
-    return ImageSource(spec, split, np.full(len(files), -1, np.int64), np.arange(len(files)), [],
+    """Images without labels (label -1, no classes), keyed by file name: the split ``unlabelled``."""
+    return ImageSource(spec, UNLABELLED, np.full(len(files), -1, np.int64), np.arange(len(files)), [],
                        files=[str(f) for f in files], keys=[f.name for f in files])
 
 

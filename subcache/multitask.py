@@ -123,6 +123,7 @@ class Predictions:
     images_per_second: float
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # task name → (N, classes) softmax
     no_accuracy: dict[str, str] = field(default_factory=dict)  # task name → why no accuracy (labelled data)
+    split: str = ""  # the data's split (``unlabelled`` for a flat folder of images or one image)
 
     def top(self, name: str, k: int) -> list[list[tuple[str, float]]]:
         """Per item, the task's ``k`` most probable classes with their probabilities, most probable first."""
@@ -154,25 +155,26 @@ class Predictions:
             w.writerows(rows)
 
 
-def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: int | None = None,
+def predict(tasks: Sequence[str | Path], data, *, split: str | None = None, limit: int | None = None,
             batch_size: int = 128, device: str = "auto", progress: bool = False,
             backbone: Backbone | None = None) -> Predictions:
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
-    Accuracy for tasks trained on the data's labels."""
-    from .data import open_source
+    Accuracy for tasks trained on the data's labels. ``split``: default test (train for a folder of class
+    folders, its one split)."""
+    from .data import default_split, open_source
     from .inputs import load_input, note_mismatch
     from .progress import progress_bar
 
     loaded, backbone, dev = load_tasks(tasks, device, backbone)
     model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
-    source = open_source(data, split, limit=limit)
+    source = open_source(data, split or default_split(data), limit=limit)
     rec = input_record(loaded)
     note_mismatch(rec, source, "the task" if len(loaded) == 1 else "the tasks")
     outputs: dict[str, list] = {name: [] for name in model.names}
     start = time.perf_counter()
     with progress_bar(progress) as bar, torch.inference_mode():
-        task = bar.add_task(f"predict {split}", total=len(source))
+        task = bar.add_task(f"predict {source.split}", total=len(source))
         for a in range(0, len(source), batch_size):
             images = load_input(source, a, min(a + batch_size, len(source)), rec, dev)
             for name, logits in model(images).items():
@@ -185,7 +187,7 @@ def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: in
     classes = {name: list(t.meta["classes"]) for name, t in zip(model.names, loaded)}
     accuracy, why = _accuracy(dict(zip(model.names, loaded)), preds, source)
     return Predictions(source.ids, np.asarray(source.source_keys()), source.labels, source.classes, preds, probs,
-                       classes, accuracy, len(source) / seconds, full, why)
+                       classes, accuracy, len(source) / seconds, full, why, source.split)
 
 
 def input_record(tasks: Sequence[Task]) -> dict:

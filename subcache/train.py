@@ -161,7 +161,7 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
     step = training_forward(model, config, device, bridge(loader, model), forward)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
-    history, seconds = [], 0.0
+    history, seconds, total = [], 0.0, 0
     name = f"{progress} " if isinstance(progress, str) else ""  # a run name starts each epoch line
     with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
         task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
@@ -182,7 +182,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             history.append(_epoch_row(epoch, sums, seen, seconds, config.lr))
             if on_epoch:
                 on_epoch(history[-1])
-            bar.line(name + epoch_line(history[-1], config.epochs, seen / max(epoch_seconds, 1e-9)))
+            total += seen  # the rate over all epochs so far: steady, where one short epoch's is noise
+            bar.line(name + epoch_line(history[-1], config.epochs, total / max(seconds, 1e-9)))
     return history, seconds
 
 

@@ -1,6 +1,7 @@
 """What users see: the same predictions from files as from the dataset (the task's input record is followed), the
 ecosystem's layouts, one-line warnings, `predict --top`, `train --val-fraction`."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -97,3 +98,114 @@ def test_onnx_export_names_the_task_record_and_can_normalise_in_graph(gray, tmp_
         want = subcache.MultiTaskModel.from_tasks(backbone, [task], include_original=False)(
             subcache.data.to_input(images, backbone.preprocess))
     np.testing.assert_allclose(got, next(iter(want.values())).numpy(), rtol=1e-4, atol=1e-4)
+
+
+# -- layouts ----------------------------------------------------------------------------------------------------
+def _folder(root, classes=("cat", "dog"), n=2):
+    for c, color in zip(classes, (200, 30)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 36), (color, color, 90)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_class_folders_directly_are_one_split_train_and_splits_stay(tmp_path):
+    flat = _folder(tmp_path / "pets")
+    assert subcache.data.default_split(flat) == "train" and subcache.data.default_split(flat, "val") == "train"
+    source = subcache.open_source(str(flat), "train")
+    assert source.classes == ["cat", "dog"] and source.source_keys()[0] == "cat/0.png"
+    with pytest.raises(subcache.errors.DataError, match="class folders directly .* one split, train"):
+        subcache.open_source(str(flat), "test")
+    split = _folder(tmp_path / "split" / "test", ("a", "b"))
+    assert subcache.data.default_split(split.parent) == "test"
+    assert subcache.open_source(str(split.parent), "test").classes == ["a", "b"]
+
+
+def test_a_flat_folder_of_images_is_named_unlabelled(tmp_path):
+    for i in range(2):
+        Image.new("L", (28, 28), 40 * i).save(tmp_path / f"{i}.png")
+    source = subcache.open_source(str(tmp_path), "test")
+    assert source.split == "unlabelled" and source.classes == [] and (source.labels == -1).all()
+
+
+def test_a_missing_image_file_is_said_to_be_missing(gray):
+    r = CliRunner().invoke(main, ["predict", "--task", gray["task"], "--data", "missing.png"])
+    assert r.exit_code == 1 and r.output.strip() == "Error: missing.png: file or folder not found"
+
+
+def test_predict_says_why_a_labelled_folder_gets_no_accuracy(gray, tmp_path):
+    out, err = _predict(gray, str(_folder(tmp_path / "pets")), "train")
+    assert out["accuracy"] == {}
+    assert "no accuracy for task: its classes (0, 1, 2, 3) are not the data's (cat, dog)" in err
+
+
+def test_predict_top_k_lists_the_most_probable_classes(gray):
+    out, _ = _predict(gray, gray["npz"], "test", "--top", "3", "--limit", "6")
+    task = subcache.load_task(gray["task"])
+    x = torch.stack([task.transform()(im) for im in gray["x_test"][:6]])
+    with torch.no_grad():
+        model = subcache.MultiTaskModel.from_tasks(gray["backbone"], [task], include_original=False)
+        probs = next(iter(model(x).values())).softmax(1)
+    for row, p in zip(out["predictions"], probs):
+        top = torch.topk(p, 3)
+        assert [c for c, _ in row["task_top"]] == [task.meta["classes"][i] for i in top.indices]
+        np.testing.assert_allclose([q for _, q in row["task_top"]], top.values.numpy(), atol=1e-5)
+        assert row["task_top"][0] == [row["task"], row["task_prob"]]
+
+
+# -- warnings ---------------------------------------------------------------------------------------------------
+def test_an_epoch_of_few_steps_warns_once(gray, tmp_path):
+    def run(*args):
+        r = CliRunner().invoke(main, ["train", "--cache", gray["cache"], "--blocks", "none", "--epochs", "2",
+                                      "--out", str(tmp_path / "t"), "--json", *args])
+        assert r.exit_code == 0, r.output
+        return [line for line in r.stderr.splitlines() if line.startswith("warning")]
+
+    lines = run("--examples", "64", "--batch-size", "32")
+    assert len(lines) == 1 and "64 training examples at batch 32 make 2 optimiser steps per epoch" in lines[0]
+    assert run("--examples", "64", "--batch-size", "6") == []  # 11 steps
+
+
+def test_a_best_window_within_the_seeds_noise_warns():
+    from subcache.advice import within_noise
+
+    summary = [{"blocks": "7", "width": 1, "runs": 2, "mean": 0.80, "std": 0.02},
+               {"blocks": "8", "width": 1, "runs": 2, "mean": 0.79, "std": 0.005},
+               {"blocks": "none", "width": 0, "runs": 2, "mean": 0.90, "std": 0.0}]
+    assert "best window 7 (test 0.8000) is within noise of the runner-up 8" in within_noise(summary, summary[0])
+    apart = [dict(summary[0], mean=0.85), *summary[1:]]
+    assert within_noise(apart, apart[0]) is None
+    one_seed = [dict(s, runs=1, std=0.0) for s in summary]
+    assert within_noise(one_seed, one_seed[0]) is None
+
+
+# -- train --val-fraction ------------------------------------------------------------------------------------------
+def test_validation_monitoring_keeps_the_best_epoch_not_the_last():
+    from subcache.train import Best
+
+    model = torch.nn.Linear(2, 2)
+    model.task_state = model.state_dict
+    scores = iter([0.5, 0.9, 0.7])
+    best = Best(model, lambda: next(scores))
+    kept = {}
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        best({"epoch": epoch})
+        kept[epoch] = model.weight.clone()
+    best.restore()
+    assert best.epoch == 2 and best.best == 0.9 and torch.equal(model.weight, kept[2])
+
+
+def test_train_val_fraction_holds_out_monitors_and_reports_the_chosen_epoch(gray, tmp_path):
+    r = CliRunner().invoke(main, ["train", "--cache", gray["cache"], "--blocks", "none", "--epochs", "3",
+                                  "--batch-size", "8", "--val-fraction", "0.25", "--eval-every", "1",
+                                  "--out", str(tmp_path / "t"), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    history = json.loads((tmp_path / "t" / "task.json").read_text())["history"]
+    vals = [h["val_accuracy"] for h in history]
+    assert m["best_epoch"] == 1 + vals.index(max(vals)) and m["val_accuracy"] == max(vals)
+    assert m["num_samples"] == 48  # 64 training examples less 16 held out
+    epoch_lines = [line for line in r.stderr.splitlines() if re.match(r"\S+ epoch \d", line)]
+    assert len(epoch_lines) == 3 and all(line.startswith("t epoch ") and " val " in line for line in epoch_lines)
