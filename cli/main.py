@@ -457,7 +457,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 
     config = RankConfig(blocks=block_range, widths=widths, methods=parse_methods(methods), val_fraction=val_fraction,
                         samples=samples, train=train_config(limit=limit, labels=labels, device=device))
-    result = rank_windows(cache, config, out=out, against=against)
+    result = rank_windows(cache, config, out=out, against=against, progress=True)
     if as_json:
         emit_json({**result.to_dict(), "out": out})
         return

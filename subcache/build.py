@@ -117,10 +117,11 @@ def check_build_config(config: BuildConfig) -> None:
         raise ConfigError("no --split given; e.g. --split train --split test")
 
 
-def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
+def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbone | None = None,
                 data: Any = None) -> BuildResult:
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
-    ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
+    ``data``: dataset objects instead of ``config.data`` (see `with_objects`). ``progress``: on by default (a
+    build is long): a bar on a terminal, a line every 10 % on stderr otherwise; False for silence."""
     config, data = with_objects(config, data)
     check_build_config(config)
     ranks = Dist.from_env()

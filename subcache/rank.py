@@ -37,6 +37,7 @@ from .bank import NECK, ActivationBank
 from .build import resolve_device
 from .errors import BlockError, ConfigError, TrainingError
 from .profiling import ProfileResult, parse_range, spec_of, validation_split, windows
+from .progress import stage
 from .store import Cache
 from .evaluation import labels_for
 from .train import TrainConfig, balanced_subset, open_for_training
@@ -224,9 +225,9 @@ def window_scores(win: tuple[int, ...], grads: dict[int, dict], transfer: dict[i
 
 
 def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: str | None = None,
-                 backbone: Backbone | None = None, against: str | None = None) -> RankResult:
+                 backbone: Backbone | None = None, against: str | None = None, progress: bool = False) -> RankResult:
     """Score every window of each width in the range; best first by the first method. ``against``: a profile
-    folder to compare with (Spearman, Kendall, regret)."""
+    folder to compare with (Spearman, Kendall, regret). ``progress``: a line per stage (`progress.stage`)."""
     t0 = time.perf_counter()
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)
@@ -240,11 +241,15 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
     grads, transfer = {}, {}
     if set(methods) & set(GRADIENT):
         classes = labels_for(cache, split, config.train.labels)[1]
-        head = fit_head(bank.at(split, NECK)[rows].float(), y, classes, config.head_l2)
+        with stage(f"rank: frozen blocks {lo}-{backbone.num_blocks} over {len(rows):,} examples, head", progress):
+            head = fit_head(bank.at(split, NECK)[rows].float(), y, classes, config.head_l2)
         some = _subset(y, config.samples)
-        grads = gradient_scores(backbone, head, bank.at(split, lo)[rows[some]].float(), y[some], lo, hi)
+        with stage(f"rank: per-sample gradients of blocks {lo}-{hi} on {len(some):,} examples", progress):
+            grads = gradient_scores(backbone, head, bank.at(split, lo)[rows[some]].float(), y[some], lo, hi)
     if set(methods) & {"logme", "knn"}:
-        transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
+        with stage(f"rank: {', '.join(m for m in methods if m in ('logme', 'knn'))} at blocks {lo}-{hi + 1}",
+                   progress):
+            transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
     ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w), **window_scores(w, grads, transfer,
                                                                                            methods)} for w in wins]
     _check_finite(ranking, methods)

@@ -281,8 +281,8 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
           on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache on ``data``; score on its test split (or
     ``data.eval_positions``; with ``data.val_positions``, keep the epoch best on them); ``progress``: True, or the
-    run's name to start each epoch line with; save the task to ``out``, checked writable first and locked (``OUT.lock``) while this
-    run owns it: one writer per task folder."""
+    run's name to start each epoch line with; save the task to ``out``, checked writable first and locked
+    (``OUT.lock``) while this run owns it: one writer per task folder."""
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
@@ -460,7 +460,8 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
         "complete": complete,
         "backbone": cache.backbone,
         "cache": cache.path, "cache_layer": cache.layer, "cache_layer_name": cache.layer_name,
-        "sample_shape": cache.attrs["sample_shape"], "preprocess": recorded(cache.attrs["preprocess"], cache.attrs.get("data")),
+        "sample_shape": cache.attrs["sample_shape"],
+        "preprocess": recorded(cache.attrs["preprocess"], cache.attrs.get("data")),
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
         "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,

@@ -209,3 +209,29 @@ def test_train_val_fraction_holds_out_monitors_and_reports_the_chosen_epoch(gray
     assert m["num_samples"] == 48  # 64 training examples less 16 held out
     epoch_lines = [line for line in r.stderr.splitlines() if re.match(r"\S+ epoch \d", line)]
     assert len(epoch_lines) == 3 and all(line.startswith("t epoch ") and " val " in line for line in epoch_lines)
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+def test_halving_lines_count_its_runs_and_name_each():
+    from subcache.profiling import ProfileConfig, planned_runs, run_note
+
+    config = ProfileConfig(seeds=2, eta=3, train=subcache.TrainConfig(epochs=3))
+    assert planned_runs(7, 1, config) == 7 * 2 + 3 * 2  # rung 0: 7 windows × 1 epoch; rung 1: 3 × 3 epochs
+    assert planned_runs(1, 1, config) == 2 * 2  # rung 0, then the lone survivor straight to the last rung
+    assert planned_runs(4, 3, config) == 4 * 2  # already at the final epochs: one rung
+    row = {"rung": 1, "epochs": 3, "blocks": "13-14", "seed": 0, "val_accuracy": 0.8125, "test_accuracy": None}
+    assert run_note(row) == "rung 1 (3 epochs) blocks 13-14 seed 0: val 0.8125 test –"
+
+
+def test_a_single_step_prints_a_line_once_it_runs_long_and_its_time(capsys):
+    from subcache.progress import stage
+
+    with stage("export onnx", after=0.0):
+        import time
+
+        time.sleep(0.2)
+    with stage("quick", after=5.0):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "export onnx …" and re.fullmatch(r"export onnx done in 0\.\d s", lines[1])
+    assert re.fullmatch(r"quick done in 0\.0 s", lines[2]) and len(lines) == 3
