@@ -15,7 +15,7 @@ import subcache
 from subcache.errors import SubcacheError
 from subcache.data import default_split
 from subcache.inputs import resizing
-from subcache.advice import warn_few_steps, within_noise
+from subcache.advice import once, within_noise
 from subcache.progress import stage, warn
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
@@ -310,14 +310,15 @@ def history_table(history: list[dict]) -> Table:
 def train(cache, out, val_fraction, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
     from subcache.profiling import validation_split
+    from subcache.train import check_train_config
 
     config, data = train_config(**kw), subcache.TrainData()
-    opened = subcache.open_cache(cache)
     if val_fraction:
-        fit, val = validation_split(opened, config, val_fraction)
+        check_train_config(config)
+        cache = subcache.open_cache(cache)
+        fit, val = validation_split(cache, config, val_fraction)
         data = subcache.TrainData(positions=fit, val_positions=val)
-    warn_few_steps(opened, config, val_fraction)
-    result = subcache.train(opened, config, data, out=out, progress=os.path.basename(os.path.normpath(out)))
+    result = subcache.train(cache, config, data, out=out, progress=os.path.basename(os.path.normpath(out)))
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
@@ -391,8 +392,8 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
                            min_epochs=min_epochs, prior=prior)
-    warn_few_steps(subcache.open_cache(cache), config.train, val_fraction)
-    result = profile_blocks(cache, config, out=out, progress=True)
+    with once():  # a warning every run gives (too few steps) is printed once
+        result = profile_blocks(cache, config, out=out, progress=True)
     if halving:
         return show_halving(result, out, as_json)
     best = result.best()
@@ -501,8 +502,8 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
-    warn_few_steps(subcache.open_cache(cache), config.train, val_fraction)
-    result = greedy_select(cache, config, out=out, progress=True)
+    with once():
+        result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
                    "path": result.path, "out": out})

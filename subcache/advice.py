@@ -2,6 +2,7 @@
 profile whose best window is within noise (the seeds' spread) of the runner-up."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 from .progress import warn
@@ -9,27 +10,41 @@ from .progress import warn
 MIN_STEPS = 10  # optimiser steps per epoch below which an epoch is hardly training
 
 
-def few_steps(examples: int, batch_size: int, epochs: int) -> str | None:
+def few_steps(examples: int, batch_size: int) -> str | None:
     """The warning for ``examples`` training examples at ``batch_size``, or None when an epoch has enough steps."""
     steps = max(1, math.ceil(examples / batch_size))
     if steps >= MIN_STEPS or examples < 1:
         return None
     batch = max(2, examples // MIN_STEPS)
     return (f"warning: {examples:,} training examples at batch {batch_size} make {steps} optimiser "
-            f"step{'s' if steps > 1 else ''} per epoch ({steps * epochs} in all); results may mean little: use "
-            f"--batch-size {batch} or less, or more --examples")
+            f"step{'s' if steps > 1 else ''} per epoch; results may mean little: use --batch-size {batch} or less, "
+            f"or more --examples")
 
 
-def training_examples(cache, config, val_fraction: float = 0.0) -> int:
-    """How many examples a run of ``config`` on ``cache`` trains on (the --examples subset, less validation)."""
-    n = len(cache.split(config.train_split))
-    n = min(n, config.limit) if config.limit else n
-    return n - round(val_fraction * n)
+_seen: set[str] | None = None  # inside `once()`: the warnings given so far
 
 
-def warn_few_steps(cache, config, val_fraction: float = 0.0) -> None:
-    text = few_steps(training_examples(cache, config, val_fraction), config.batch_size, config.epochs)
-    if text:
+@contextlib.contextmanager
+def once():
+    """Within this block every warning `advise` is given is printed once, however many runs give it (a profile's
+    runs); outside it, only the runs that show progress print theirs."""
+    global _seen
+    saved, _seen = _seen, set()
+    try:
+        yield
+    finally:
+        _seen = saved
+
+
+def advise(text: str | None, loud: bool = False) -> None:
+    """Print ``text`` (a warning, or None for nothing): once inside `once()`, else when ``loud``."""
+    if text is None:
+        return
+    if _seen is not None:
+        if text not in _seen:
+            _seen.add(text)
+            warn(text)
+    elif loud:
         warn(text)
 
 

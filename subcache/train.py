@@ -27,6 +27,7 @@ from .labels import label_classes
 from .evaluation import labels_for, scorer
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, bridge, memory_budget, resident_dtype,
                      split_nbytes)
+from .advice import advise, few_steps
 from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
@@ -310,6 +311,7 @@ def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(
     positions = balanced_subset(labels.numpy(), config.limit, config.seed) if positions is None else positions
     model, param_fraction = new_model(cache, backbone, tuned, num_classes, config, device)
     loader, step = _training_loader(cache, config, model, positions, labels, device, augments, ranks, data.bank)
+    advise(few_steps(loader.num_samples * ranks.world, config.batch_size), loud=bool(progress) and ranks.main)
     score = _scorer(model, cache, config, labels, data, device)
     monitor = None if data.val_positions is None else Best(model, scorer(
         model, cache, config.train_split, labels, data.val_positions, data.bank, device))

@@ -235,3 +235,11 @@ def test_a_single_step_prints_a_line_once_it_runs_long_and_its_time(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "export onnx …" and re.fullmatch(r"export onnx done in 0\.\d s", lines[1])
     assert re.fullmatch(r"quick done in 0\.0 s", lines[2]) and len(lines) == 3
+
+
+def test_a_profile_warns_of_few_steps_once_not_per_run(gray, tmp_path):
+    r = CliRunner().invoke(main, ["profile", "--cache", gray["cache"], "--range", "8-8", "--repeats", "2", "--epochs",
+                                  "1", "--examples", "64", "--batch-size", "32", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: 64 training examples")]
+    assert len(warnings) == 1
