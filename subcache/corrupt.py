@@ -144,8 +144,11 @@ class CorruptedSource(ImageSource):
 
     corruption: tuple[str, int] = ("gaussian_noise", 1)
 
-    def load(self, start: int, stop: int, pre) -> torch.Tensor:
-        return corrupt(super().load(start, stop, pre), self.ids[start:stop], *self.corruption)
+    def load(self, start: int, stop: int, pre, fit=None) -> torch.Tensor:
+        return corrupt(super().load(start, stop, pre, fit), self.ids[start:stop], *self.corruption)
+
+    def frame(self, i: int) -> torch.Tensor:
+        return corrupt(super().frame(i)[None], self.ids[i:i + 1], *self.corruption)[0]
 
     def take(self, positions: np.ndarray, pre) -> torch.Tensor:
         return corrupt(super().take(positions, pre), self.ids[np.asarray(positions)], *self.corruption)

@@ -243,3 +243,26 @@ def test_a_profile_warns_of_few_steps_once_not_per_run(gray, tmp_path):
     assert r.exit_code == 0, r.output
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: 64 training examples")]
     assert len(warnings) == 1
+
+
+def test_a_task_trained_on_files_crops_arrays_as_it_cropped_its_files(gray, tmp_path):
+    """The reverse: a task whose cache came from image files (short side + center crop) is served the same images
+    as arrays; they are cropped the same way and give the files' probabilities."""
+    npz = np.load(gray["npz"])
+    x, y = npz["x_test"][:16], npz["y_test"][:16]
+    for i, (im, label) in enumerate(zip(x, y)):
+        (tmp_path / "files" / "train" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(tmp_path / "files" / "train" / str(label) / f"{i:03d}.png")
+    cache, task = str(tmp_path / "f.zarr"), str(tmp_path / "ftask")
+    subcache.build_cache(subcache.BuildConfig(out=cache, layers=("6",), model="resnet18", weights="none",
+                                              data=str(tmp_path / "files"), splits=("train",), image_size=32,
+                                              dtype="float32"), backbone=gray["backbone"], progress=False)
+    subcache.train(cache, subcache.TrainConfig(blocks="none", epochs=1, batch_size=8, test_split=None),
+                   backbone=gray["backbone"], out=task)
+    assert subcache.load_task(task).input_record["resize"] == "crop"
+    np.savez(tmp_path / "arrays.npz", x=x, y=y)
+    files = subcache.predict([task], str(tmp_path / "files"), split="train", backbone=gray["backbone"], device="cpu")
+    arrays = subcache.predict([task], str(tmp_path / "arrays.npz"), split="train", backbone=gray["backbone"],
+                              device="cpu")
+    order = [int(k.split("/")[-1][:3]) for k in files.keys]
+    np.testing.assert_allclose(arrays.probabilities["ftask"][order], files.probabilities["ftask"], atol=1e-5)
