@@ -13,6 +13,10 @@ from rich.table import Table
 
 import subcache
 from subcache.errors import SubcacheError
+from subcache.data import default_split
+from subcache.inputs import resizing
+from subcache.advice import once, within_noise
+from subcache.progress import stage, warn
 
 console = Console(stderr=True)  # human output; stdout is kept for --json
 
@@ -74,19 +78,24 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--weights", default="none", show_default=True, help="imagenet | none | PATH (shapes only need none)")
-@click.option("--image-size", type=click.IntRange(min=8), help="input side in pixels [default: the model's]")
+@click.option("--image-size", type=click.IntRange(min=8),
+              help="input side in pixels, as `build --image-size` [default: the model's native size, e.g. 224]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @friendly
 def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> None:
-    """List MODEL's blocks: index, name, parameters, input shape and forward FLOPs (per image)."""
-    backbone = subcache.load_backbone(model, weights, image_size=image_size)
-    infos = subcache.describe_blocks(backbone)
+    """List MODEL's blocks: index, name, parameters, input shape and forward FLOPs per image (FLOPs = 2 × MACs,
+    one multiply-add counted as 2; fvcore and timm's profilers report MACs, half this)."""
+    with stage(f"blocks {model}: loading and counting FLOPs", not as_json):
+        backbone = subcache.load_backbone(model, weights, image_size=image_size)
+        infos = subcache.describe_blocks(backbone)
     if as_json:
         emit_json({"model": model, "image_size": backbone.preprocess.image_size, "num_blocks": len(infos),
-                   "blocks": [vars(i) for i in infos]})
+                   "flops_unit": "FLOPs = 2 x MACs", "blocks": [vars(i) for i in infos]})
         return
-    table = Table(title=f"{model} at {backbone.preprocess.image_size}px — `--layer L` caches block L's input")
-    for col in ("index", "name", "params", "input shape", "FLOPs"):
+    size = backbone.preprocess.image_size
+    default = "" if image_size else " (its default; pass --image-size S for the size you will build at)"
+    table = Table(title=f"{model} at {size}px{default} — `--layer L` caches block L's input")
+    for col in ("index", "name", "params", "input shape", "FLOPs (2×MACs)"):
         table.add_column(col, justify="right" if col != "name" else "left")
     for i in infos:
         table.add_row(str(i.index), i.name, fmt_int(i.params), "×".join(map(str, i.input_shape)), fmt_int(i.flops))
@@ -139,6 +148,10 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                                            chunk_mb=chunk_mb, device=device, resume=resume, overwrite=overwrite),
                               progress=True)
     else:
+        if (ctx.get_parameter_source("splits") is click.core.ParameterSource.DEFAULT
+                and default_split(data) == "train"):
+            splits = ("train",)  # a folder of class folders (the ImageFolder layout) is one split
+            click.echo(f"note: {data} holds class folders directly: one split, train", err=True)
         config = subcache.BuildConfig(out=out, layers=tuple(layers), model=model, weights=weights, data=data,
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
@@ -185,6 +198,7 @@ def info(path: str, as_json: bool) -> None:
                   f"backbone {b['model']}  weights {b['weights']}  sha256 {b['weights_sha256'][:16]}…\n"
                   f"layer    input of block {layer['index']} ({layer['name']}) of {layer['num_blocks']}\n"
                   f"data     {d['data']}, {d['classes']} classes, {d['preprocess']['image_size']}px, {d['dtype']}\n"
+                  f"input    {resizing(d['preprocess'])}\n"
                   f"codec    {' → '.join(c['name'] for c in d['codecs'])} "
                   f"{d['codecs'][-1].get('configuration', '')}\n"
                   f"format   {d['format_version']}, checksums {'crc32c' if d['checksums'] else 'none'}\n"
@@ -282,8 +296,8 @@ def train_config(**kw) -> "subcache.TrainConfig":
 
 def history_table(history: list[dict]) -> Table:
     table = Table(title="training")
-    cols = ["epoch", "loss", "train_accuracy", "seconds"] + (["test_accuracy"] if any("test_accuracy" in h for h in
-                                                                                     history) else [])
+    cols = ["epoch", "loss", "train_accuracy", "seconds"] + [c for c in ("val_accuracy", "test_accuracy")
+                                                             if any(c in h for h in history)]
     for col in cols:
         table.add_column(col.replace("_", " "), justify="right")
     for h in history:
@@ -297,7 +311,10 @@ def history_table(history: list[dict]) -> Table:
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="evaluate on the test split every k epochs (0: at the end)")
+              help="report test accuracy every k epochs (0: at the end); never used to choose")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="hold out this class-balanced fraction of the training examples: validation accuracy every "
+                   "epoch, the best epoch's weights kept")
 @click.option("--siamese", is_flag=True, help="head sees original + tuned features")
 @click.option("--prune", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="channel-prune this fraction of the tuned blocks before training")
@@ -308,14 +325,26 @@ def history_table(history: list[dict]) -> Table:
 @click.option("--json", "as_json", is_flag=True)
 @allows_factories
 @friendly
-def train(cache, out, overwrite, as_json, **kw) -> None:
+def train(cache, out, val_fraction, overwrite, as_json, **kw) -> None:
     """Train the selected blocks + a new linear head from a cache (never touching images)."""
-    result = subcache.train(cache, train_config(**kw), out=out, progress=True, overwrite=overwrite)
+    from subcache.selection import validation_split
+    from subcache.train import check_train_config
+
+    config, data = train_config(**kw), subcache.TrainData()
+    if val_fraction:
+        check_train_config(config)
+        cache = subcache.open_cache(cache)
+        fit, val = validation_split(cache, config, val_fraction)
+        data = subcache.TrainData(positions=fit, val_positions=val)
+    result = subcache.train(cache, config, data, out=out, progress=os.path.basename(os.path.normpath(out)),
+                            overwrite=overwrite)
     if as_json or not is_main_process():
         emit_json({**result.metrics(), "task": out})
         return
     console.print(history_table(result.history))
     acc = "–" if result.test_accuracy is None else f"{result.test_accuracy:.4f}"
+    if result.best_epoch is not None:
+        acc += f" (epoch {result.best_epoch}, best on validation {result.val_accuracy:.4f})"
     pruned = f" ({result.param_fraction:.0%} of the blocks' params after pruning)" if kw["prune"] else ""
     console.print(f"blocks {kw['blocks']}: test accuracy [bold]{acc}[/], {fmt_int(result.trainable_params)} "
                   f"trainable params{pruned}, {result.samples_per_second:,.0f} samples/s ({result.loader} loader) "
@@ -384,10 +413,13 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
                            min_epochs=min_epochs, prior=prior)
-    result = profile_blocks(cache, config, out=out, progress=True)
+    with once():  # a warning every run gives (too few steps) is printed once
+        result = profile_blocks(cache, config, out=out, progress=True)
     if halving:
         return show_halving(result, out, as_json)
     best = result.best()
+    if within_noise(result.summary(), best):
+        warn(within_noise(result.summary(), best))
     if as_json:
         emit_json({"summary": result.summary(), "best": best, "selected_on": "validation" if val_fraction else "test",
                    "out": out})
@@ -449,7 +481,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 
     config = RankConfig(blocks=block_range, widths=widths, methods=parse_methods(methods), val_fraction=val_fraction,
                         samples=samples, train=train_config(limit=limit, labels=labels, device=device))
-    result = rank_windows(cache, config, out=out, against=against)
+    result = rank_windows(cache, config, out=out, against=against, progress=True)
     if as_json:
         emit_json({**result.to_dict(), "out": out})
         return
@@ -547,7 +579,8 @@ def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, v
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
                           max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
-    result = greedy_select(cache, config, out=out, progress=True)
+    with once():
+        result = greedy_select(cache, config, out=out, progress=True)
     if as_json:
         emit_json({"blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy,
                    "path": result.path, "out": out})
@@ -683,17 +716,19 @@ def labels_add(cache, name, file, split) -> None:
 @main.command()
 @click.option("--task", "tasks", multiple=True, required=True, help="task directory; repeat for several tasks")
 @click.option("--data", required=True, help="a dataset spec (split --split), an unlabelled folder, or one image file")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", help="the data's split [default: test; train for a folder of class folders, its one split]")
 @click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--top", type=click.IntRange(min=1), default=1, show_default=True,
+              help="the K most probable classes per item, with probabilities")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @allows_factories
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, overwrite, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, device, out, show, top, overwrite, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     if out:
@@ -704,19 +739,28 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, overwrite,
                               progress=True)
     if out:
         result.save(out)
-    rows = result.rows()
+    rows = result.rows(top)
+    for reason in result.no_accuracy.values():
+        click.echo(reason, err=True)
     if as_json:
         emit_json({"items": len(result.ids), "accuracy": result.accuracy, "tasks": list(result.preds),
                    "images_per_second": round(result.images_per_second, 1), "out": out, "predictions": rows})
         return
-    table = Table(title=f"predictions on {data} ({split}, {len(result.ids)} images)")
+    table = Table(title=f"predictions on {data} ({result.split}, {len(result.ids)} images)")
     for col in ("key", "label", *result.preds):
         table.add_column(col)
     for row in rows[:show]:
-        table.add_row(row["key"], row["label"], *(f"{row[n]} ({row[n + '_prob']:.2f})" for n in result.preds))
+        table.add_row(row["key"], row["label"], *(predicted(row, n, top) for n in result.preds))
     console.print(table)
     for name, acc in result.accuracy.items():
         console.print(f"{name}: accuracy {acc:.4f}")
+
+
+def predicted(row: dict, name: str, top: int) -> str:
+    """``Sneaker (0.65)``, or with --top K: ``Sneaker 0.65, Sandal 0.20, Ankle boot 0.10``."""
+    if top == 1:
+        return f"{row[name]} ({row[name + '_prob']:.2f})"
+    return ", ".join(f"{c} {p:.2f}" for c, p in row[f"{name}_top"])
 
 
 # -- export ----------------------------------------------------------------------------------------------------
@@ -726,22 +770,25 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, overwrite,
               help="onnx | pt2 | torchscript: the multi-task model; timm: one task as the plain model's state dict")
 @click.option("--out", required=True, help="output file (.onnx, .pt2, .pt; .safetensors or .pth for timm)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--preprocess", is_flag=True,
+              help="onnx | pt2 | torchscript: the model takes uint8 RGB images and scales and normalises them")
 @click.option("--json", "as_json", is_flag=True, help="print the metadata written with the model")
 @allows_factories
 @friendly
-def export(tasks, fmt, out, overwrite, as_json) -> None:
+def export(tasks, fmt, out, preprocess, overwrite, as_json) -> None:
     """Export tasks for deployment: one model, dynamic batch, preprocessing recorded in the file's metadata."""
     from subcache.export import export as export_tasks
 
-    meta = export_tasks(tasks, fmt, out, overwrite=overwrite)
+    with stage(f"export {fmt} to {out}"):
+        meta = export_tasks(tasks, fmt, out, preprocess=preprocess, overwrite=overwrite)
     if as_json:
         emit_json(meta)
     elif fmt == "timm":
         console.print(f"{out}: load it into {meta['model']} built with num_classes={meta['num_classes']} "
                       f"(strict=True)")
     else:
-        console.print(f"{out}: input images (batch, 3, {meta['input']['shape'][-1]}, {meta['input']['shape'][-1]})"
-                      f" normalised; outputs {', '.join(meta['outputs'])}")
+        console.print(f"{out}: input images (batch, 3, {meta['input']['shape'][-1]}, {meta['input']['shape'][-1]}) "
+                      f"{meta['input']['dtype']}: {meta['input']['how']}; outputs {', '.join(meta['outputs'])}")
 
 
 # -- bench -------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
+from .inputs import record
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -117,10 +118,11 @@ def check_build_config(config: BuildConfig) -> None:
         raise ConfigError("no --split given; e.g. --split train --split test")
 
 
-def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
+def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbone | None = None,
                 data: Any = None) -> BuildResult:
     """Build (or resume) cache store(s) as described by ``config``. Returns the store paths and throughput.
-    ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
+    ``data``: dataset objects instead of ``config.data`` (see `with_objects`). ``progress``: on by default (a
+    build is long): a bar on a terminal, a line every 10 % on stderr otherwise; False for silence."""
     config, data = with_objects(config, data)
     check_build_config(config)
     ranks = Dist.from_env()
@@ -340,7 +342,7 @@ def _attrs(config: BuildConfig, backbone: Backbone, layer: int, shape: tuple[int
                      "image_size": backbone.preprocess.image_size},
         "layer": {"index": layer, "name": backbone.block_names[layer - 1], "num_blocks": backbone.num_blocks},
         "sample_shape": list(shape),
-        "preprocess": backbone.preprocess.to_dict(),
+        "preprocess": record(backbone.preprocess, first),  # exactly how the inputs were made (subcache.inputs)
         "dtype": config.dtype,
         "data": config.data, "splits": list(sources), "classes": first.classes,
         "flip_views": config.flip_views,

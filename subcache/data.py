@@ -7,6 +7,7 @@ decoded, resized and center-cropped with PIL in worker threads.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 NAMED = ("fashion-mnist", "cifar10", "cifar100", "flowers102")
 MAX_CLASSES = 1_000_000  # a label beyond this is an index gone wrong, not a class (each class gets a name)
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # an image folder with these holds splits
+UNLABELLED = "unlabelled"  # the split name of a flat folder of images, or of one image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -65,19 +68,29 @@ class ImageSource:
         """Where each item came from: its path under the folder given, else its index in the dataset."""
         return [str(k) for k in (self.keys if self.keys is not None else self.ids.tolist())]
 
-    def load(self, start: int, stop: int, pre: Preprocess) -> torch.Tensor:
-        """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size."""
-        if self.array is not None:
+    def load(self, start: int, stop: int, pre: Preprocess,
+             fit: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+        """uint8 images [start, stop) as (B, C, H, W); photos already resized/cropped to the input size (by ``fit``,
+        PIL image → uint8 (3, S, S), when given: then arrays are fitted the same way, one by one)."""
+        if self.array is not None and fit is None:
             return _bchw(np.array(self.array[start:stop]))  # a writable copy
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
-        return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre), range(start, stop))))
+        return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre, fit), range(start, stop))))
 
-    def _photo(self, i: int, pre: Preprocess) -> torch.Tensor:
+    def _photo(self, i: int, pre: Preprocess, fit: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+        fit = fit or functools.partial(_fit_photo, pre=pre)
+        if self.array is not None:
+            return fit(_as_pil(self.array[i]))
         if self.item is not None:
-            return _fit_photo(_as_pil(self.item(i)), pre)
-        return _read_photo(self.files[i], pre)
+            return fit(_as_pil(self.item(i)))
+        return read_image(self.files[i], fit)
 
+    def frame(self, i: int) -> torch.Tensor:
+        """Item ``i`` at its own size as uint8 (C, H, W): arrays as stored, images decoded to RGB."""
+        if self.array is not None:
+            return _bchw(np.array(self.array[i:i + 1]))[0]
+        return self._photo(i, None, lambda im: torch.from_numpy(np.array(open_rgb(im))).permute(2, 0, 1))
 
     def take(self, positions: np.ndarray, pre: Preprocess) -> torch.Tensor:
         """uint8 images at arbitrary positions, as (B, C, H, W)."""
@@ -92,8 +105,11 @@ class CorruptedSource(ImageSource):
 
     corruption: tuple[str, int] = ("gaussian_noise", 1)
 
-    def load(self, start: int, stop: int, pre) -> torch.Tensor:
-        return corrupt(super().load(start, stop, pre), self.ids[start:stop], *self.corruption)
+    def load(self, start: int, stop: int, pre, fit=None) -> torch.Tensor:
+        return corrupt(super().load(start, stop, pre, fit), self.ids[start:stop], *self.corruption)
+
+    def frame(self, i: int) -> torch.Tensor:
+        return corrupt(super().frame(i)[None], self.ids[i:i + 1], *self.corruption)[0]
 
     def take(self, positions: np.ndarray, pre) -> torch.Tensor:
         return corrupt(super().take(positions, pre), self.ids[np.asarray(positions)], *self.corruption)
@@ -113,10 +129,6 @@ def _bchw(array: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
-def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
-    return read_image(path, lambda im: _fit_photo(im, pre))
-
-
 def _as_pil(image: Any):
     """A PIL image, or a uint8 array H×W[×C] / tensor C×H×W, as a PIL image."""
     from PIL import Image
@@ -132,18 +144,20 @@ def _as_pil(image: Any):
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
-def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
-    """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop."""
-    from PIL import Image
+def _read_photo(path: str, pre: Preprocess) -> torch.Tensor:
+    return read_image(path, lambda im: _fit_photo(im, pre))
 
-    im = open_rgb(im)
-    scale = pre.image_size / pre.crop_pct / min(im.size)
-    w, h = max(pre.image_size, round(im.size[0] * scale)), max(pre.image_size, round(im.size[1] * scale))
-    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
-    im = im.resize((w, h), resample)
-    left, top = (w - pre.image_size) // 2, (h - pre.image_size) // 2
-    im = im.crop((left, top, left + pre.image_size, top + pre.image_size))
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+
+def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
+    """PIL image → uint8 (3, S, S): short side to size / crop_pct, then a center crop (timm's eval transform)."""
+    return _crop_fit(pre)(im)
+
+
+@functools.lru_cache(maxsize=8)
+def _crop_fit(pre: Preprocess) -> Callable[[Any], torch.Tensor]:
+    from .inputs import crop_fit
+
+    return crop_fit(pre.to_dict())
 
 
 def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch.Tensor:
@@ -199,6 +213,8 @@ def _from_spec(spec: str, split: str, download: bool, root: Path) -> ImageSource
         source = _image_folder(Path(spec), split)
     elif Path(spec).suffix.lower() in IMAGE_SUFFIXES and Path(spec).is_file():
         source = _unlabelled(spec, split, [Path(spec)])
+    elif Path(spec).suffix.lower() in (*IMAGE_SUFFIXES, ".npz", ".parquet") or os.sep in spec:
+        raise DataError(f"{spec}: file or folder not found")
     else:
         raise DataError(f"unknown data {spec!r}; use one of {', '.join(NAMED)}, an ImageFolder directory, an "
                         f".npz file with x (uint8 N×H×W[×C]) and y, hf:PATH, or an image file")
@@ -265,9 +281,25 @@ def _flowers(split: str, download: bool, root: Path) -> ImageSource:
                        files=[str(f) for f in ds._image_files])
 
 
+def split_layout(path: Path) -> bool:
+    """Whether an image folder holds splits (``DIR/<split>/<class>/``) rather than classes directly (``DIR/<class>/``,
+    torchvision's ImageFolder layout: one split, ``train``)."""
+    return any((path / s).is_dir() for s in SPLIT_NAMES)
+
+
+def default_split(spec: Any, wanted: str = "test") -> str:
+    """``wanted``, except for a folder of class folders (one split: ``train``)."""
+    path = Path(os.fspath(spec)) if isinstance(spec, str | os.PathLike) else None
+    one = path is not None and path.is_dir() and not _images_in(path) and not split_layout(path)
+    return "train" if one else wanted
+
+
 def _image_folder(path: Path, split: str) -> ImageSource:
-    folder = path / split if (path / split).is_dir() else (path if split == "train" else None)
-    if folder is None:
+    if not split_layout(path) and split != "train":
+        raise DataError(f"{path} holds class folders directly (the ImageFolder layout): one split, train; use "
+                        f"--split train, or lay it out as {path}/<split>/<class>/<image>")
+    folder = path / split if split_layout(path) else path
+    if not folder.is_dir():
         raise DataError(f"no split {split!r} in {path}: expected {path / split}/<class>/<image>")
     classes, samples = list_image_folder(folder)
     y = np.asarray([s[1] for s in samples], dtype=np.int64)
@@ -282,8 +314,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _unlabelled(spec: str, split: str, files: list[Path]) -> ImageSource:
-    """Images without labels (label -1, no classes), keyed by file name."""
-    return ImageSource(spec, split, np.full(len(files), -1, np.int64), np.arange(len(files)), [],
+    """Images without labels (label -1, no classes), keyed by file name: the split ``unlabelled``."""
+    return ImageSource(spec, UNLABELLED, np.full(len(files), -1, np.int64), np.arange(len(files)), [],
                        files=[str(f) for f in files], keys=[f.name for f in files])
 
 

@@ -21,14 +21,12 @@ from torch import nn
 
 from .backbones import Backbone
 from .errors import TaskError
-from .multitask import MultiTaskModel
+from .inputs import describe, resizing
+from .multitask import MultiTaskModel, input_record
 from .backbones import backbone_for
 from .task import Task, atomic_write, check_output_file, load_task
 
 FORMATS = ("onnx", "pt2", "torchscript", "timm")
-PREPROCESS_HOW = ("RGB scaled to [0, 1]; resize the short side to image_size / crop_pct (interpolation), center-crop "
-                  "image_size × image_size; subtract mean and divide by std per channel; layout (batch, 3, H, W) "
-                  "float32")
 
 
 class Deployable(nn.Module):
@@ -43,10 +41,25 @@ class Deployable(nn.Module):
         return tuple(out[name] for name in self.names)
 
 
+class Normalised(nn.Module):
+    """The in-graph preprocessing step (`export --preprocess`): uint8 RGB (B, 3, S, S), already resized as the
+    metadata says → ``/ 255``, ``(x - mean) / std`` → the model."""
+
+    def __init__(self, model: Deployable, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model, self.names = model, model.names
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model((images.float() - self.mean) / self.std)
+
+
 def export(tasks: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike, *,
-           backbone: Backbone | None = None, overwrite: bool = False) -> dict:
+           backbone: Backbone | None = None, preprocess: bool = False, overwrite: bool = False) -> dict:
     """Write ``tasks`` as ``fmt`` (one of `FORMATS`) to ``out`` (a temp file in its folder, flushed and renamed into
-    place; an existing ``out`` needs ``overwrite``); returns the metadata written with it."""
+    place; an existing ``out`` needs ``overwrite``); returns the metadata written with it. ``preprocess``: the model
+    takes uint8 RGB images (resized as the metadata says) and scales and normalises them itself."""
     if fmt not in FORMATS:
         raise TaskError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
     out = check_output_file(out, overwrite=overwrite)
@@ -57,21 +70,32 @@ def export(tasks: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike,
     if fmt == "timm":
         return _fold(loaded, backbone, out)
     model = Deployable(MultiTaskModel.from_tasks(backbone, loaded, include_original=False)).eval()
-    meta = metadata(model, loaded, backbone)
-    size = backbone.preprocess.image_size
-    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would let exporters fix the batch size
+    rec = input_record(loaded)
+    if preprocess:
+        model = Normalised(model, rec["mean"], rec["std"]).eval()
+    meta = metadata(model, loaded, rec, backbone, preprocess)
+    size = rec["image_size"]
+    # batch 2: a batch of 1 would let exporters fix the batch size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8 if preprocess else torch.float32)
     writer = {"onnx": _onnx, "pt2": _pt2, "torchscript": _torchscript}[fmt]
     atomic_write(out, lambda tmp: writer(model, example, Path(tmp), meta))
     return meta
 
 
-def metadata(model: Deployable, tasks: list[Task], backbone: Backbone) -> dict:
-    size = backbone.preprocess.image_size
+def metadata(model: nn.Module, tasks: list[Task], rec: dict, backbone: Backbone, preprocess: bool = False) -> dict:
+    """The record written with the model: tasks, output order, and the input — made exactly as the tasks'
+    caches' inputs were (``preprocess``: `subcache.inputs` record; ``how``: in words)."""
+    size = rec["image_size"]
+    how = describe(rec)
+    if preprocess:
+        how = (f"RGB (gray repeated, alpha dropped) uint8; {resizing(rec)}; layout (batch, 3, {size}, {size}) "
+               f"uint8 (the model scales and normalises)")
     return {"format": "subcache-export", "outputs": model.names,
             "tasks": {n: {"classes": t.meta["classes"], "blocks": list(t.blocks), "path": t.path}
                       for n, t in zip(model.names, tasks)},
-            "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32",
-                      "preprocess": backbone.preprocess.to_dict(), "how": PREPROCESS_HOW},
+            "input": {"name": "images", "shape": ["batch", 3, size, size],
+                      "dtype": "uint8" if preprocess else "float32", "preprocess": rec, "how": how,
+                      "normalised_in_model": preprocess},
             "backbone": backbone.identity()}
 
 
@@ -111,7 +135,7 @@ def _fold(tasks: list[Task], backbone: Backbone, out: Path) -> dict:
     tuned = task.model(backbone)
     state = fold_state(backbone, {i: tuned.tuned_blocks[str(i)] for i in task.blocks}, tuned.head)
     meta = {"format": "subcache-timm", "model": backbone.model_id, "num_classes": len(task.meta["classes"]),
-            "classes": task.meta["classes"], "preprocess": backbone.preprocess.to_dict()}
+            "classes": task.meta["classes"], "preprocess": task.input_record}
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 

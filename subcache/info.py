@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .integrity import split_arrays
+from .inputs import recorded
 from .store import dir_bytes, has_checksums, open_cache
 
 
@@ -26,8 +27,9 @@ def cache_info(path: str) -> dict:
     codecs = [c.to_dict() for c in first.x.metadata.codecs]
     return {
         "path": path, "status": cache.status, "backbone": cache.backbone, "layer": cache.attrs["layer"],
-        "dtype": cache.dtype, "preprocess": cache.attrs["preprocess"], "data": cache.attrs["data"],
-        "classes": len(cache.classes), "splits": splits, "codecs": codecs, "bytes_on_disk": on_disk,
+        "dtype": cache.dtype, "preprocess": recorded(cache.attrs["preprocess"], cache.attrs["data"]),
+        "data": cache.attrs["data"], "classes": len(cache.classes), "class_names": list(cache.classes),
+        "build": cache.attrs.get("build"), "splits": splits, "codecs": codecs, "bytes_on_disk": on_disk,
         "format_version": cache.attrs.get("format_version", 1), "checksums": all(has_checksums(a) for s in cache.splits
                                                                       for a in split_arrays(cache.group[s]).values()),
         "bytes_float32": raw, "compression_ratio": raw / on_disk if on_disk else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -121,14 +121,28 @@ class Predictions:
     task_classes: dict[str, list[str]]  # task name → its class names
     accuracy: dict[str, float]  # tasks whose classes are the dataset's
     images_per_second: float
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # task name → (N, classes) softmax
+    no_accuracy: dict[str, str] = field(default_factory=dict)  # task name → why no accuracy (labelled data)
+    split: str = ""  # the data's split (``unlabelled`` for a flat folder of images or one image)
 
-    def rows(self) -> list[dict]:
-        """One dict per item: id, key, label (name), then per task its predicted class name and probability."""
+    def top(self, name: str, k: int) -> list[list[tuple[str, float]]]:
+        """Per item, the task's ``k`` most probable classes with their probabilities, most probable first."""
+        p = self.probabilities[name]
+        order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        names = self.task_classes[name]
+        return [[(names[c], float(p[i, c])) for c in row] for i, row in enumerate(order)]
+
+    def rows(self, top: int = 1) -> list[dict]:
+        """One dict per item: id, key, label (name), then per task its predicted class name and probability (and
+        with ``top`` > 1 its ``top`` classes as ``NAME_top``: [[class, probability], …])."""
         label_names = [self.classes[y] if 0 <= y < len(self.classes) else "" for y in self.labels.tolist()]
         rows = [{"id": int(i), "key": str(k), "label": n} for i, k, n in zip(self.ids, self.keys, label_names)]
         for name, pred in self.preds.items():
             for row, c, p in zip(rows, pred.tolist(), self.probs[name].tolist()):
                 row[name], row[f"{name}_prob"] = self.task_classes[name][c], round(p, 6)
+            if top > 1:
+                for row, best in zip(rows, self.top(name, top)):
+                    row[f"{name}_top"] = [[c, round(p, 6)] for c, p in best]
         return rows
 
     def save(self, path: str | Path) -> None:
@@ -146,35 +160,68 @@ class Predictions:
         atomic_write(p, write)
 
 
-def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: int | None = None,
+def predict(tasks: Sequence[str | Path], data, *, split: str | None = None, limit: int | None = None,
             batch_size: int = 128, device: str = "auto", progress: bool = False,
             backbone: Backbone | None = None) -> Predictions:
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
-    Accuracy for tasks trained on the data's labels."""
-    from .data import open_source, to_input
+    Accuracy for tasks trained on the data's labels. ``split``: default test (train for a folder of class
+    folders, its one split)."""
+    from .data import default_split, open_source
+    from .inputs import load_input, note_mismatch
     from .progress import progress_bar
 
     loaded, backbone, dev = load_tasks(tasks, device, backbone)
     model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
-    source = open_source(data, split, limit=limit)
+    source = open_source(data, split or default_split(data), limit=limit)
+    rec = input_record(loaded)
+    note_mismatch(rec, source, "the task" if len(loaded) == 1 else "the tasks")
     outputs: dict[str, list] = {name: [] for name in model.names}
     start = time.perf_counter()
     with progress_bar(progress) as bar, torch.inference_mode():
-        task = bar.add_task(f"predict {split}", total=len(source))
+        task = bar.add_task(f"predict {source.split}", total=len(source))
         for a in range(0, len(source), batch_size):
-            images = source.load(a, min(a + batch_size, len(source)), backbone.preprocess).to(dev)
-            for name, logits in model(to_input(images, backbone.preprocess)).items():
-                outputs[name].append(logits.float().softmax(1).max(1))
+            images = load_input(source, a, min(a + batch_size, len(source)), rec, dev)
+            for name, logits in model(images).items():
+                outputs[name].append(logits.float().softmax(1))
             bar.advance(task, len(images))
     seconds = time.perf_counter() - start
-    preds = {name: torch.cat([o.indices for o in v]).cpu().numpy() for name, v in outputs.items()}
-    probs = {name: torch.cat([o.values for o in v]).cpu().numpy() for name, v in outputs.items()}
+    full = {name: torch.cat(v).cpu().numpy() for name, v in outputs.items()}
+    preds = {name: p.argmax(1) for name, p in full.items()}
+    probs = {name: p.max(1) for name, p in full.items()}
     classes = {name: list(t.meta["classes"]) for name, t in zip(model.names, loaded)}
-    accuracy = {name: float((preds[name] == source.labels).mean()) for name, t in zip(model.names, loaded)
-                if t.meta.get("labels") is None and t.meta["classes"] == source.classes}
+    accuracy, why = _accuracy(dict(zip(model.names, loaded)), preds, source)
     return Predictions(source.ids, np.asarray(source.source_keys()), source.labels, source.classes, preds, probs,
-                       classes, accuracy, len(source) / seconds)
+                       classes, accuracy, len(source) / seconds, full, why, source.split)
+
+
+def input_record(tasks: Sequence[Task]) -> dict:
+    """The input record the tasks share (they run on one backbone, so they must have been fed alike)."""
+    recs = [t.input_record for t in tasks]
+    keys = ("image_size", "resize", "crop_pct", "interpolation", "mean", "std")
+    for t, rec in zip(tasks[1:], recs[1:]):
+        if any(rec[k] != recs[0][k] for k in keys):
+            raise TaskError(f"tasks {tasks[0].path} and {t.path} were trained on inputs made differently "
+                            f"({recs[0]['resize']} vs {rec['resize']} resize); predict them separately")
+    return recs[0]
+
+
+def _accuracy(tasks: dict[str, Task], preds: dict[str, np.ndarray], source) -> tuple[dict, dict]:
+    """Accuracy of each task trained on the data's labels, and why none for the others (labelled data only)."""
+    accuracy, why = {}, {}
+    for name, t in tasks.items():
+        if t.meta.get("labels") is None and t.meta["classes"] == source.classes:
+            accuracy[name] = float((preds[name] == source.labels).mean())
+        elif source.classes and (source.labels >= 0).any():
+            reason = (f"it was trained on label set {t.meta['labels']!r}" if t.meta.get("labels") is not None else
+                      f"its classes ({_names(t.meta['classes'])}) are not the data's ({_names(source.classes)})")
+            why[name] = f"no accuracy for {name}: {reason}"
+    return accuracy, why
+
+
+def _names(classes: Sequence[str], show: int = 4) -> str:
+    more = f", … ({len(classes)} in all)" if len(classes) > show else ""
+    return ", ".join(map(str, classes[:show])) + more
 
 
 # -- the reference SubTuning code's alternative (src/latency.py): grouped convolutions --------------------------------

@@ -6,6 +6,9 @@ itself with ``line()`` (``every=None``; training writes one per epoch).
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 stderr = Console(stderr=True)
+
+
+def warn(text: str) -> None:
+    """One line on stderr (a note or a warning), flushed at once, whatever the progress settings."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def rate_text(per_second: float | None, unit: str = "img/s") -> str:
@@ -121,7 +129,34 @@ def progress_bar(enabled: bool, unit: str = "img/s", console: Console | None = N
 
 
 def epoch_line(row: dict, epochs: int, samples_per_second: float) -> str:
-    """``epoch 3/10 loss 0.4123 acc 0.8512 test 0.8390 12,345 samples/s`` (test only when evaluated that epoch)."""
-    test = f" test {row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else ""
+    """``epoch 3/10 loss 0.4123 acc 0.8512 val 0.8400 test 0.8390 12,345 samples/s`` (val with validation
+    monitoring, test only when evaluated that epoch)."""
+    test = "".join(f" {name} {row[key]:.4f}" for name, key in (("val", "val_accuracy"), ("test", "test_accuracy"))
+                   if row.get(key) is not None)
     return (f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f} acc {row['train_accuracy']:.4f}{test} "
             f"{rate_text(samples_per_second, 'samples/s')}")
+
+
+@contextlib.contextmanager
+def stage(text: str, enabled: bool = True, console: Console | None = None, after: float = 2.0):
+    """One step of unknown length (an export, a model load): a spinner on a terminal; in logs a line once it has run
+    for ``after`` seconds (so a quick failure prints only its error) and one with its time when it ends
+    (``export onnx done in 12.3 s``)."""
+    console = console or stderr
+    start = time.perf_counter()
+    if not enabled:
+        yield
+    elif console.is_terminal:
+        with console.status(text):
+            yield
+        console.print(f"{text} done in {time.perf_counter() - start:.1f} s")
+    else:
+        file = console.file
+        timer = threading.Timer(after, lambda: print(f"{text} …", file=file, flush=True))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+        print(f"{text} done in {time.perf_counter() - start:.1f} s", file=file, flush=True)

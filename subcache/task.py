@@ -38,6 +38,20 @@ class Task:
     def start(self) -> int:
         return int(self.meta["cache_layer"])
 
+    @property
+    def input_record(self) -> dict:
+        """How the task's cache's inputs were made (`subcache.inputs`): what its inputs must be made like."""
+        from .inputs import recorded
+
+        return recorded(self.meta["preprocess"], self.meta.get("data"))
+
+    def transform(self):
+        """One image (PIL, uint8 array H×W[×C] or C×H×W tensor) → the normalised (3, S, S) input the task expects,
+        made as its cache's inputs were (whole-frame resize for array datasets, resize + center crop for files)."""
+        from .inputs import transform
+
+        return transform(self.input_record)
+
     def check_backbone(self, backbone: Backbone) -> None:
         mine = self.meta["backbone"]
         if mine["model"] != backbone.model_id or mine["weights_sha256"] != backbone.weights_sha256:

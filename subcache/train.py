@@ -27,6 +27,7 @@ from .labels import freeze_labels, label_classes
 from .evaluation import labels_for, scorer
 from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, bridge, memory_budget, resident_dtype,
                      split_nbytes)
+from .advice import advise, few_steps
 from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
@@ -78,9 +79,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     loader: str = "memory"
     param_fraction: float = 1.0  # tuned-block parameters kept by pruning
+    val_accuracy: float | None = None  # with validation monitoring: the chosen (best) epoch's
+    best_epoch: int | None = None  # with validation monitoring: the epoch whose weights were kept
 
     def metrics(self) -> dict:
-        return {"test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
+        chosen = {} if self.best_epoch is None else {"val_accuracy": self.val_accuracy, "best_epoch": self.best_epoch}
+        return {**chosen, "test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
                 "train_seconds": round(self.train_seconds, 4), "trainable_params": self.trainable_params,
                 "samples_per_second": round(self.samples_per_second, 1), "num_samples": self.num_samples,
                 "blocks": list(self.blocks), "loader": self.loader, "param_fraction": self.param_fraction}
@@ -150,7 +154,7 @@ def run_frozen(model: TunedModel, x: torch.Tensor, dtype: torch.dtype = torch.fl
 
 def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *,
         augments: tuple[str, ...] = (), pad: int = 1, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        progress: bool | str = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         ) -> tuple[list[dict], float]:
     """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded).
     ``forward`` replaces the model's trainable part (a DDP wrapper under torchrun)."""
@@ -158,7 +162,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
     step = training_forward(model, config, device, bridge(loader, model), forward)
     gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
-    history, seconds = [], 0.0
+    history, seconds, total = [], 0.0, 0
+    name = f"{progress} " if isinstance(progress, str) else ""  # a run name starts each epoch line
     with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
         task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
         for epoch in range(config.epochs):
@@ -178,7 +183,8 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
             history.append(_epoch_row(epoch, sums, seen, seconds, config.lr))
             if on_epoch:
                 on_epoch(history[-1])
-            bar.line(epoch_line(history[-1], config.epochs, seen / max(epoch_seconds, 1e-9)))
+            total += seen  # the rate over all epochs so far: steady, where one short epoch's is noise
+            bar.line(name + epoch_line(history[-1], config.epochs, total / max(seconds, 1e-9)))
     return history, seconds
 
 
@@ -267,15 +273,18 @@ class TrainData:
     positions: np.ndarray | None = None  # training-split positions to train on (None: ``config.limit``'s subset)
     labels: torch.Tensor | None = None  # the whole training split's labels (None: y, or ``config.labels``)
     eval_positions: np.ndarray | None = None  # score on these training-split positions, not the test split
+    val_positions: np.ndarray | None = None  # monitor on these training-split positions; keep the best epoch
     bank: "ActivationBank | None" = None  # frozen-block activations shared between runs (used without augment)
 
 
 def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(), data: TrainData = TrainData(), *,
-          out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool = False,
+          out: str | os.PathLike | None = None, backbone: Backbone | None = None, progress: bool | str = False,
           on_epoch: Callable[[dict], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train ``config.blocks`` + a new head from a cache on ``data``; score on its test split (or
-    ``data.eval_positions``); save the task to ``out``, checked writable first and locked (``OUT.lock``) while this
-    run owns it: one writer per task folder. A complete task already in ``out`` needs ``overwrite``."""
+    ``data.eval_positions``; with ``data.val_positions``, keep the epoch best on them); ``progress``: True, or the
+    run's name to start each epoch line with; save the task to ``out``, checked writable first and locked
+    (``OUT.lock``) while this run owns it: one writer per task folder. A complete task already in ``out`` needs
+    ``overwrite``."""
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
@@ -288,7 +297,7 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
 
 
 def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(), out: str | None = None,
-           backbone: Backbone | None = None, progress: bool = False,
+           backbone: Backbone | None = None, progress: bool | str = False,
            on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """`train` once its options are checked and ``out`` is locked."""
     cache, backbone = open_for_training(cache, backbone)
@@ -306,15 +315,24 @@ def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(
     positions = balanced_subset(labels.numpy(), config.limit, config.seed) if positions is None else positions
     model, param_fraction = new_model(cache, backbone, tuned, num_classes, config, device)
     loader, step = _training_loader(cache, config, model, positions, labels, device, augments, ranks, data.bank)
+    advise(few_steps(loader.num_samples * ranks.world, config.batch_size), loud=bool(progress) and ranks.main)
     score = _scorer(model, cache, config, labels, data, device)
+    monitor = None if data.val_positions is None else Best(model, scorer(
+        model, cache, config.train_split, labels, data.val_positions, data.bank, device))
     saver = partial(_save, out, cache, backbone, model, config) if out else None
     history, seconds = _fit_keeping_good(model, loader, config, device, augments, score, on_epoch,
-                                         progress and ranks.main, step, saver, default_pad(cache.sample_shape))
+                                         progress if ranks.main else False, step, saver,
+                                         default_pad(cache.sample_shape),
+                                         monitor)
+    if monitor is not None:
+        monitor.restore()
+    chosen = history[monitor.epoch - 1] if monitor is not None else history[-1]
     test_acc = ranks.broadcast(score() if score is not None and ranks.main else None)
     samples = loader.num_samples * ranks.world
-    result = TrainResult(model, test_acc, history[-1]["train_accuracy"], seconds, model.trainable_params(),
+    result = TrainResult(model, test_acc, chosen["train_accuracy"], seconds, model.trainable_params(),
                          config.epochs * samples / max(seconds, 1e-9), tuned, samples,
-                         history, type(loader).__name__.removesuffix("Loader").lower(), param_fraction)
+                         history, type(loader).__name__.removesuffix("Loader").lower(), param_fraction,
+                         chosen.get("val_accuracy"), None if monitor is None else monitor.epoch)
     if saver and ranks.main:
         saver(metrics=result.metrics(), complete=True, history=history, world_size=ranks.world)
     ranks.barrier()
@@ -338,8 +356,8 @@ def new_model(cache: Cache, backbone: Backbone, tuned: tuple[int, ...], num_clas
 
 def _fit_keeping_good(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device,
                       augments: tuple[str, ...], score: Callable[[], float] | None,
-                      on_epoch: Callable[[dict], None] | None, progress: bool, step, saver, pad: int
-                      ) -> tuple[list[dict], float]:
+                      on_epoch: Callable[[dict], None] | None, progress: bool | str, step, saver, pad: int,
+                      monitor: "Best | None" = None) -> tuple[list[dict], float]:
     """`fit`, scoring every ``config.eval_every`` epochs; when training fails, the last finite weights are saved
     (marked incomplete) through ``saver`` before the error goes on."""
     last_good = {k: v.clone() for k, v in model.task_state().items()}
@@ -347,6 +365,8 @@ def _fit_keeping_good(model: TunedModel, loader: Loader, config: TrainConfig, de
     def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on, if they are finite
         check_finite(model, row["epoch"], config.lr)
         last_good.update({k: v.clone() for k, v in model.task_state().items()})
+        if monitor is not None:
+            monitor(row)
         if score is not None and config.eval_every and row["epoch"] % config.eval_every == 0:
             row["test_accuracy"] = score()
         if on_epoch:
@@ -361,6 +381,23 @@ def _fit_keeping_good(model: TunedModel, loader: Loader, config: TrainConfig, de
         model.load_state_dict(last_good, strict=False)
         out = saver(metrics={}, complete=False, stopped=str(exc))
         raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
+
+
+class Best:
+    """Validation monitoring (`train --val-fraction`): each epoch's ``val_accuracy`` goes into its history row;
+    the best epoch's weights (the first of equals) are restored at the end."""
+
+    def __init__(self, model: TunedModel, score: Callable[[], float]):
+        self.model, self.score, self.best, self.epoch, self.state = model, score, -1.0, 0, {}
+
+    def __call__(self, row: dict) -> None:
+        row["val_accuracy"] = self.score()
+        if row["val_accuracy"] > self.best:
+            self.best, self.epoch = row["val_accuracy"], row["epoch"]
+            self.state = {k: v.clone() for k, v in self.model.task_state().items()}
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state, strict=False)
 
 
 def check_finite(model: TunedModel, epoch: int, lr: float) -> None:
@@ -423,11 +460,14 @@ def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConf
           complete: bool, **extra) -> dict:
     import zarr
 
+    from .inputs import recorded
+
     return {
         "complete": complete,
         "backbone": cache.backbone,
         "cache": cache.path, "cache_layer": cache.layer, "cache_layer_name": cache.layer_name,
-        "sample_shape": cache.attrs["sample_shape"], "preprocess": cache.attrs["preprocess"],
+        "sample_shape": cache.attrs["sample_shape"],
+        "preprocess": recorded(cache.attrs["preprocess"], cache.attrs.get("data")),
         "blocks": list(model.tuned), "block_names": [backbone.block_names[i - 1] for i in model.tuned],
         "classes": cache.classes if config.labels is None else label_classes(cache, config.train_split, config.labels),
         "labels": config.labels, "siamese": config.siamese,

@@ -20,7 +20,7 @@ from subcache.progress import BarProgress, LineProgress, progress_bar, rate_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-EPOCH_LINE = re.compile(r"^epoch (\d+)/3 loss \d+\.\d{4} acc \d\.\d{4} [\d,.]+ samples/s$")
+EPOCH_LINE = re.compile(r"^t epoch (\d+)/3 loss \d+\.\d{4} acc \d\.\d{4} [\d,.]+ samples/s$")
 
 
 # -- progress --------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ SLOW_AFTER_FIRST_EPOCH = textwrap.dedent("""
     original = p.LineProgress.line
     def line_then_wait(self, text):
         original(self, text)
-        if text.startswith("epoch 1/"):
+        if text.startswith("t epoch 1/"):  # the run's name (its --out folder), then the epoch
             time.sleep(2)  # the test reads this line while the job still runs
     p.LineProgress.line = line_then_wait
     from subcache.cli.main import main
@@ -75,7 +75,7 @@ def test_redirected_train_writes_a_line_per_epoch_while_it_runs(resnet_cache, tm
         seen.append((line.rstrip("\n"), proc.poll() is None))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, seen
-    epochs = [(text, running) for text, running in seen if text.startswith("epoch")]
+    epochs = [(text, running) for text, running in seen if text.startswith("t epoch")]
     assert [EPOCH_LINE.match(text).group(1) for text, _ in epochs] == ["1", "2", "3"], seen
     assert epochs[0][1], "the first epoch's line arrived only after the job ended"
     assert json.loads(out)["test_accuracy"] is not None and len(out.strip().splitlines()) == 1  # stdout: the JSON

@@ -40,6 +40,7 @@ from ..backbones import Backbone
 from ..bank import NECK, ActivationBank
 from ..devices import resolve_device
 from ..errors import BlockError, ConfigError, TrainingError
+from ..progress import stage
 from ..evaluation import labels_for
 from ..store import Cache
 from ..train import TrainConfig, balanced_subset, open_for_training
@@ -236,9 +237,9 @@ def window_scores(win: tuple[int, ...], grads: dict[int, dict], transfer: dict[i
 
 
 def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: str | None = None,
-                 backbone: Backbone | None = None, against: str | None = None) -> RankResult:
+                 backbone: Backbone | None = None, against: str | None = None, progress: bool = False) -> RankResult:
     """Score every window of each width in the range; best first by the first method. ``against``: a profile
-    folder to compare with (Spearman, Kendall, regret)."""
+    folder to compare with (Spearman, Kendall, regret). ``progress``: a line per stage (`progress.stage`)."""
     t0 = time.perf_counter()
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)
@@ -252,16 +253,21 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
     grads, transfer, sketch = {}, {}, None
     if set(methods) & {*GRADIENT, *PRIOR_METHODS}:
         classes = labels_for(cache, split, config.train.labels)[1]
-        head = fit_head(bank.at(split, NECK)[rows].float(), y, classes, config.head_l2)
+        with stage(f"rank: frozen blocks {lo}-{backbone.num_blocks} over {len(rows):,} examples, head", progress):
+            head = fit_head(bank.at(split, NECK)[rows].float(), y, classes, config.head_l2)
         some = _subset(y, config.samples)
         x = bank.at(split, lo)[rows[some]].float()
         if set(methods) & set(GRADIENT):
-            grads = gradient_scores(backbone, head, x, y[some], lo, hi)
+            with stage(f"rank: per-sample gradients of blocks {lo}-{hi} on {len(some):,} examples", progress):
+                grads = gradient_scores(backbone, head, x, y[some], lo, hi)
         if set(methods) & set(PRIOR_METHODS):
-            sketch = gradient_sketch(backbone, head, x, y[some], lo, hi, methods=methods,
-                                     batch_size=config.train.batch_size)
+            with stage(f"rank: gradient sketch of blocks {lo}-{hi} on {len(some):,} examples", progress):
+                sketch = gradient_sketch(backbone, head, x, y[some], lo, hi, methods=methods,
+                                         batch_size=config.train.batch_size)
     if set(methods) & {"logme", "knn"}:
-        transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
+        with stage(f"rank: {', '.join(m for m in methods if m in ('logme', 'knn'))} at blocks {lo}-{hi + 1}",
+                   progress):
+            transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
     ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w),
                 **window_scores(w, grads, transfer, methods, sketch)} for w in wins]
     _check_finite(ranking, methods)
