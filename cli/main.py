@@ -102,6 +102,10 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="target uncompressed chunk size in MiB")
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores "
+              "available, at most 8]; 0: the main process. The store's bits do not depend on it")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="gpu: decode JPEGs in batches on CUDA (nvjpeg); other pixels than cpu (Pillow), so recorded")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--download", is_flag=True, help="let torchvision download named datasets (online only)")
 @click.option("--resume", is_flag=True, help="finish an interrupted build (keeps whole chunks)")
@@ -110,7 +114,8 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.pass_context
 @friendly
 def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
-          flip_views, corrupt, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
+          flip_views, corrupt, batch_size, chunk_mb, workers, decode, device, download, resume, overwrite,
+          as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache and corrupt:
         raise click.UsageError("--corrupt applies to images; a cache built --from another keeps its corruption")
@@ -127,7 +132,7 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
                                       flip_views=flip_views, corrupt=corrupt, batch_size=batch_size,
-                                      chunk_mb=chunk_mb, device=device,
+                                      chunk_mb=chunk_mb, workers=workers, decode=decode, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=True)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
@@ -140,7 +145,8 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
 
 
-IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download", "corrupt")
+IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download", "corrupt",
+              "workers", "decode")
 
 
 def refuse_image_options(ctx: click.Context) -> None:

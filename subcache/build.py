@@ -3,8 +3,9 @@
 One pass serves several layers. Work proceeds in *units* of whole chunks (the longest chunk among the layers; all
 chunk lengths are powers of two, so every store's chunks tile a unit exactly). A unit is the unit of resume: after
 a kill, units whose chunks are all on disk are kept and the rest recomputed with the same batches, so a resumed
-store is bit-identical to an uninterrupted one. Image loading runs ahead in a thread and chunk writing (with its
-compression, which releases the GIL) behind in another, so both hide behind the forward pass.
+store is bit-identical to an uninterrupted one. Images are decoded ahead in worker processes (`subcache.pipeline`;
+in order, so the bits do not depend on how many) and units are written behind by a small thread pool (compression
+and checksums release the GIL), so the forward pass waits only on the slowest stage.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import errno
 import functools
 import hashlib
 import os
-import queue
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
+from .pipeline import check_workers, decodes, image_loader, ordered, to_device
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -37,6 +37,7 @@ from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, chann
                     choose_codec, chunk_length, create_cache, exists, good_chunks, is_local, local_path, open_cache,
                     quantize_scale, remove, sweep_partials, to_storage, write_len, written_chunks)
 
+WRITERS = 4  # at most this many units are encoded and written at once
 CALIBRATION = 1024  # int8 scales: max |x| per channel over the first this-many items of the first split
 
 
@@ -64,6 +65,8 @@ class BuildConfig:
     shard_mb: float | None = None  # pack chunks into shards of about this many MiB (object stores)
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
     corrupt: str | None = None  # NAME:SEVERITY, a deterministic corruption of every image (subcache.corrupt)
+    workers: int | None = None  # decode processes (photos); None: the cores available, capped; 0: main process
+    decode: str = "cpu"  # cpu (Pillow) | gpu (nvjpeg on CUDA, JPEG folders; other pixels, so recorded)
     batch_size: int = 128
     chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
     device: str = "auto"  # auto | cpu | cuda
@@ -78,10 +81,11 @@ class BuildConfig:
     def recorded(self) -> dict:
         """The options a resumed build must share with the original (anything that changes the bits)."""
         d = asdict(self)
-        for k in ("out", "resume", "overwrite", "download", "data_root", "device"):
+        for k in ("out", "resume", "overwrite", "download", "data_root", "device", "workers"):
             d.pop(k)
-        if d["corrupt"] is None:  # caches built before --corrupt existed resume as before
-            d.pop("corrupt")
+        for k, default in (("corrupt", None), ("decode", "cpu")):  # caches from before the option resume as before
+            if d[k] == default:
+                d.pop(k)
         d["layers"], d["splits"] = list(self.layers), list(self.splits)
         return d
 
@@ -114,6 +118,7 @@ def check_build_config(config: BuildConfig) -> None:
                           "discards them")
     if not config.splits:
         raise ConfigError("no --split given; e.g. --split train --split test")
+    check_workers(config.workers)
 
 
 def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbone | None = None,
@@ -137,13 +142,12 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     layouts = {layer: layout(shapes[layer], config.dtype, {s: len(src) for s, src in sources.items()},
                              config.chunk_mb, config.shard_mb) for layer in layers}
     origin = {"data": config.data, "sha256": source_fingerprint(sources)}
-    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
-                       np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
+    jobs = {split: image_job(src, backbone, config, device) for split, src in sources.items()}
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        images = job.load(0, min(job.n, calibration_len(layouts, config.dtype)))
-        return _forward_unit(backbone, layers, images.to(device), replace(config, dtype="float32", flip_views=False))
+        images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype))))
+        return _forward_unit(backbone, layers, images, replace(config, dtype="float32", flip_views=False))
 
     def create() -> list[Cache]:
         check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
@@ -287,13 +291,26 @@ def finish_all(ranks: Dist, stores: list[Cache]) -> None:
 
 @dataclass
 class Job:
-    """One split's work: how many items, how to load items [a, b) (any thread), and their labels/ids."""
+    """One split's work: how many items, how to load items [a, b) (any thread; with ``workers`` > 0 any process,
+    in pieces of ≤ ``piece`` items), how to put what was loaded on the device, and the items' labels/ids."""
 
     n: int
     load: Callable[[int, int], Any]
     labels: np.ndarray
     ids: np.ndarray
     keys: np.ndarray  # (N,) str: where each item came from
+    workers: int = 0  # decode processes
+    piece: int = 128
+    finish: Callable[[Any], Any] | None = None  # default: move to the build's device
+
+
+def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device: torch.device) -> Job:
+    """A split of images: decoded by ``config.workers`` processes (when the source decodes at all) with
+    ``config.decode``, in pieces of one forward batch."""
+    load, finish = image_loader(src, backbone.preprocess, config.decode, device)
+    workers = check_workers(config.workers) if decodes(src) else 0
+    return Job(len(src), load, src.labels, src.ids, np.asarray(src.source_keys(), dtype=object), workers,
+               config.batch_size, finish)
 
 
 def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
@@ -314,8 +331,9 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
             job = replace(job, n=sum(b - a for a, b in mine))
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
                                 completed=job.n - sum(b - a for a, b in todo))
-            for (a, b), x in _prefetch(job.load, todo, device):
-                acts = forward(x)
+            for (a, b), x in ordered(job.load, todo, workers=job.workers, piece=job.piece,
+                                     pin=device.type == "cuda"):
+                acts = forward(job.finish(x) if job.finish else to_device(x, device))
                 writer.submit(functools.partial(_write_unit, stores, split, a, b, acts, job))
                 done += b - a
                 bar.update(task, advance=b - a)
@@ -399,30 +417,6 @@ def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tup
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------
-def _prefetch(load: Callable[[int, int], Any], units: list[tuple[int, int]], device: torch.device,
-              depth: int = 2) -> Iterator[tuple[tuple[int, int], Any]]:
-    """Yield ((a, b), inputs) per unit, loaded ahead in a background thread and moved to the device."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-
-    def work() -> None:
-        try:
-            for a, b in units:
-                q.put(((a, b), load(a, b)))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-        q.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        inputs = item[1]
-        if isinstance(inputs, dict):
-            yield item[0], {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        else:
-            yield item[0], inputs.to(device, non_blocking=True)
-
-
 def capture_inputs(backbone: Backbone, h: torch.Tensor, first: int, layers: list[int],
                    dtype: str, scales: dict | None = None) -> dict[int, np.ndarray]:
     """Run blocks ``first``.. over ``h`` (the input of block ``first``), keeping the input of every block in
@@ -468,16 +462,19 @@ def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int,
 
 
 class _Writer:
-    """Writes units in a background thread, at most ``depth`` behind; re-raises the first failure."""
+    """Writes units (their chunks' compression and crc32c release the GIL) in a pool of ``threads``; the caller
+    waits only when ``2 × threads`` units are pending, i.e. when writing is the slowest stage. Units own whole
+    chunks, so no two threads ever write one chunk. Re-raises the first failure."""
 
-    def __init__(self, depth: int = 2):
-        self.pool = ThreadPoolExecutor(1)
+    def __init__(self, threads: int | None = None):
+        threads = threads or writer_threads()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subcache-write")
         self.pending: list[Future] = []
-        self.depth = depth
+        self.depth = 2 * threads
 
     def submit(self, fn) -> None:
         self.pending.append(self.pool.submit(fn))
-        while len(self.pending) > self.depth:
+        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
             self.pending.pop(0).result()
 
     def __enter__(self) -> "_Writer":
@@ -489,7 +486,12 @@ class _Writer:
                 for f in self.pending:
                     f.result()
         finally:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def writer_threads() -> int:
+    """Threads encoding and writing chunks: the cores available, at most WRITERS."""
+    return max(1, min(WRITERS, len(os.sched_getaffinity(0))))
 
 
 def finish(cache: Cache) -> None:
