@@ -610,16 +610,18 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores "
+              "available, at most 8]; 0: the main process")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, workers, device, out, show, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
-                              progress=True)
+                              progress=True, workers=workers)
     if out:
         result.save(out)
     rows = result.rows()
@@ -679,6 +681,9 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "se
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos (build, score) "
+              "[default: the cores available, at most 8]")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="(build)")
 @click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly

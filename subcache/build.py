@@ -15,7 +15,6 @@ import functools
 import hashlib
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +26,7 @@ from ._version import __version__
 from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
-from .pipeline import check_workers, decodes, image_loader, ordered, to_device
+from .pipeline import Writer, check_workers, decodes, image_loader, ordered, reuse_host_memory, to_device
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -37,7 +36,6 @@ from .store import (CODECS, DTYPES, FORMAT, FORMAT_VERSION, Cache, Layout, chann
                     choose_codec, chunk_length, create_cache, exists, good_chunks, is_local, local_path, open_cache,
                     quantize_scale, remove, sweep_partials, to_storage, write_len, written_chunks)
 
-WRITERS = 4  # at most this many units are encoded and written at once
 CALIBRATION = 1024  # int8 scales: max |x| per channel over the first this-many items of the first split
 
 
@@ -127,6 +125,7 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
     ``data``: dataset objects instead of ``config.data`` (see `with_objects`)."""
     config, data = with_objects(config, data)
     check_build_config(config)
+    reuse_host_memory()
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
@@ -321,7 +320,7 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
 
     Returns (items computed, units skipped because a previous run finished them)."""
     done, skipped = 0, 0
-    with _disk_full_is_clear(stores), _Writer() as writer, progress_bar(progress) as bar:
+    with _disk_full_is_clear(stores), Writer() as writer, progress_bar(progress) as bar:
         for split, job in jobs.items():
             unit = max(chunks[layer][split] for layer in layers)
             mine = ranks.shard([(a, min(a + unit, job.n)) for a in range(0, job.n, unit)])
@@ -459,39 +458,6 @@ def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int,
         if s.key is not None:
             s.key[a:b] = job.keys[a:b]
     fault("unit-written")
-
-
-class _Writer:
-    """Writes units (their chunks' compression and crc32c release the GIL) in a pool of ``threads``; the caller
-    waits only when ``2 × threads`` units are pending, i.e. when writing is the slowest stage. Units own whole
-    chunks, so no two threads ever write one chunk. Re-raises the first failure."""
-
-    def __init__(self, threads: int | None = None):
-        threads = threads or writer_threads()
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subcache-write")
-        self.pending: list[Future] = []
-        self.depth = 2 * threads
-
-    def submit(self, fn) -> None:
-        self.pending.append(self.pool.submit(fn))
-        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
-            self.pending.pop(0).result()
-
-    def __enter__(self) -> "_Writer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                for f in self.pending:
-                    f.result()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def writer_threads() -> int:
-    """Threads encoding and writing chunks: the cores available, at most WRITERS."""
-    return max(1, min(WRITERS, len(os.sched_getaffinity(0))))
 
 
 def finish(cache: Cache) -> None:

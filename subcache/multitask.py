@@ -143,13 +143,17 @@ class Predictions:
 
 def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: int | None = None,
             batch_size: int = 128, device: str = "auto", progress: bool = False,
-            backbone: Backbone | None = None) -> Predictions:
+            backbone: Backbone | None = None, workers: int | None = None) -> Predictions:
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
-    Accuracy for tasks trained on the data's labels."""
+    Photos are decoded by ``workers`` processes (default: the cores available, capped; 0: the main process), as
+    in `build`. Accuracy for tasks trained on the data's labels."""
     from .data import open_source, to_input
+    from .pipeline import check_workers, image_batches, reuse_host_memory
     from .progress import progress_bar
 
+    workers = check_workers(workers)
+    reuse_host_memory()
     loaded, backbone, dev = load_tasks(tasks, device, backbone)
     model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
     source = open_source(data, split, limit=limit)
@@ -157,8 +161,7 @@ def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: in
     start = time.perf_counter()
     with progress_bar(progress) as bar, torch.inference_mode():
         task = bar.add_task(f"predict {split}", total=len(source))
-        for a in range(0, len(source), batch_size):
-            images = source.load(a, min(a + batch_size, len(source)), backbone.preprocess).to(dev)
+        for _, images in image_batches(source, backbone.preprocess, batch_size, workers=workers, device=dev):
             for name, logits in model(to_input(images, backbone.preprocess)).items():
                 outputs[name].append(logits.float().softmax(1).max(1))
             bar.advance(task, len(images))

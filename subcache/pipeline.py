@@ -1,4 +1,6 @@
-"""The decode stage shared by `build`, `predict` and `bench score`: uint8 images of a source, range by range, in
+"""The build's pipeline around the forward: decode ahead, write behind.
+
+Decoding, shared by `build`, `predict` and `bench score`: uint8 images of a source, range by range, in
 order, decoded in worker processes (``torch.utils.data.DataLoader`` workers, one core each) or, with ``workers=0``,
 in a thread of the main process. The bits do not depend on the number of workers: every range is decoded by the
 same code, only elsewhere.
@@ -6,6 +8,8 @@ same code, only elsewhere.
 On CUDA, ``decode="gpu"`` reads the JPEG files' bytes in the workers and decodes them as a batch on the device
 (nvjpeg through ``torchvision.io.decode_jpeg``), then resizes and crops there. Its pixels differ slightly from
 Pillow's, so a store records which decoder made it.
+
+Writing: units are encoded (compression, crc32c) and written by a small thread pool (`Writer`).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -25,8 +30,32 @@ from .data import ImageSource
 from .errors import ConfigError
 
 MAX_WORKERS = 8  # default cap on decode processes
+WRITERS = 4  # at most this many units are encoded and written at once
 DECODERS = ("cpu", "gpu")
 Range = tuple[int, int]
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def reuse_host_memory() -> bool:
+    """Keep freed host memory in the process for the next batch (glibc only; once per process, inherited by worker
+    processes): a CPU forward frees and allocates the same large activations batch after batch, and by default glibc
+    hands each one (any block over 32 MiB) back to the kernel and maps it afresh — every page faulted and zeroed
+    again, which made sys time exceed user time at 224 px. Allocations up to 1 GiB then come from the heap, which
+    is never trimmed: the process keeps its peak memory. Skipped when a MALLOC_* tuning variable is set (the user's
+    choice wins). Returns whether it took effect."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, -1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt tuning)
+        return False
 
 
 def default_workers() -> int:
@@ -89,7 +118,7 @@ def ordered(load: Callable[[int, int], Any], units: list[Range], *, workers: int
             pin: bool = False, depth: int = 2) -> Iterator[tuple[Range, Any]]:
     """Yield (unit, load(*unit)) for every unit in order. ``workers`` > 0: pieces of ≤ ``piece`` items are loaded
     by that many worker processes and joined per unit; 0: whole units in a background thread."""
-    if workers == 0:
+    if workers == 0 or not units:
         yield from _threaded(load, units, depth)
         return
     ranges = pieces(units, piece)
@@ -201,3 +230,36 @@ def gpu_fit(encoded: list[torch.Tensor], pre: Preprocess, device: torch.device) 
         top, left = (nh - size) // 2, (nw - size) // 2
         out[i] = x[0, :, top:top + size, left:left + size].round_().clamp_(0, 255).to(torch.uint8)
     return out
+
+
+class Writer:
+    """Writes units (their chunks' compression and crc32c release the GIL) in a pool of ``threads``; the caller
+    waits only when ``2 × threads`` units are pending, i.e. when writing is the slowest stage. Units own whole
+    chunks, so no two threads ever write one chunk. Re-raises the first failure."""
+
+    def __init__(self, threads: int | None = None):
+        threads = threads or writer_threads()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="subcache-write")
+        self.pending: list[Future] = []
+        self.depth = 2 * threads
+
+    def submit(self, fn) -> None:
+        self.pending.append(self.pool.submit(fn))
+        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                for f in self.pending:
+                    f.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def writer_threads() -> int:
+    """Threads encoding and writing chunks: the cores available, at most WRITERS."""
+    return max(1, min(WRITERS, len(os.sched_getaffinity(0))))

@@ -114,7 +114,9 @@ def test_bad_workers_and_gpu_decode_without_cuda_are_refused(photos, tmp_path):
 
 
 def test_image_batches_are_in_order_for_any_workers(photos):
-    from subcache.pipeline import image_batches
+    from subcache.pipeline import image_batches, ordered
+
+    assert list(ordered(print, [], workers=2, piece=4)) == []  # a split whose units a resume all kept
 
     source = subcache.open_source(str(photos), "train")
     pre = subcache.load_backbone("resnet18", "none", image_size=32).preprocess
@@ -126,17 +128,17 @@ def test_image_batches_are_in_order_for_any_workers(photos):
 
 
 def test_the_writer_pool_writes_units_at_once_and_waits_only_when_full():
-    from subcache.build import _Writer
+    from subcache.pipeline import Writer
 
     both = threading.Barrier(2, timeout=10)
     release = threading.Event()
-    with _Writer(threads=2) as writer:  # two units in flight at once, or the barrier breaks
+    with Writer(threads=2) as writer:  # two units in flight at once, or the barrier breaks
         writer.submit(both.wait)
         writer.submit(both.wait)
-    with _Writer(threads=2) as writer:
+    with Writer(threads=2) as writer:
         for _ in range(4):  # 2 × threads pending: none of these submissions waits
             writer.submit(release.wait)
         assert len(writer.pending) == 4
         release.set()
-    with pytest.raises(RuntimeError, match="disk on fire"), _Writer(threads=2) as writer:
+    with pytest.raises(RuntimeError, match="disk on fire"), Writer(threads=2) as writer:
         writer.submit(lambda: (_ for _ in ()).throw(RuntimeError("disk on fire")))
