@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -148,10 +149,14 @@ def build_cache(config: BuildConfig, *, progress: bool = False, backbone: Backbo
         images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype))))
         return _forward_unit(backbone, layers, images, replace(config, dtype="float32", flip_views=False))
 
+    plans = Planner(first_items, config.dtype, config.codec, layouts)
+    if not config.flip_views:  # the first unit's activations, measured to plan the stores, are not computed twice
+        first = next(iter(jobs))
+        jobs[first] = replace(jobs[first], reuse=plans.reuse)
+
     def create() -> list[Cache]:
         check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
                       sources=[config.data] if Path(config.data).exists() else [])
-        plans = Planner(first_items, config.dtype, config.codec, layouts)
         return [open_or_create(path, {**_attrs(config, backbone, layer, shapes[layer], sources), "source": origin},
                                layouts[layer], resume=config.resume, plan=functools.partial(plans, layer))
                 for path, layer in zip(paths, layers)]
@@ -238,6 +243,15 @@ class Planner:
         codec, measured = choose_codec(first, self.codec)
         return {"codec": codec, "codec_measured": measured, "scale": None if scale is None else scale.numpy()}
 
+    def reuse(self, a: int, b: int) -> dict[int, dict[str, np.ndarray]] | None:
+        """Items [a, b) of the first split as stored, when the measurement computed them in the build's own batches
+        (a unit from 0): the same float32 activations rounded the same way. Not for int8 (its codes are computed
+        on the build's device), nor once a unit has been handed out."""
+        acts, self.acts = self.acts, None
+        if acts is None or self.dtype == "int8" or a != 0 or b > len(next(iter(acts.values()))["x"]):
+            return None
+        return {layer: {"x": to_storage(torch.from_numpy(v["x"][a:b]), self.dtype)} for layer, v in acts.items()}
+
 
 def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
     """Refuse outputs that exist (without --resume/--overwrite), that --overwrite would have to delete although
@@ -301,6 +315,7 @@ class Job:
     workers: int = 0  # decode processes
     piece: int = 128
     finish: Callable[[Any], Any] | None = None  # default: move to the build's device
+    reuse: Callable[[int, int], dict | None] = lambda a, b: None  # a unit's activations when already computed
 
 
 def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device: torch.device) -> Job:
@@ -330,9 +345,11 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
             job = replace(job, n=sum(b - a for a, b in mine))
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
                                 completed=job.n - sum(b - a for a, b in todo))
-            for (a, b), x in ordered(job.load, todo, workers=job.workers, piece=job.piece,
-                                     pin=device.type == "cuda"):
-                acts = forward(job.finish(x) if job.finish else to_device(x, device))
+            ready = {u: acts for u in todo if (acts := job.reuse(*u)) is not None}
+            rest = ordered(job.load, [u for u in todo if u not in ready], workers=job.workers, piece=job.piece,
+                           pin=device.type == "cuda")
+            for (a, b), x in itertools.chain(ready.items(), rest):
+                acts = x if (a, b) in ready else forward(job.finish(x) if job.finish else to_device(x, device))
                 writer.submit(functools.partial(_write_unit, stores, split, a, b, acts, job))
                 done += b - a
                 bar.update(task, advance=b - a)

@@ -80,11 +80,16 @@ def decodes(source: ImageSource) -> bool:
 
 
 def load_images(source: ImageSource, pre: Preprocess, a: int, b: int) -> torch.Tensor:
-    """uint8 images [a, b): in a worker process one by one (the worker is one core), else with the source's
-    thread pool."""
-    if torch.utils.data.get_worker_info() is not None:
-        return source.take(np.arange(a, b), pre)
-    return source.load(a, b, pre)
+    """uint8 images [a, b): in a worker process one by one (the worker is one core) straight into shared memory
+    (the main process receives a handle, no copy), else with the source's thread pool."""
+    if torch.utils.data.get_worker_info() is None:
+        return source.load(a, b, pre)
+    first = source.take(np.arange(a, a + 1), pre)
+    out = torch.empty((b - a, *first.shape[1:]), dtype=torch.uint8).share_memory_()
+    out[0] = first[0]
+    for k in range(1, b - a):
+        out[k] = source.take(np.arange(a + k, a + k + 1), pre)[0]
+    return out
 
 
 @dataclass

@@ -142,3 +142,28 @@ def test_the_writer_pool_writes_units_at_once_and_waits_only_when_full():
         release.set()
     with pytest.raises(RuntimeError, match="disk on fire"), Writer(threads=2) as writer:
         writer.submit(lambda: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+
+
+def test_predict_over_a_folder_decodes_in_workers_with_the_same_results(photos, tmp_path):
+    out, task = str(tmp_path / "c.zarr"), str(tmp_path / "probe")
+    assert run(*BUILD, "--data", str(photos), "--split", "train", "--out", out).exit_code == 0
+    assert run("train", "--cache", out, "--blocks", "none", "--epochs", "2", "--out", task).exit_code == 0
+    got = {}
+    for w in (0, 2):
+        r = run("predict", "--task", task, "--data", str(photos), "--split", "train", "--workers", str(w), "--json")
+        assert r.exit_code == 0, r.output
+        got[w] = json.loads(r.stdout)["predictions"]
+    assert got[0] == got[2] and [row["key"] for row in got[2]] == subcache.open_cache(out).read_keys("train").tolist()
+
+
+def test_the_first_unit_measured_to_plan_the_store_is_not_computed_again(npz_path, tmp_path, monkeypatch):
+    import subcache.build as b
+
+    forwarded = []
+    original = b._forward_unit
+    monkeypatch.setattr(b, "_forward_unit", lambda bb, layers, x, *a: forwarded.append(len(x)) or
+                        original(bb, layers, x, *a))
+    config = subcache.BuildConfig(out=str(tmp_path / "c.zarr"), layers=("3",), model="resnet18", weights="none",
+                                  data=npz_path, image_size=32, chunk_mb=0.12, limit=40)
+    result = subcache.build_cache(config, backbone=subcache.load_backbone("resnet18", "none", image_size=32))
+    assert result.images == 80 and forwarded[0] == 16 and sum(forwarded) == 80  # unit 0, measured for the codec, reused
