@@ -133,7 +133,10 @@ def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
             "build_images_per_second": build_rate,
             "build_vs_stage_bound": build_rate / stages["stage_bound_images_per_second"],
             "bare_forward_images_per_second": len(source) / forward_s, "build_vs_forward": forward_s / build_s,
-            "build_user_seconds": cpu[0], "build_sys_seconds": cpu[1], "bytes_on_disk": x_bytes,
+            "build_user_seconds": cpu[0], "build_sys_seconds": cpu[1],
+            "build_cpu_vs_stages_cpu": sum(stages[f"{k}_cpu_seconds"] for k in ("decode", "forward", "write"))
+            / sum(cpu),
+            "bytes_on_disk": x_bytes,
             "bytes_float32": raw, "bytes_ratio": x_bytes / raw, "codec": x.attrs.get("codec"),
             "decode_mb_per_s": x.nbytes / 1e6 / min(_timed(lambda: x[:], device) for _ in range(3))}
 

@@ -84,12 +84,23 @@ def cpu_seconds() -> tuple[float, float]:
 
 def measure(backbone: Backbone, layer: int, source: ImageSource, path: str, config: BuildConfig, workers: int,
             device: torch.device) -> dict:
-    """Each stage alone over ``source`` (the train split the store at ``path`` was built from)."""
-    n = len(source)
-    decode_s, batches = decode_seconds(source, backbone, config, workers, device)
-    forward_s, acts = forward_seconds(backbone, layer, batches, replace(config, flip_views=False), device)
-    write_s = write_seconds(path, acts, source)
+    """Each stage alone over ``source`` (the train split the store at ``path`` was built from): images/s, and the
+    CPU seconds (user + sys, decode workers included) it took — on a shared machine the CPU time of a stage varies
+    less than its wall time."""
+    n, cpu = len(source), []
+
+    def stage(fn):
+        before = sum(cpu_seconds())
+        out = fn()
+        cpu.append(sum(cpu_seconds()) - before)
+        return out
+
+    decode_s, batches = stage(lambda: decode_seconds(source, backbone, config, workers, device))
+    forward_s, acts = stage(lambda: forward_seconds(backbone, layer, batches, replace(config, flip_views=False),
+                                                    device))
+    write_s = stage(lambda: write_seconds(path, acts, source))
     rates = [n / decode_s, n / forward_s, n / write_s]
     return {"decode_workers": workers, "write_threads": writer_threads(), "decode_images_per_second": rates[0],
             "forward_images_per_second": rates[1], "write_images_per_second": rates[2],
-            "stage_bound_images_per_second": stage_bound(rates, device)}
+            "stage_bound_images_per_second": stage_bound(rates, device), "decode_cpu_seconds": cpu[0],
+            "forward_cpu_seconds": cpu[1], "write_cpu_seconds": cpu[2]}
