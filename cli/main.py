@@ -102,8 +102,8 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="target uncompressed chunk size in MiB")
-@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores "
-              "available, at most 8]; 0: the main process. The store's bits do not depend on it")
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores, at most "
+              "8, on CUDA; 0 on the CPU]; 0: threads of the main process. The store's bits do not depend on it")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="gpu: decode JPEGs in batches on CUDA (nvjpeg); other pixels than cpu (Pillow), so recorded")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
@@ -610,8 +610,8 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores "
-              "available, at most 8]; 0: the main process")
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores, at most "
+              "8, on CUDA; 0 on the CPU]; 0: threads of the main process")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
@@ -682,7 +682,7 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "se
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos (build, score) "
-              "[default: the cores available, at most 8]")
+              "[default: as build]")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="(build)")
 @click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
 @click.option("--json", "as_json", is_flag=True)

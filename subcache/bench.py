@@ -49,7 +49,7 @@ class BenchConfig:
     epochs: int = 2
     batch_size: int = 256
     device: str = "auto"
-    workers: int | None = None  # decode processes (`build`, `score`); None: the cores available, capped
+    workers: int | None = None  # decode processes (`build`, `score`); None: as `build`
     decode: str = "cpu"  # cpu | gpu (`build`)
     workdir: str | None = None  # where the benchmark's caches go (default: a temporary folder)
 
@@ -123,8 +123,8 @@ def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     cpu0 = cpu_seconds()
     build_s = _timed(lambda: build_cache(build, backbone=backbone, progress=progress), device)
     cpu = [b - a for a, b in zip(cpu0, cpu_seconds())]
-    stages = measure(backbone, layer, source, out, build, check_workers(config.workers) if decodes(source) else 0,
-                     device)
+    workers = check_workers(config.workers, device) if decodes(source) else 0
+    stages = measure(backbone, layer, source, out, build, workers, device)
     x = open_cache(out).split("train").x
     raw = math.prod(x.shape) * 4
     x_bytes = dir_bytes(str(Path(out) / "train" / "x"))
@@ -304,7 +304,7 @@ def _image_logits(model: TunedModel, backbone: Backbone, source, layer: int, dev
     from .pipeline import check_workers, image_batches
 
     out = []
-    for _, images in image_batches(source, backbone.preprocess, batch, workers=check_workers(workers),
+    for _, images in image_batches(source, backbone.preprocess, batch, workers=check_workers(workers, device),
                                    device=device):
         out.append(model(backbone.prefix(to_input(images, backbone.preprocess), layer)).cpu())
     return torch.cat(out)

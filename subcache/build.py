@@ -64,7 +64,7 @@ class BuildConfig:
     shard_mb: float | None = None  # pack chunks into shards of about this many MiB (object stores)
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
     corrupt: str | None = None  # NAME:SEVERITY, a deterministic corruption of every image (subcache.corrupt)
-    workers: int | None = None  # decode processes (photos); None: the cores available, capped; 0: main process
+    workers: int | None = None  # decode processes (photos); None: the cores (capped) on CUDA, else 0 (main process)
     decode: str = "cpu"  # cpu (Pillow) | gpu (nvjpeg on CUDA, JPEG folders; other pixels, so recorded)
     batch_size: int = 128
     chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
@@ -322,7 +322,7 @@ def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device:
     """A split of images: decoded by ``config.workers`` processes (when the source decodes at all) with
     ``config.decode``, in pieces of one forward batch."""
     load, finish = image_loader(src, backbone.preprocess, config.decode, device)
-    workers = check_workers(config.workers) if decodes(src) else 0
+    workers = check_workers(config.workers, device) if decodes(src) else 0
     return Job(len(src), load, src.labels, src.ids, np.asarray(src.source_keys(), dtype=object), workers,
                config.batch_size, finish)
 

@@ -146,15 +146,16 @@ def predict(tasks: Sequence[str | Path], data, *, split: str = "test", limit: in
             backbone: Backbone | None = None, workers: int | None = None) -> Predictions:
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
-    Photos are decoded by ``workers`` processes (default: the cores available, capped; 0: the main process), as
-    in `build`. Accuracy for tasks trained on the data's labels."""
+    Photos are decoded by ``workers`` processes (default as in `build`: the cores, capped, on CUDA; else 0, the
+    main process). Accuracy for tasks trained on the data's labels."""
     from .data import open_source, to_input
     from .pipeline import check_workers, image_batches, reuse_host_memory
     from .progress import progress_bar
 
-    workers = check_workers(workers)
+    check_workers(workers)
     reuse_host_memory()
     loaded, backbone, dev = load_tasks(tasks, device, backbone)
+    workers = check_workers(workers, dev)
     model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
     source = open_source(data, split, limit=limit)
     outputs: dict[str, list] = {name: [] for name in model.names}

@@ -58,14 +58,18 @@ def reuse_host_memory() -> bool:
         return False
 
 
-def default_workers() -> int:
-    """The cores this process may use, capped at MAX_WORKERS."""
+def default_workers(device: torch.device | None = None) -> int:
+    """Decode processes by default: when the forward runs on a GPU, the cores this process may use, capped at
+    MAX_WORKERS; on the CPU 0 — the forward already uses every core, and the main process's decode threads (Pillow
+    releases the GIL) cost less CPU than worker processes (measured: README, *Benchmarks*)."""
+    if device is None or device.type != "cuda":
+        return 0
     return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
 
 
-def check_workers(workers: int | None) -> int:
+def check_workers(workers: int | None, device: torch.device | None = None) -> int:
     if workers is None:
-        return default_workers()
+        return default_workers(device)
     if workers < 0:
         raise ConfigError(f"--workers must be 0 (decode in the main process) or a positive number, got {workers}")
     return workers
