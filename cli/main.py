@@ -126,6 +126,10 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--chunk-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="target uncompressed chunk size in MiB")
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores, at most "
+              "8, on CUDA; 0 on the CPU]; 0: threads of the main process. The store's bits do not depend on it")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="gpu: decode JPEGs in batches on CUDA (nvjpeg); other pixels than cpu (Pillow), so recorded")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--download", is_flag=True, help="let torchvision download named datasets (online only)")
 @click.option("--resume", is_flag=True, help="finish an interrupted build (keeps whole chunks)")
@@ -135,7 +139,8 @@ def blocks(model: str, weights: str, image_size: int | None, as_json: bool) -> N
 @allows_factories
 @friendly
 def build(ctx, model, weights, data, splits, limit, image_size, layers, source_cache, out, dtype, codec, shard_mb,
-          flip_views, corrupt, batch_size, chunk_mb, device, download, resume, overwrite, as_json) -> None:
+          flip_views, corrupt, batch_size, chunk_mb, workers, decode, device, download, resume, overwrite,
+          as_json) -> None:
     """Push a dataset once through the frozen prefix; store the input of block --layer as a Zarr cache."""
     if source_cache and corrupt:
         raise click.UsageError("--corrupt applies to images; a cache built --from another keeps its corruption")
@@ -156,7 +161,7 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                                       splits=tuple(splits), limit=limit, image_size=image_size,
                                       dtype=dtype or "float16", codec=codec, shard_mb=shard_mb,
                                       flip_views=flip_views, corrupt=corrupt, batch_size=batch_size,
-                                      chunk_mb=chunk_mb, device=device,
+                                      chunk_mb=chunk_mb, workers=workers, decode=decode, device=device,
                                       download=download, resume=resume, overwrite=overwrite)
         result = subcache.build_cache(config, progress=True)
     summary = {"paths": result.paths, "layers": result.layers, "images": result.images,
@@ -169,7 +174,8 @@ def build(ctx, model, weights, data, splits, limit, image_size, layers, source_c
                       f"{result.seconds:.1f}s ({result.images_per_second:.0f} img/s)")
 
 
-IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download", "corrupt")
+IMAGE_ONLY = ("model", "weights", "data", "splits", "limit", "image_size", "flip_views", "download", "corrupt",
+              "workers", "decode")
 
 
 def refuse_image_options(ctx: click.Context) -> None:
@@ -719,6 +725,8 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--split", help="the data's split [default: test; train for a folder of class folders, its one split]")
 @click.option("--limit", type=click.IntRange(min=1), help="first N images")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos [default: the cores, at most "
+              "8, on CUDA; 0 on the CPU]; 0: threads of the main process")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", help="write per-item predictions (CSV: id, key, label, then per task its class and _prob)")
 @click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="items to print")
@@ -728,7 +736,7 @@ def labels_add(cache, name, file, split) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: accuracy and every item's predictions")
 @allows_factories
 @friendly
-def predict(tasks, data, split, limit, batch_size, device, out, show, top, overwrite, as_json) -> None:
+def predict(tasks, data, split, limit, batch_size, workers, device, out, show, top, overwrite, as_json) -> None:
     """Run several tasks over a dataset at once: shared prefix once, each task forks at its first tuned block.
     Every item is named by its source key (its path under the folder given) and every class by its name."""
     if out:
@@ -736,7 +744,7 @@ def predict(tasks, data, split, limit, batch_size, device, out, show, top, overw
 
         check_output_file(out, overwrite=overwrite)
     result = subcache.predict(tasks, data, split=split, limit=limit, batch_size=batch_size, device=device,
-                              progress=True)
+                              progress=True, workers=workers)
     if out:
         result.save(out)
     rows = result.rows(top)
@@ -810,6 +818,9 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "se
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos (build, score) "
+              "[default: as build]")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="(build)")
 @click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly

@@ -1,6 +1,7 @@
 """Benchmarks behind `subcache bench WHAT`: each prints ratios measured in one run on this machine.
 
-* build:  build throughput ÷ bare prefix-forward throughput on the same images; bytes on disk ÷ raw float32.
+* build:  build throughput ÷ the bound of its stages (decode, forward, write, each measured alone) and ÷ the bare
+          prefix forward on the same images; bytes on disk ÷ raw float32.
 * train:  samples/s from the Zarr cache ÷ from the same tensors in memory (device-resident and streaming);
           epoch time from images through the frozen network ÷ epoch time from the cache.
 * distributed: 2-process torchrun build throughput ÷ 1-process build throughput.
@@ -52,6 +53,8 @@ class BenchConfig:
     epochs: int = 2
     batch_size: int = 256
     device: str = "auto"
+    workers: int | None = None  # decode processes (`build`, `score`); None: as `build`
+    decode: str = "cpu"  # cpu | gpu (`build`)
     workdir: str | None = None  # where the benchmark's caches go (default: a temporary folder)
 
 
@@ -104,7 +107,13 @@ def _bare_forward(backbone: Backbone, source, layer: int, batch: int, device: to
 
 @_in_workdir
 def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
-    """Build throughput vs the bare prefix forward over the same images, and the compression achieved."""
+    """Build throughput against each stage alone (decode, forward, write) and their bound (`subcache.stages`), and
+    against the bare prefix forward with the images loaded in its loop (the older `build_vs_forward`); the
+    compression achieved; the build's user and sys CPU seconds."""
+    from .pipeline import check_workers, decodes, reuse_host_memory
+    from .stages import cpu_seconds, measure
+
+    reuse_host_memory()
     device = resolve_device(config.device)
     backbone = load_backbone(config.model, config.weights, image_size=config.image_size).to(device)
     layer = backbone.resolve(config.layer)
@@ -114,18 +123,26 @@ def bench_build(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     out = str(root / "bench-build.zarr")
     build = BuildConfig(out=out, layers=(str(layer),), model=config.model, weights=config.weights,
                         data=config.data, splits=("train",), limit=config.limit, image_size=config.image_size,
-                        device=config.device, overwrite=True)
+                        device=config.device, overwrite=True, workers=config.workers, decode=config.decode)
+    cpu0 = cpu_seconds()
     build_s = _timed(lambda: build_cache(build, backbone=backbone, progress=progress), device)
-    cache = open_cache(out)
-    x = cache.split("train").x
+    cpu = [b - a for a, b in zip(cpu0, cpu_seconds())]
+    workers = check_workers(config.workers, device) if decodes(source) else 0
+    stages = measure(backbone, layer, source, out, build, workers, device)
+    x = open_cache(out).split("train").x
     raw = math.prod(x.shape) * 4
     x_bytes = dir_bytes(str(Path(out) / "train" / "x"))
-    result = {"images": len(source), "layer": layer, "device": str(device),
-              "forward_images_per_second": len(source) / forward_s, "build_images_per_second": len(source) / build_s,
-              "build_vs_forward": forward_s / build_s, "bytes_on_disk": x_bytes, "bytes_float32": raw,
-              "bytes_ratio": x_bytes / raw, "codec": x.attrs.get("codec"),
-              "decode_mb_per_s": x.nbytes / 1e6 / min(_timed(lambda: x[:], device) for _ in range(3))}
-    return result
+    build_rate = len(source) / build_s
+    return {"images": len(source), "layer": layer, "device": str(device), **stages,
+            "build_images_per_second": build_rate,
+            "build_vs_stage_bound": build_rate / stages["stage_bound_images_per_second"],
+            "bare_forward_images_per_second": len(source) / forward_s, "build_vs_forward": forward_s / build_s,
+            "build_user_seconds": cpu[0], "build_sys_seconds": cpu[1],
+            "build_cpu_vs_stages_cpu": sum(stages[f"{k}_cpu_seconds"] for k in ("decode", "forward", "write"))
+            / sum(cpu),
+            "bytes_on_disk": x_bytes,
+            "bytes_float32": raw, "bytes_ratio": x_bytes / raw, "codec": x.attrs.get("codec"),
+            "decode_mb_per_s": x.nbytes / 1e6 / min(_timed(lambda: x[:], device) for _ in range(3))}
 
 
 @_in_workdir
@@ -233,12 +250,15 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
 
 @torch.inference_mode()
 def _image_logits(model: TunedModel, backbone: Backbone, source, layer: int, device: torch.device,
-                  batch: int = 512) -> torch.Tensor:
-    """Logits the reference way, on the CPU: each image through the live frozen prefix, then ``model``."""
+                  batch: int = 512, workers: int | None = None) -> torch.Tensor:
+    """Logits the reference way, on the CPU: each image (decoded as `build` does) through the live frozen prefix,
+    then ``model``."""
+    from .pipeline import check_workers, image_batches
+
     out = []
-    for a in range(0, len(source), batch):
-        x = to_input(source.load(a, min(a + batch, len(source)), backbone.preprocess).to(device), backbone.preprocess)
-        out.append(model(backbone.prefix(x, layer)).cpu())
+    for _, images in image_batches(source, backbone.preprocess, batch, workers=check_workers(workers, device),
+                                   device=device):
+        out.append(model(backbone.prefix(to_input(images, backbone.preprocess), layer)).cpu())
     return torch.cat(out)
 
 
@@ -260,7 +280,7 @@ def bench_score(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     source = open_source(config.data, "train", limit=config.limit)
     cached_logits(model, cache, "train", device)  # warm-up
     cache_s = _timed(lambda: cached_logits(model, cache, "train", device), device)
-    images_s = _timed(lambda: _image_logits(model, backbone, source, layer, device), device)
+    images_s = _timed(lambda: _image_logits(model, backbone, source, layer, device, workers=config.workers), device)
     result = {"items": len(source), "layer": layer, "device": str(device),
               "cache_items_per_second": len(source) / cache_s, "images_items_per_second": len(source) / images_s,
               "speedup": images_s / cache_s}

@@ -3,8 +3,9 @@
 One pass serves several layers. Work proceeds in *units* of whole chunks (the longest chunk among the layers; all
 chunk lengths are powers of two, so every store's chunks tile a unit exactly). A unit is the unit of resume: after
 a kill, units whose chunks are all on disk are kept and the rest recomputed with the same batches, so a resumed
-store is bit-identical to an uninterrupted one. Image loading runs ahead in a thread and chunk writing (with its
-compression, which releases the GIL) behind in another, so both hide behind the forward pass.
+store is bit-identical to an uninterrupted one. Images are decoded ahead in worker processes (`subcache.pipeline`;
+in order, so the bits do not depend on how many) and units are written behind by a small thread pool (compression
+and checksums release the GIL), so the forward pass waits only on the slowest stage.
 """
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import contextlib
 import errno
 import functools
 import hashlib
+import itertools
 import os
-import queue
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,6 +28,7 @@ from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
 from .inputs import record
+from .pipeline import Writer, check_workers, decodes, image_loader, ordered, reuse_host_memory, to_device
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -66,6 +66,8 @@ class BuildConfig:
     shard_mb: float | None = None  # pack chunks into shards of about this many MiB (object stores)
     flip_views: bool = False  # also store exact activations of mirrored images (x_flip)
     corrupt: str | None = None  # NAME:SEVERITY, a deterministic corruption of every image (subcache.corrupt)
+    workers: int | None = None  # decode processes (photos); None: the cores (capped) on CUDA, else 0 (main process)
+    decode: str = "cpu"  # cpu (Pillow) | gpu (nvjpeg on CUDA, JPEG folders; other pixels, so recorded)
     batch_size: int = 128
     chunk_mb: float = 1.0  # target uncompressed chunk size; chunks hold whole samples, a power of two of them
     device: str = "auto"  # auto | cpu | cuda
@@ -80,10 +82,11 @@ class BuildConfig:
     def recorded(self) -> dict:
         """The options a resumed build must share with the original (anything that changes the bits)."""
         d = asdict(self)
-        for k in ("out", "resume", "overwrite", "download", "data_root", "device"):
+        for k in ("out", "resume", "overwrite", "download", "data_root", "device", "workers"):
             d.pop(k)
-        if d["corrupt"] is None:  # caches built before --corrupt existed resume as before
-            d.pop("corrupt")
+        for k, default in (("corrupt", None), ("decode", "cpu")):  # caches from before the option resume as before
+            if d[k] == default:
+                d.pop(k)
         d["layers"], d["splits"] = list(self.layers), list(self.splits)
         return d
 
@@ -116,6 +119,7 @@ def check_build_config(config: BuildConfig) -> None:
                           "discards them")
     if not config.splits:
         raise ConfigError("no --split given; e.g. --split train --split test")
+    check_workers(config.workers)
 
 
 def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbone | None = None,
@@ -125,6 +129,7 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
     build is long): a bar on a terminal, a line every 10 % on stderr otherwise; False for silence."""
     config, data = with_objects(config, data)
     check_build_config(config)
+    reuse_host_memory()
     ranks = Dist.from_env()
     device = resolve_device(config.device, ranks.local_rank)
     backbone = backbone or load_backbone(config.model, config.weights, image_size=config.image_size)
@@ -140,18 +145,21 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
     layouts = {layer: layout(shapes[layer], config.dtype, {s: len(src) for s, src in sources.items()},
                              config.chunk_mb, config.shard_mb) for layer in layers}
     origin = {"data": config.data, "sha256": source_fingerprint(sources)}
-    jobs = {split: Job(len(src), functools.partial(src.load, pre=backbone.preprocess), src.labels, src.ids,
-                       np.asarray(src.source_keys(), dtype=object)) for split, src in sources.items()}
+    jobs = {split: image_job(src, backbone, config, device) for split, src in sources.items()}
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        images = job.load(0, min(job.n, calibration_len(layouts, config.dtype)))
-        return _forward_unit(backbone, layers, images.to(device), replace(config, dtype="float32", flip_views=False))
+        images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype))))
+        return _forward_unit(backbone, layers, images, replace(config, dtype="float32", flip_views=False))
+
+    plans = Planner(first_items, config.dtype, config.codec, layouts)
+    if not config.flip_views:  # the first unit's activations, measured to plan the stores, are not computed twice
+        first = next(iter(jobs))
+        jobs[first] = replace(jobs[first], reuse=plans.reuse)
 
     def create() -> list[Cache]:
         check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
                       sources=[config.data] if Path(config.data).exists() else [])
-        plans = Planner(first_items, config.dtype, config.codec, layouts)
         return [open_or_create(path, {**_attrs(config, backbone, layer, shapes[layer], sources), "source": origin},
                                layouts[layer], resume=config.resume, plan=functools.partial(plans, layer))
                 for path, layer in zip(paths, layers)]
@@ -238,6 +246,15 @@ class Planner:
         codec, measured = choose_codec(first, self.codec)
         return {"codec": codec, "codec_measured": measured, "scale": None if scale is None else scale.numpy()}
 
+    def reuse(self, a: int, b: int) -> dict[int, dict[str, np.ndarray]] | None:
+        """Items [a, b) of the first split as stored, when the measurement computed them in the build's own batches
+        (a unit from 0): the same float32 activations rounded the same way. Not for int8 (its codes are computed
+        on the build's device), nor once a unit has been handed out."""
+        acts, self.acts = self.acts, None
+        if acts is None or self.dtype == "int8" or a != 0 or b > len(next(iter(acts.values()))["x"]):
+            return None
+        return {layer: {"x": to_storage(torch.from_numpy(v["x"][a:b]), self.dtype)} for layer, v in acts.items()}
+
 
 def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
     """Refuse outputs that exist (without --resume/--overwrite), that --overwrite would have to delete although
@@ -283,13 +300,27 @@ def finish_all(ranks: Dist, stores: list[Cache]) -> None:
 
 @dataclass
 class Job:
-    """One split's work: how many items, how to load items [a, b) (any thread), and their labels/ids."""
+    """One split's work: how many items, how to load items [a, b) (any thread; with ``workers`` > 0 any process,
+    in pieces of ≤ ``piece`` items), how to put what was loaded on the device, and the items' labels/ids."""
 
     n: int
     load: Callable[[int, int], Any]
     labels: np.ndarray
     ids: np.ndarray
     keys: np.ndarray  # (N,) str: where each item came from
+    workers: int = 0  # decode processes
+    piece: int = 128
+    finish: Callable[[Any], Any] | None = None  # default: move to the build's device
+    reuse: Callable[[int, int], dict | None] = lambda a, b: None  # a unit's activations when already computed
+
+
+def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device: torch.device) -> Job:
+    """A split of images: decoded by ``config.workers`` processes (when the source decodes at all) with
+    ``config.decode``, in pieces of one forward batch."""
+    load, finish = image_loader(src, backbone.preprocess, config.decode, device)
+    workers = check_workers(config.workers, device) if decodes(src) else 0
+    return Job(len(src), load, src.labels, src.ids, np.asarray(src.source_keys(), dtype=object), workers,
+               config.batch_size, finish)
 
 
 def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
@@ -300,7 +331,7 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
 
     Returns (items computed, units skipped because a previous run finished them)."""
     done, skipped = 0, 0
-    with _disk_full_is_clear(stores), _Writer() as writer, progress_bar(progress) as bar:
+    with _disk_full_is_clear(stores), Writer() as writer, progress_bar(progress) as bar:
         for split, job in jobs.items():
             unit = max(chunks[layer][split] for layer in layers)
             mine = ranks.shard([(a, min(a + unit, job.n)) for a in range(0, job.n, unit)])
@@ -310,8 +341,11 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
             job = replace(job, n=sum(b - a for a, b in mine))
             task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
                                 completed=job.n - sum(b - a for a, b in todo))
-            for (a, b), x in _prefetch(job.load, todo, device):
-                acts = forward(x)
+            ready = {u: acts for u in todo if (acts := job.reuse(*u)) is not None}
+            rest = ordered(job.load, [u for u in todo if u not in ready], workers=job.workers, piece=job.piece,
+                           pin=device.type == "cuda")
+            for (a, b), x in itertools.chain(ready.items(), rest):
+                acts = x if (a, b) in ready else forward(job.finish(x) if job.finish else to_device(x, device))
                 writer.submit(functools.partial(_write_unit, stores, split, a, b, acts, job))
                 done += b - a
                 bar.update(task, advance=b - a)
@@ -413,30 +447,6 @@ def _units_to_do(stores: list[Cache], split: str, unit: int, n: int) -> list[tup
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------
-def _prefetch(load: Callable[[int, int], Any], units: list[tuple[int, int]], device: torch.device,
-              depth: int = 2) -> Iterator[tuple[tuple[int, int], Any]]:
-    """Yield ((a, b), inputs) per unit, loaded ahead in a background thread and moved to the device."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-
-    def work() -> None:
-        try:
-            for a, b in units:
-                q.put(((a, b), load(a, b)))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-        q.put(None)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        inputs = item[1]
-        if isinstance(inputs, dict):
-            yield item[0], {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-        else:
-            yield item[0], inputs.to(device, non_blocking=True)
-
-
 def capture_inputs(backbone: Backbone, h: torch.Tensor, first: int, layers: list[int],
                    dtype: str, scales: dict | None = None) -> dict[int, np.ndarray]:
     """Run blocks ``first``.. over ``h`` (the input of block ``first``), keeping the input of every block in
@@ -479,31 +489,6 @@ def _write_unit(stores: list[Cache], split: str, a: int, b: int, acts: dict[int,
         if s.key is not None:
             s.key[a:b] = job.keys[a:b]
     fault("unit-written")
-
-
-class _Writer:
-    """Writes units in a background thread, at most ``depth`` behind; re-raises the first failure."""
-
-    def __init__(self, depth: int = 2):
-        self.pool = ThreadPoolExecutor(1)
-        self.pending: list[Future] = []
-        self.depth = depth
-
-    def submit(self, fn) -> None:
-        self.pending.append(self.pool.submit(fn))
-        while len(self.pending) > self.depth:
-            self.pending.pop(0).result()
-
-    def __enter__(self) -> "_Writer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                for f in self.pending:
-                    f.result()
-        finally:
-            self.pool.shutdown(wait=True)
 
 
 def finish(cache: Cache) -> None:

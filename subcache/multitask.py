@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,27 +163,34 @@ class Predictions:
 
 def predict(tasks: Sequence[str | Path], data, *, split: str | None = None, limit: int | None = None,
             batch_size: int = 128, device: str = "auto", progress: bool = False,
-            backbone: Backbone | None = None) -> Predictions:
+            backbone: Backbone | None = None, workers: int | None = None) -> Predictions:
     """Run several tasks (tuned or linear probes) over a dataset with one `MultiTaskModel`. ``data``: anything
     `open_source` takes (a name, a folder, an unlabelled folder, one image file, hf:PATH, a dataset object).
-    Accuracy for tasks trained on the data's labels. ``split``: default test (train for a folder of class
-    folders, its one split)."""
+    Photos are decoded by ``workers`` processes (default as in `build`: the cores, capped, on CUDA; else 0, the
+    main process), made into inputs as the tasks' record says. Accuracy for tasks trained on the data's labels.
+    ``split``: default test (train for a folder of class folders, its one split)."""
     from .data import default_split, open_source
     from .inputs import load_input, note_mismatch
+    from .pipeline import check_workers, decodes, ordered, reuse_host_memory
     from .progress import progress_bar
 
+    check_workers(workers)
+    reuse_host_memory()
     loaded, backbone, dev = load_tasks(tasks, device, backbone)
+    workers = check_workers(workers, dev)
     model = MultiTaskModel.from_tasks(backbone, loaded, include_original=False).to(dev)
     source = open_source(data, split or default_split(data), limit=limit)
     rec = input_record(loaded)
     note_mismatch(rec, source, "the task" if len(loaded) == 1 else "the tasks")
     outputs: dict[str, list] = {name: [] for name in model.names}
+    load = functools.partial(load_input, source, rec=rec, device="cpu")  # runs in worker processes too
+    units = [(a, min(a + batch_size, len(source))) for a in range(0, len(source), batch_size)]
     start = time.perf_counter()
     with progress_bar(progress) as bar, torch.inference_mode():
         task = bar.add_task(f"predict {source.split}", total=len(source))
-        for a in range(0, len(source), batch_size):
-            images = load_input(source, a, min(a + batch_size, len(source)), rec, dev)
-            for name, logits in model(images).items():
+        for _, images in ordered(load, units, workers=workers if decodes(source) else 0, piece=batch_size,
+                                 pin=dev.type == "cuda"):
+            for name, logits in model(images.to(dev, non_blocking=True)).items():
                 outputs[name].append(logits.float().softmax(1))
             bar.advance(task, len(images))
     seconds = time.perf_counter() - start

@@ -64,16 +64,23 @@ def test_bfloat16_storage_round_trips(tmp_path, npz_path, resnet18):
 
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, threading
     import subcache.build as b
-    calls, kill_at = [0], int(sys.argv[1])
-    original = b._write_unit
-    def write_then_die(stores, split, a, bb, acts, job):
-        calls[0] += 1
-        if calls[0] == kill_at:  # die half-way through a unit: x written, y/id not
+    calls, kill_at, finished = [0], int(sys.argv[1]), threading.Semaphore(0)
+    lock, original = threading.Lock(), b._write_unit
+    def write_then_die(stores, split, a, bb, acts, job):  # units are written by a pool of threads
+        with lock:
+            calls[0] += 1
+            me = calls[0]
+        if me > kill_at:  # later units never finish: exactly kill_at - 1 are on disk at the kill
+            threading.Event().wait()
+        if me == kill_at:  # once the earlier calls are done, die half-way through a unit: x written, y/id not
+            for _ in range(kill_at - 1):
+                finished.acquire()
             stores[0].split(split).x[a:bb] = acts[stores[0].layer]["x"]
             os.kill(os.getpid(), signal.SIGKILL)
         original(stores, split, a, bb, acts, job)
+        finished.release()
     b._write_unit = write_then_die
     from subcache.cli.main import main
     main(sys.argv[2:])

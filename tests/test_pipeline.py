@@ -1,0 +1,169 @@
+"""The build pipeline: photo workload, decode in worker processes (bits independent of their number, resume
+included), the writer pool, and the stage-by-stage `bench build`."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+import subcache
+from subcache.cli.main import main
+from subcache.faults import KILLED_EXIT
+from subcache.photos import make_photo_folder
+
+BUILD = ["build", "--model", "resnet18", "--weights", "none", "--image-size", "32", "--layer", "3",
+         "--batch-size", "4", "--chunk-mb", "0.12", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """14 train + 6 test JPEGs (500×375) in 10 classes, from foolbox's ImageNet photos."""
+    return make_photo_folder(tmp_path_factory.mktemp("photos") / "p", 14, 6, classes=10, seed=3)
+
+
+def test_photo_folder_is_seeded_photo_like_and_never_imports_foolbox(photos, tmp_path):
+    from PIL import Image
+
+    files = sorted(photos.rglob("*.jpg"))
+    assert len(files) == 20 and len(list((photos / "train").iterdir())) == 10
+    assert sorted(p.name for p in (photos / "test").iterdir()) == [f"class{c:02d}" for c in range(6)]
+    with Image.open(files[0]) as im:
+        assert im.size == (500, 375) and im.format == "JPEG" and im.mode == "RGB"
+        assert np.asarray(im).std() > 20  # a photo, not a flat colour
+    again = make_photo_folder(tmp_path / "again", 14, 6, classes=10, seed=3)
+    other = make_photo_folder(tmp_path / "other", 2, 0, classes=10, seed=4)
+    assert all(f.read_bytes() == (again / f.relative_to(photos)).read_bytes() for f in files)
+    assert (other / "train/class00/000000.jpg").read_bytes() != (photos / "train/class00/000000.jpg").read_bytes()
+    pixels = [np.asarray(Image.open(f)) for f in files[:6]]
+    assert all(not np.array_equal(pixels[0], p) for p in pixels[1:])  # each image its own crop/jitter
+    assert "foolbox" not in sys.modules
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+def test_workers_do_not_change_the_bits(photos, tmp_path):
+    """Units of 8 items (a chunk; the train split's second one short), each decoded in pieces of 4 (a batch) by
+    the main process or by 2 worker processes."""
+    stores = {}
+    for w in (0, 2):
+        out = str(tmp_path / f"w{w}.zarr")
+        result = run(*BUILD, "--data", str(photos), "--workers", str(w), "--out", out, "--json")
+        assert result.exit_code == 0, result.output
+        stores[w] = zarr.open_group(out, mode="r")
+    assert stores[0]["train/x"].chunks[0] == 8  # two units in train, each in two pieces
+    for split in ("train", "test"):
+        for name in ("x", "y", "id", "key"):
+            np.testing.assert_array_equal(stores[0][f"{split}/{name}"][:], stores[2][f"{split}/{name}"][:])
+    ref = subcache.open_source(str(photos), "train")  # and the bits are the images', in source order
+    backbone = subcache.load_backbone("resnet18", "none", image_size=32)
+    x = subcache.data.to_input(ref.load(0, len(ref), backbone.preprocess), backbone.preprocess)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(stores[2]["train/x"][:]), backbone.prefix(x, 3))
+
+
+def test_resume_with_workers_after_a_kill_is_bit_identical(photos, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
+    common = [sys.executable, "-m", "subcache", *BUILD, "--data", str(photos)]
+    assert run(*BUILD, "--data", str(photos), "--workers", "0", "--out", ref).exit_code == 0
+    killed = subprocess.run(common + ["--workers", "2", "--out", out], capture_output=True, text=True,
+                            env={**env, "SUBCACHE_FAULT": "unit-written:2"})
+    assert killed.returncode == KILLED_EXIT, killed.stderr
+    resumed = run(*BUILD, "--data", str(photos), "--workers", "2", "--out", out, "--resume", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert 1 <= json.loads(resumed.stdout)["resumed_units"] < 3  # the killed run's finished units were kept
+    a, b = zarr.open_group(ref, mode="r"), zarr.open_group(out, mode="r")
+    for split in ("train", "test"):
+        for name in ("x", "y", "id", "key"):
+            np.testing.assert_array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:])
+    assert subcache.open_cache(out).status == "complete"
+
+
+def test_a_broken_photo_in_a_worker_is_one_clear_line(photos, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(photos, data)
+    (data / "train" / "class09" / "000009.jpg").write_bytes(b"not a jpeg")  # past the first chunk (calibration)
+    result = run(*BUILD, "--data", str(data), "--workers", "2", "--out", str(tmp_path / "c.zarr"))
+    assert result.exit_code == 1 and "Traceback" not in result.output and "DataLoader" not in result.output
+    error = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(error) == 1 and error[0].startswith("Error: ") and "000009.jpg" in error[0]
+
+
+def test_bad_workers_and_gpu_decode_without_cuda_are_refused(photos, tmp_path):
+    out = tmp_path / "c.zarr"
+    result = run(*BUILD, "--data", str(photos), "--workers", "-1", "--out", str(out))
+    assert result.exit_code == 2 and "--workers" in result.output
+    with pytest.raises(subcache.errors.ConfigError, match="--workers"):
+        subcache.build_cache(subcache.BuildConfig(out=str(out), data=str(photos), workers=-1))
+    if not torch.cuda.is_available():
+        result = run(*BUILD, "--data", str(photos), "--decode", "gpu", "--device", "cpu", "--out", str(out))
+        assert result.exit_code == 1 and "--decode gpu" in result.output and "CUDA" in result.output
+        assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_image_batches_are_in_order_for_any_workers(photos):
+    from subcache.pipeline import image_batches, ordered
+
+    assert list(ordered(print, [], workers=2, piece=4)) == []  # a split whose units a resume all kept
+
+    source = subcache.open_source(str(photos), "train")
+    pre = subcache.load_backbone("resnet18", "none", image_size=32).preprocess
+    want = source.load(0, len(source), pre)
+    for w in (0, 2):
+        got = list(image_batches(source, pre, 4, workers=w, device=torch.device("cpu")))
+        assert [r for r, _ in got] == [(0, 4), (4, 8), (8, 12), (12, 14)]
+        assert torch.equal(torch.cat([x for _, x in got]), want)
+
+
+def test_the_writer_pool_writes_units_at_once_and_waits_only_when_full():
+    from subcache.pipeline import Writer
+
+    both = threading.Barrier(2, timeout=10)
+    release = threading.Event()
+    with Writer(threads=2) as writer:  # two units in flight at once, or the barrier breaks
+        writer.submit(both.wait)
+        writer.submit(both.wait)
+    with Writer(threads=2) as writer:
+        for _ in range(4):  # 2 × threads pending: none of these submissions waits
+            writer.submit(release.wait)
+        assert len(writer.pending) == 4
+        release.set()
+    with pytest.raises(RuntimeError, match="disk on fire"), Writer(threads=2) as writer:
+        writer.submit(lambda: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+
+
+def test_predict_over_a_folder_decodes_in_workers_with_the_same_results(photos, tmp_path):
+    out, task = str(tmp_path / "c.zarr"), str(tmp_path / "probe")
+    assert run(*BUILD, "--data", str(photos), "--split", "train", "--out", out).exit_code == 0
+    assert run("train", "--cache", out, "--blocks", "none", "--epochs", "2", "--out", task).exit_code == 0
+    got = {}
+    for w in (0, 2):
+        r = run("predict", "--task", task, "--data", str(photos), "--split", "train", "--workers", str(w), "--json")
+        assert r.exit_code == 0, r.output
+        got[w] = json.loads(r.stdout)["predictions"]
+    assert got[0] == got[2] and [row["key"] for row in got[2]] == subcache.open_cache(out).read_keys("train").tolist()
+
+
+def test_the_first_unit_measured_to_plan_the_store_is_not_computed_again(npz_path, tmp_path, monkeypatch):
+    import subcache.build as b
+
+    forwarded = []
+    original = b._forward_unit
+    monkeypatch.setattr(b, "_forward_unit", lambda bb, layers, x, *a: forwarded.append(len(x)) or
+                        original(bb, layers, x, *a))
+    config = subcache.BuildConfig(out=str(tmp_path / "c.zarr"), layers=("3",), model="resnet18", weights="none",
+                                  data=npz_path, image_size=32, chunk_mb=0.12, limit=40)
+    result = subcache.build_cache(config, backbone=subcache.load_backbone("resnet18", "none", image_size=32))
+    assert result.images == 80 and forwarded[0] == 16 and sum(forwarded) == 80  # unit 0, measured for the codec, reused
