@@ -255,6 +255,9 @@ def train_options(fn=None, *, examples: bool = True):
         click.option("--channels-last/--no-channels-last", default=None,
                      help="channels_last memory format [default: on CUDA only]"),
         click.option("--fused/--no-fused", default=None, help="fused AdamW kernel [default: on CUDA only]"),
+        click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="the training step through torch.compile (CUDA graphs on CUDA); auto: only where "
+                          "measured to pay (so far nowhere: off)"),
     ]):
         fn = decorator(fn)
     return fn
