@@ -334,6 +334,16 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
     return widths
 
 
+def check_batch_runs(_ctx, _param, value: str) -> str:
+    from subcache.batched import parse_batch_runs
+
+    try:
+        parse_batch_runs(value)
+    except subcache.ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--batch-runs ")) from None
+    return value
+
+
 @main.command()
 @click.option("--cache", required=True)
 @click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
@@ -351,14 +361,16 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--min-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="halving: epochs of the first rung")
 @click.option("--prior", type=click.Choice(["rank"]), help="halving: start from rank's best 1/eta windows")
+@click.option("--batch-runs", default="auto", show_default=True, callback=check_batch_runs,
+              help="auto | off | K: train up to K of a window's repeats together as one batched model (auto: 8)")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--blocks", "block_range", "--range")
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @friendly
-def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
-            as_json, **kw) -> None:
+def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, batch_runs,
+            out, as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
     from subcache.profiling import ProfileConfig, profile_blocks
 
@@ -366,7 +378,7 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
         raise click.UsageError("--prior applies to --halving")
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
-                           min_epochs=min_epochs, prior=prior)
+                           min_epochs=min_epochs, prior=prior, batch_runs=batch_runs)
     result = profile_blocks(cache, config, out=out, progress=True)
     if halving:
         return show_halving(result, out, as_json)

@@ -18,6 +18,7 @@ import numpy as np
 from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
+from .batched import groups, parse_batch_runs, train_many
 from .errors import BlockError, ConfigError, DataError
 from .evaluation import labels_for, scorer
 from .labels import check_identity, data_identity
@@ -91,6 +92,7 @@ class ProfileConfig:
     eta: int = 3  # halving: keep the best 1/eta of the windows at each rung
     min_epochs: int = 1  # halving: epochs of the first rung (×eta per rung, up to train.epochs)
     prior: str | None = None  # halving: "rank" keeps rank's best 1/eta windows before the first rung
+    batch_runs: str = "auto"  # auto | off | K: a window's seeds trained together as one batched model (`batched`)
 
 
 FIELDS = ("blocks", "first", "width", "seed", "test_accuracy", "val_accuracy", "trainable_params", "seconds")
@@ -147,15 +149,18 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
     bank = shared_bank(cache, backbone, config.train)
     with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
-        for width, win, seed in todo:
-            row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed,
-                   **run_window(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone, bank, split)}
-            rows.append(row)
-            if out:
-                _save(out, rows, config, cache)
-            if on_run:
-                on_run(row)
-            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {row['test_accuracy']:.4f}")
+        for group in groups(todo, lambda t: t[1], parse_batch_runs(config.batch_runs)):  # a window's seeds
+            configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
+            for (width, win, seed), run in zip(group, run_windows(cache, configs, backbone, bank, split,
+                                                                  config.batch_runs)):
+                row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed, **run}
+                rows.append(row)
+                if out:
+                    _save(out, rows, config, cache)
+                if on_run:
+                    on_run(row)
+                bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy "
+                                       f"{row['test_accuracy']:.4f}")
     result = ProfileResult(rows, out)
     if out:
         plot_profile(result, Path(out) / "profile.png", cache, config)
@@ -186,14 +191,23 @@ def validation_split(cache: Cache, config: TrainConfig, fraction: float) -> tupl
 def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: ActivationBank | None,
                split: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
-    run = train(cache, config, TrainData(None if split is None else split[0], bank=bank), backbone=backbone)
-    row = {"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
-           "seconds": round(run.train_seconds, 3)}
-    if split is not None:
-        labels = labels_for(cache, config.train_split, config.labels)[0]
-        device = next(run.model.head.parameters()).device
-        row["val_accuracy"] = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)()
-    return row
+    return run_windows(cache, [config], backbone, bank, split)[0]
+
+
+def run_windows(cache: Cache, configs: list[TrainConfig], backbone: Backbone, bank: ActivationBank | None,
+                split: tuple[np.ndarray, np.ndarray] | None, batch_runs: str = "off") -> list[dict]:
+    """`run_window` for runs of one window (seeds differ), up to ``batch_runs`` of them as one batched model."""
+    runs = train_many(cache, configs, TrainData(None if split is None else split[0], bank=bank), backbone=backbone,
+                      batch_runs=batch_runs)
+    rows = []
+    for config, run in zip(configs, runs):
+        rows.append({"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
+                     "seconds": round(run.train_seconds, 3)})
+        if split is not None:
+            labels = labels_for(cache, config.train_split, config.labels)[0]
+            device = next(run.model.head.parameters()).device
+            rows[-1]["val_accuracy"] = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)()
+    return rows
 
 
 def _load_rows(out: str | None, train_config: TrainConfig, identity: dict | None = None,
