@@ -688,6 +688,11 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "se
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="seeds per window (profile)")
+@click.option("--batch-runs", default="auto", show_default=True, callback=check_batch_runs,
+              help="auto | off | K: a window's repeats as one batched model (profile)")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="the training step through torch.compile (train, profile)")
 @click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly

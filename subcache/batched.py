@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,15 @@ from .augment import apply as apply_augment
 from .backbones import Backbone
 from .devices import autocast, fused_adamw
 from .errors import ConfigError
+from .evaluation import labels_for, scorer
 from .loader import DeviceLoader
 from .store import Cache
-from .train import (Run, TrainConfig, TrainData, TrainResult, _epoch_row, check_finite, check_train_config,
+from .train import (CLOCK, Run, TrainConfig, TrainData, TrainResult, _epoch_row, check_finite, check_train_config,
                     open_for_training, train)
 from .tuned import TunedModel
+
+if TYPE_CHECKING:
+    from .bank import ActivationBank
 
 AUTO_RUNS = 8  # `--batch-runs auto`: at most this many runs in one batched model
 
@@ -79,6 +85,24 @@ def train_many(cache: Cache | str, configs: Sequence[TrainConfig], data: TrainDa
             continue
         results += Stacked(runs).train()
     return results
+
+
+def run_windows(cache: Cache, configs: list[TrainConfig], backbone: Backbone, bank: "ActivationBank | None",
+                split: tuple[np.ndarray, np.ndarray] | None, batch_runs: str | int = "off") -> list[dict]:
+    """A profile's rows for runs of one window (seeds differ), up to ``batch_runs`` of them as one batched model:
+    test accuracy, and with a validation split also the validation accuracy (trained on its fit part)."""
+    runs = train_many(cache, configs, TrainData(None if split is None else split[0], bank=bank), backbone=backbone,
+                      batch_runs=batch_runs)
+    rows = []
+    for config, run in zip(configs, runs):
+        rows.append({"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
+                     "seconds": round(run.train_seconds, 3)})
+        if split is not None:
+            labels = labels_for(cache, config.train_split, config.labels)[0]
+            device = next(run.model.head.parameters()).device
+            score = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)
+            rows[-1]["val_accuracy"] = CLOCK.timed(score)()
+    return rows
 
 
 class Stacked:
@@ -145,6 +169,7 @@ class Stacked:
         for epoch in range(self.config.epochs):
             sums, seen, took = self.epoch(epoch, gens)
             seconds += took
+            CLOCK.steps += took
             self.unstack()
             for run, history, run_sums in zip(self.runs, histories, sums):
                 history.append(_epoch_row(epoch, run_sums, seen, seconds, self.config.lr))

@@ -18,9 +18,9 @@ import numpy as np
 from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
-from .batched import groups, parse_batch_runs, train_many
+from .batched import groups, parse_batch_runs, run_windows
 from .errors import BlockError, ConfigError, DataError
-from .evaluation import labels_for, scorer
+from .evaluation import labels_for
 from .labels import check_identity, data_identity
 from .loader import memory_budget, split_nbytes
 from .progress import progress_bar
@@ -192,22 +192,6 @@ def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: Acti
                split: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
     return run_windows(cache, [config], backbone, bank, split)[0]
-
-
-def run_windows(cache: Cache, configs: list[TrainConfig], backbone: Backbone, bank: ActivationBank | None,
-                split: tuple[np.ndarray, np.ndarray] | None, batch_runs: str = "off") -> list[dict]:
-    """`run_window` for runs of one window (seeds differ), up to ``batch_runs`` of them as one batched model."""
-    runs = train_many(cache, configs, TrainData(None if split is None else split[0], bank=bank), backbone=backbone,
-                      batch_runs=batch_runs)
-    rows = []
-    for config, run in zip(configs, runs):
-        rows.append({"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
-                     "seconds": round(run.train_seconds, 3)})
-        if split is not None:
-            labels = labels_for(cache, config.train_split, config.labels)[0]
-            device = next(run.model.head.parameters()).device
-            rows[-1]["val_accuracy"] = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)()
-    return rows
 
 
 def _load_rows(out: str | None, train_config: TrainConfig, identity: dict | None = None,

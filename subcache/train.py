@@ -87,6 +87,32 @@ class TrainResult:
                 "blocks": list(self.blocks), "loader": self.loader, "param_fraction": self.param_fraction}
 
 
+@dataclass
+class Clock:
+    """Seconds this process spent in training epochs and in scoring, summed over runs: `bench profile` tells the
+    rest of a profile's time (set-up: models, optimisers, loaders, probes, banks) from them."""
+
+    steps: float = 0.0
+    scoring: float = 0.0
+
+    def timed(self, score: Callable[[], float] | None) -> Callable[[], float] | None:
+        """``score``, adding the seconds of each call to `scoring`."""
+        if score is None:
+            return None
+
+        def timed_score() -> float:
+            t0 = time.perf_counter()
+            try:
+                return score()
+            finally:
+                self.scoring += time.perf_counter() - t0
+
+        return timed_score
+
+
+CLOCK = Clock()
+
+
 def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
     """Sorted positions of a seeded, class-balanced subset of ``limit`` items (None: all)."""
     if limit is None:
@@ -196,7 +222,7 @@ class Run:
         loader, forward = _training_loader(cache, config, model, positions, labels, device, augments, ranks,
                                            data.bank)
         return cls(config, device, model, loader, Step(model, config, device, loader, forward),
-                   _scorer(model, cache, config, labels, data, device),
+                   CLOCK.timed(_scorer(model, cache, config, labels, data, device)),
                    partial(_save, out, cache, backbone, model, config) if out else None,
                    augments, default_pad(cache.sample_shape), ranks, param_fraction)
 
@@ -214,6 +240,7 @@ class Run:
                 except TrainingError as exc:
                     raise self.stopped(exc, good) from None
                 good, seconds = self.last_good(), seconds + took
+                CLOCK.steps += took
                 row["seconds"] = round(seconds, 3)
                 if self.score is not None and self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
                     row["test_accuracy"] = self.score()
