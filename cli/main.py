@@ -362,7 +362,8 @@ def check_batch_runs(_ctx, _param, value: str) -> str:
               help="halving: epochs of the first rung")
 @click.option("--prior", type=click.Choice(["rank"]), help="halving: start from rank's best 1/eta windows")
 @click.option("--batch-runs", default="auto", show_default=True, callback=check_batch_runs,
-              help="auto | off | K: train up to K of a window's repeats together as one batched model (auto: 8)")
+              help="auto | off | K: train up to K of a window's repeats together as one batched model "
+                   "(auto: 8 on CUDA, off on the CPU)")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)

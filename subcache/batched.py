@@ -23,7 +23,7 @@ from torch.func import functional_call, vmap
 
 from .augment import apply as apply_augment
 from .backbones import Backbone
-from .devices import autocast, fused_adamw
+from .devices import autocast, fused_adamw, resolve_device
 from .errors import ConfigError
 from .evaluation import labels_for, scorer
 from .loader import DeviceLoader
@@ -35,14 +35,15 @@ from .tuned import TunedModel
 if TYPE_CHECKING:
     from .bank import ActivationBank
 
-AUTO_RUNS = 8  # `--batch-runs auto`: at most this many runs in one batched model
+AUTO_RUNS = 8  # `--batch-runs auto` where batching pays: at most this many runs in one batched model
+AUTO_DEVICES = ("cuda",)  # where `auto` batches: launch-bound GPUs; on the CPU (compute-bound) it did not pay
 
 
-def parse_batch_runs(option: str | int) -> int:
-    """``auto`` | ``off`` | K → the most runs trained as one (1: each alone)."""
+def parse_batch_runs(option: str | int, device: torch.device | None = None) -> int:
+    """``auto`` | ``off`` | K → the most runs trained as one on ``device`` (1: each alone)."""
     text = str(option).strip().lower()
     if text == "auto":
-        return AUTO_RUNS
+        return AUTO_RUNS if device is not None and device.type in AUTO_DEVICES else 1
     if text == "off":
         return 1
     if not text.isdigit() or int(text) < 1:
@@ -70,9 +71,9 @@ def train_many(cache: Cache | str, configs: Sequence[TrainConfig], data: TrainDa
                backbone: Backbone | None = None, batch_runs: str | int = "auto") -> list[TrainResult]:
     """`train` for each config (same blocks and data; seeds differ), up to ``batch_runs`` at a time as one batched
     model; results in the configs' order, each as the run alone would give it."""
-    most = parse_batch_runs(batch_runs)
     for config in configs:
         check_train_config(config)
+    most = parse_batch_runs(batch_runs, resolve_device(configs[0].device)) if configs else 1
     cache, backbone = open_for_training(cache, backbone)
     results = []
     for group in groups(list(configs), lambda c: replace(c, seed=0), most):

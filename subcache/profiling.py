@@ -149,7 +149,8 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
     bank = shared_bank(cache, backbone, config.train)
     with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
-        for group in groups(todo, lambda t: t[1], parse_batch_runs(config.batch_runs)):  # a window's seeds
+        most = parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
+        for group in groups(todo, lambda t: t[1], most):  # a window's seeds, up to `most` as one batched model
             configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
             for (width, win, seed), run in zip(group, run_windows(cache, configs, backbone, bank, split,
                                                                   config.batch_runs)):
@@ -344,9 +345,8 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     with progress_bar(progress, "runs/s") as bar:
         task = bar.add_task("halving", total=None)
         while True:
-            for win, seed in [(w, k) for w in survivors for k in range(config.seeds)]:
-                if runner.run(len(rungs), epochs, win, seed):
-                    bar.advance(task)
+            for win in survivors:  # a window's seeds: up to --batch-runs of them as one batched model
+                bar.advance(task, runner.run(len(rungs), epochs, win, range(config.seeds)))
             ranked = _rung_ranking(rows, len(rungs), survivors)
             keep = ranked[:max(1, math.ceil(len(ranked) / config.eta))]
             last = epochs >= config.train.epochs
@@ -383,19 +383,20 @@ class _Rungs:
             self._flops[win] = training_flops(self.backbone, win)[1]
         return self._flops[win]
 
-    def run(self, rung: int, epochs: int, win: tuple[int, ...], seed: int) -> bool:
-        if _find(self.rows, rung, win, seed) is not None:
-            return False
-        cfg = replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs)
-        row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
-               "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win),
-               **run_window(self.cache, cfg, self.backbone, self.bank, self.split)}
-        self.rows.append(row)
-        if self.out:
-            _save_halving(self.out, self.rows, self.config, self.cache)
-        if self.on_run:
-            self.on_run(row)
-        return True
+    def run(self, rung: int, epochs: int, win: tuple[int, ...], seeds: Sequence[int]) -> int:
+        """Train (rung, window, seed) for the seeds no saved run has; how many were trained."""
+        todo = [seed for seed in seeds if _find(self.rows, rung, win, seed) is None]
+        configs = [replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs) for seed in todo]
+        for seed, run in zip(todo, run_windows(self.cache, configs, self.backbone, self.bank, self.split,
+                                               self.config.batch_runs)):
+            row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
+                   "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win), **run}
+            self.rows.append(row)
+            if self.out:
+                _save_halving(self.out, self.rows, self.config, self.cache)
+            if self.on_run:
+                self.on_run(row)
+        return len(todo)
 
 
 def _find(rows: list[dict], rung: int, win: tuple[int, ...], seed: int) -> dict | None:

@@ -36,7 +36,7 @@ def test_batched_runs_equal_the_runs_done_one_by_one(resnet_cache, resnet18, aug
     (its tuned BatchNorm's statistics too: the final test scores use them)."""
     configs = [subcache.TrainConfig(blocks="6", seed=seed, augment=augment, **FAST) for seed in (0, 1, 2)]
     alone = [subcache.train(resnet_cache, c, backbone=resnet18) for c in configs]
-    together = train_many(resnet_cache, configs, backbone=resnet18, batch_runs="auto")
+    together = train_many(resnet_cache, configs, backbone=resnet18, batch_runs=3)
     assert_same_runs(alone, together)
     assert not torch.equal(weights(together[0])["head.weight"], weights(together[1])["head.weight"])
     for a, b in zip(alone, together):  # the tuned block's BatchNorm statistics moved, per run
@@ -44,26 +44,32 @@ def test_batched_runs_equal_the_runs_done_one_by_one(resnet_cache, resnet18, aug
         assert bn and all(torch.allclose(weights(a)[k], weights(b)[k], atol=1e-4) for k in bn)
 
 
-def test_batch_runs_option(monkeypatch):
-    assert parse_batch_runs("auto") >= 2 and parse_batch_runs("off") == 1 and parse_batch_runs("3") == 3
+def test_batch_runs_option():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert parse_batch_runs("auto", cuda) >= 2 and parse_batch_runs("auto", cpu) == 1  # measured not to pay on CPU
+    assert parse_batch_runs("off", cuda) == 1 and parse_batch_runs("3", cpu) == 3
     for bad in ("0", "two", "-1"):
         with pytest.raises(ConfigError, match="--batch-runs must be auto, off or a whole number"):
             parse_batch_runs(bad)
     assert groups([1, 1, 1, 2, 1], key=lambda x: x, most=2) == [[1, 1], [1], [2], [1]]
 
 
-def test_profile_batch_runs_auto_equals_off_and_the_cli_refuses_a_bad_value(resnet_cache, tmp_path):
+def test_profile_batch_runs_equals_off_and_the_cli_refuses_a_bad_value(resnet_cache, tmp_path, monkeypatch):
+    from subcache import batched
     from subcache.cli.main import main
 
+    stacked, real = [], batched.Stacked.train
+    monkeypatch.setattr(batched.Stacked, "train", lambda self: stacked.append(len(self.runs)) or real(self))
     base = ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2", "--no-probe", "--epochs", "2",
             "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"]
     runs = {}
-    for mode in ("off", "auto"):
+    for mode in ("off", "2"):
         done = CliRunner().invoke(main, base + ["--batch-runs", mode, "--out", str(tmp_path / mode)])
         assert done.exit_code == 0, done.output
         runs[mode] = json.loads((tmp_path / mode / "profile.json").read_text())["runs"]
-    assert [(r["blocks"], r["seed"]) for r in runs["auto"]] == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
-    for off, auto in zip(runs["off"], runs["auto"]):
+    assert [(r["blocks"], r["seed"]) for r in runs["2"]] == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
+    assert stacked == [2, 2]  # `2`: each window's two seeds as one batched model; `off`: none
+    for off, auto in zip(runs["off"], runs["2"]):
         assert (off["blocks"], off["seed"]) == (auto["blocks"], auto["seed"])
         assert auto["test_accuracy"] == pytest.approx(off["test_accuracy"], abs=1 / 96 + 1e-9)
     bad = CliRunner().invoke(main, base + ["--batch-runs", "0", "--out", str(tmp_path / "bad")])
