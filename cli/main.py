@@ -381,6 +381,8 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
                            min_epochs=min_epochs, prior=prior, batch_runs=batch_runs)
     result = profile_blocks(cache, config, out=out, progress=True)
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return
     if halving:
         return show_halving(result, out, as_json)
     best = result.best()

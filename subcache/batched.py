@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -23,18 +23,20 @@ from torch.func import functional_call, vmap
 
 from .augment import apply as apply_augment
 from .backbones import Backbone
+from .distributed import Dist
 from .devices import autocast, fused_adamw, resolve_device
 from .errors import ConfigError
 from .evaluation import labels_for, scorer
 from .loader import DeviceLoader
 from .store import Cache
-from .train import (CLOCK, Run, TrainConfig, TrainData, TrainResult, _epoch_row, check_finite, check_train_config,
+from .train import (CLOCK, Run, alone, TrainConfig, TrainData, TrainResult, _epoch_row, check_finite, check_train_config,
                     open_for_training, train)
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
     from .bank import ActivationBank
 
+T = TypeVar("T")
 AUTO_RUNS = 8  # `--batch-runs auto` where batching pays: at most this many runs in one batched model
 AUTO_DEVICES = ("cuda",)  # where `auto` batches: launch-bound GPUs; on the CPU (compute-bound) it did not pay
 
@@ -104,6 +106,28 @@ def run_windows(cache: Cache, configs: list[TrainConfig], backbone: Backbone, ba
             score = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)
             rows[-1]["val_accuracy"] = CLOCK.timed(score)()
     return rows
+
+
+def dealt(items: Sequence, work: Callable[[Any], T]) -> Iterator[tuple[Any, T]]:
+    """(item, ``work(item)``) for every item, in order. Under torchrun the items are dealt to ranks in rounds of
+    one item per rank, each rank working alone (no DDP), and every rank receives the whole round's results."""
+    ranks = Dist.from_env()
+    if not ranks.active:
+        yield from ((item, work(item)) for item in items)
+        return
+    for start in range(0, len(items), ranks.world):
+        round_ = items[start:start + ranks.world]
+        with alone():
+            try:
+                mine = work(round_[ranks.rank]) if ranks.rank < len(round_) else None
+            except Exception as exc:  # noqa: BLE001 - raised on every rank below: none waits on a failed rank
+                mine = exc
+        results: list = [None] * ranks.world
+        torch.distributed.all_gather_object(results, mine)
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
+        yield from zip(round_, results)
 
 
 class Stacked:

@@ -18,7 +18,8 @@ import numpy as np
 from .backbones import Backbone
 from .devices import resolve_device
 from .bank import ActivationBank
-from .batched import groups, parse_batch_runs, run_windows
+from .batched import dealt, groups, parse_batch_runs, run_windows
+from .distributed import Dist
 from .errors import BlockError, ConfigError, DataError
 from .evaluation import labels_for
 from .labels import check_identity, data_identity
@@ -146,24 +147,27 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
                       extra={"val_fraction": config.val_fraction})
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
-    bank = shared_bank(cache, backbone, config.train)
-    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
+    bank, main = shared_bank(cache, backbone, config.train), Dist.from_env().main
+    with progress_bar(progress and main, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
         most = parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
-        for group in groups(todo, lambda t: t[1], most):  # a window's seeds, up to `most` as one batched model
+        def work(group: list[tuple]) -> list[dict]:
             configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
-            for (width, win, seed), run in zip(group, run_windows(cache, configs, backbone, bank, split,
-                                                                  config.batch_runs)):
+            return run_windows(cache, configs, backbone, bank, split, config.batch_runs)
+
+        # a window's seeds, up to `most` as one batched model; under torchrun, dealt to ranks (rank 0 saves)
+        for group, runs in dealt(groups(todo, lambda t: t[1], most), work):
+            for (width, win, seed), run in zip(group, runs):
                 row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed, **run}
                 rows.append(row)
-                if out:
+                if out and main:
                     _save(out, rows, config, cache)
                 if on_run:
                     on_run(row)
                 bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy "
                                        f"{row['test_accuracy']:.4f}")
     result = ProfileResult(rows, out)
-    if out:
+    if out and main:
         plot_profile(result, Path(out) / "profile.png", cache, config)
     return result
 

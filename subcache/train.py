@@ -6,12 +6,14 @@ split (an in-memory derived cache), not every epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -85,6 +87,26 @@ class TrainResult:
                 "train_seconds": round(self.train_seconds, 4), "trainable_params": self.trainable_params,
                 "samples_per_second": round(self.samples_per_second, 1), "num_samples": self.num_samples,
                 "blocks": list(self.blocks), "loader": self.loader, "param_fraction": self.param_fraction}
+
+
+_ALONE: ContextVar[bool] = ContextVar("subcache_alone", default=False)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Runs made inside train in this process alone, also under torchrun (no DDP): a profile deals whole runs to
+    ranks instead."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def this_process() -> Dist:
+    """The ranks a run spans: torchrun's, or this process alone (on its own device) inside `alone`."""
+    ranks = Dist.from_env()
+    return Dist(0, 1, ranks.local_rank) if _ALONE.get() else ranks
 
 
 @dataclass
@@ -207,7 +229,7 @@ class Run:
              backbone: Backbone | None = None) -> "Run":
         """Everything a run needs, before its first step: model (head seeded), loader, step, scorer, saver."""
         cache, backbone = open_for_training(cache, backbone)
-        ranks = Dist.from_env()
+        ranks = this_process()
         device = resolve_device(config.device, ranks.local_rank)
         autocast_dtype(config.precision)  # an unknown precision fails before any work
         compile_enabled(config.compile, device)
@@ -335,7 +357,7 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
-    if out is None or not Dist.from_env().main:
+    if out is None or not this_process().main:
         return run()
     check_out_dir(out)
     with WriterLock(out, what="train"):

@@ -95,3 +95,48 @@ def test_compiled_step_equals_eager(resnet_cache, resnet18, blocks):
     eager = subcache.train(resnet_cache, config, backbone=resnet18)
     assert counters["stats"]["unique_graphs"] == 2  # eager: nothing more compiled
     assert_same_runs([eager], [compiled])
+
+
+COUNTING = """
+import os, sys
+import subcache.batched as b
+real = b.train_many
+def counted(cache, configs, *args, **kwargs):
+    with open("{log}-" + os.environ["RANK"], "a") as f:
+        f.write(" ".join(f"{{c.blocks}}:{{c.seed}}" for c in configs) + " ")
+    return real(cache, configs, *args, **kwargs)
+b.train_many = counted
+from subcache.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
+    """2 ranks (gloo, CPU): windows × seeds dealt to ranks, each rank training whole runs alone, rank 0 saving;
+    the same rows as one process (one thread each: the same kernels, the same float rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    args = ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2", "--no-probe", "--epochs", "1",
+            "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"]
+    one = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    script = tmp_path / "counting.py"  # the CLI, each rank noting the runs it trained
+    script.write_text(COUNTING.format(log=str(tmp_path / "trained")))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, cwd=root, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(two.stdout.strip().splitlines()) == 1  # rank 0 reports, once
+    trained = {r: (tmp_path / f"trained-{r}").read_text().split() for r in (0, 1)}
+    assert sorted(trained[0] + trained[1]) == ["6:0", "6:1", "7:0", "7:1"]
+    assert len(trained[0]) == len(trained[1]) == 2  # dealt: each run trained once, on one rank
+    rows = {k: json.loads((tmp_path / k / "profile.json").read_text())["runs"] for k in ("one", "two")}
+    key = [(r["blocks"], r["seed"]) for r in rows["one"]]
+    assert key == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
+    assert [(r["blocks"], r["seed"]) for r in rows["two"]] == key
+    assert [r["test_accuracy"] for r in rows["two"]] == [r["test_accuracy"] for r in rows["one"]]
