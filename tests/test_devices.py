@@ -139,20 +139,18 @@ def test_precision_autocasts_only_the_trainable_part(resnet_cache, resnet18):
 
 
 def test_fused_adamw_where_the_device_has_it(resnet_cache, resnet18, monkeypatch):
-    import sys
-
+    from subcache import devices
     from subcache.errors import ConfigError
-
-    train_module = sys.modules["subcache.train"]  # the module (subcache.train is the function)
+    from subcache.step import optimizer
 
     cache = subcache.open_cache(resnet_cache)
     model = TunedModel(resnet18, 6, (8,), 4, cache.sample_shape)
     cpu = torch.device("cpu")
-    assert train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu).defaults["fused"] is True
-    assert not train_module.optimizer(model, subcache.TrainConfig(), cpu).defaults["fused"]  # default: CUDA only
-    monkeypatch.setattr(train_module, "fused_adamw_supported", lambda device: False)
+    assert optimizer(model, subcache.TrainConfig(fused=True), cpu).defaults["fused"] is True
+    assert not optimizer(model, subcache.TrainConfig(), cpu).defaults["fused"]  # default: CUDA only
+    monkeypatch.setattr(devices, "fused_adamw_supported", lambda device: False)
     with pytest.raises(ConfigError, match="no fused AdamW for cpu; use --no-fused"):
-        train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu)
+        optimizer(model, subcache.TrainConfig(fused=True), cpu)
 
 
 def test_cache_training_equals_image_training_on_the_gpu_code_path(resnet_cache, npz_path):
