@@ -29,8 +29,8 @@ from .errors import ConfigError
 from .evaluation import labels_for, scorer
 from .loader import DeviceLoader
 from .store import Cache
-from .train import (CLOCK, Run, alone, TrainConfig, TrainData, TrainResult, _epoch_row, check_finite, check_train_config,
-                    open_for_training, train)
+from .train import (CLOCK, Run, TrainConfig, TrainData, TrainResult, _epoch_row, alone, check_finite,
+                    check_train_config, open_for_training, train)
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
