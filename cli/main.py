@@ -291,6 +291,9 @@ def train_options(fn=None, *, examples: bool = True):
         click.option("--channels-last/--no-channels-last", default=None,
                      help="channels_last memory format [default: on CUDA only]"),
         click.option("--fused/--no-fused", default=None, help="fused AdamW kernel [default: on CUDA only]"),
+        click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="the training step through torch.compile (CUDA graphs on CUDA); auto: only where "
+                          "measured to pay (so far nowhere: off)"),
     ]):
         fn = decorator(fn)
     return fn
@@ -385,6 +388,16 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
     return widths
 
 
+def check_batch_runs(_ctx, _param, value: str) -> str:
+    from subcache.batched import parse_batch_runs
+
+    try:
+        parse_batch_runs(value)
+    except subcache.ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--batch-runs ")) from None
+    return value
+
+
 @main.command()
 @click.option("--cache", required=True)
 @click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
@@ -402,6 +415,9 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--min-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="halving: epochs of the first rung")
 @click.option("--prior", type=click.Choice(["rank"]), help="halving: start from rank's best 1/eta windows")
+@click.option("--batch-runs", default="auto", show_default=True, callback=check_batch_runs,
+              help="auto | off | K: train up to K of a window's repeats together as one batched model "
+                   "(auto: 8 on CUDA, off on the CPU)")
 @train_options
 @click.option("--out", required=True, help="folder for profile.csv/json/png (rerun to resume)")
 @click.option("--json", "as_json", is_flag=True)
@@ -409,8 +425,8 @@ def parse_widths(_ctx, _param, value: str) -> tuple[int, ...]:
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @allows_factories
 @friendly
-def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, out,
-            as_json, **kw) -> None:
+def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, eta, min_epochs, prior, batch_runs,
+            out, as_json, **kw) -> None:
     """The finetuning profile: train every window of consecutive blocks from one cache."""
     from subcache.selection import ProfileConfig, profile_blocks
 
@@ -418,9 +434,11 @@ def profile(cache, block_range, widths, seeds, no_probe, val_fraction, halving, 
         raise click.UsageError("--prior applies to --halving")
     config = ProfileConfig(blocks=block_range, widths=widths, seeds=seeds, probe=not no_probe,
                            train=train_config(**kw), val_fraction=val_fraction, halving=halving, eta=eta,
-                           min_epochs=min_epochs, prior=prior)
+                           min_epochs=min_epochs, prior=prior, batch_runs=batch_runs)
     with once():  # a warning every run gives (too few steps) is printed once
         result = profile_blocks(cache, config, out=out, progress=True)
+    if not is_main_process():  # under torchrun: rank 0 reports
+        return
     if halving:
         return show_halving(result, out, as_json)
     best = result.best()
@@ -821,6 +839,11 @@ BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "se
 @click.option("--workers", type=click.IntRange(min=0), help="processes decoding photos (build, score) "
               "[default: as build]")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True, help="(build)")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="seeds per window (profile)")
+@click.option("--batch-runs", default="auto", show_default=True, callback=check_batch_runs,
+              help="auto | off | K: a window's repeats as one batched model (profile)")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="the training step through torch.compile (train, profile)")
 @click.option("--workdir", help="keep the benchmark's caches here (default: a temporary folder)")
 @click.option("--json", "as_json", is_flag=True)
 @friendly

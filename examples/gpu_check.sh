@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script: `pytest -m gpu`, the main job on CUDA in fp32 and bf16 (+ channels_last, fused
 # AdamW), and the benchmarks on CUDA. Every figure lands in $OUT (default runs/gpu) as JSON or a log.
-# Sizes: LIMIT images per split (Lite0, Fashion-MNIST, 64 px), EPOCHS for the main job. DEVICE=cpu dry-runs it.
+# Sizes: LIMIT images per split (Lite0, Fashion-MNIST, 64 px), EPOCHS for the main job. DEVICE=cpu dry-runs it
+# (DATA=some.npz LIMIT=64 EPOCHS=1 REPEATS=2 SKIP_MAIN=1 for a quick one: only the engine grid).
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
 LIMIT=${LIMIT:-10000}
 EPOCHS=${EPOCHS:-10}
+DATA=${DATA:-fashion-mnist}
+REPEATS=${REPEATS:-4}
+SKIP_MAIN=${SKIP_MAIN:-0}
 PY=${PYTHON:-python3}
 W=${WORK:-/tmp/subcache-gpu}
 mkdir -p "$OUT" "$W"
@@ -17,13 +21,34 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import torch, timm, zarr; print('torch', torch.__version__, 'timm', timm.__version__, 'zarr', zarr.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" | tee -a "$OUT/device.txt"
 
+engine() {  # bench profile NAME MODEL WEIGHTS SIZE LIMIT "COMPILE BATCH_RUNS" …: one run per pair of engine knobs
+  local name=$1 model=$2 weights=$3 size=$4 limit=$5; shift 5
+  for knobs in "$@"; do
+    set -- $knobs
+    local tag="${name}_compile-$1_batch-$2"
+    step "bench profile $tag on $DEVICE"
+    timeout 100 $PY -m subcache bench profile --model "$model" --weights "$weights" --image-size "$size" --data "$DATA" \
+      --limit "$limit" --epochs 2 --repeats "$REPEATS" --compile "$1" --batch-runs "$2" --device "$DEVICE" --json \
+      --workdir "$W/engine-$name" > "$OUT/engine_$tag.json" 2> "$OUT/engine_$tag.log"
+    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: round(r[k], 3) for k in
+            ('speedup', 'flop_bound', 'bound_fraction', 'setup_fraction', 'subcache_seconds')})" \
+      "$OUT/engine_$tag.json" "$tag" || tail -3 "$OUT/engine_$tag.log"
+  done
+}
+
+step "engine grid: bench profile with --compile and --batch-runs on and off ($REPEATS repeats per window)"
+engine lite0-64 efficientnet_lite0 imagenet 64 "$LIMIT" "off off" "on off" "off auto" "on auto"
+engine lite0-224 efficientnet_lite0 imagenet 224 $((LIMIT / 4)) "off off" "on auto"
+engine resnet50-224 resnet50 none 224 $((LIMIT / 4)) "off off" "on auto"
+[[ "$SKIP_MAIN" == 1 ]] && exit 0
+
 if [[ "$DEVICE" == cuda ]]; then
   step "pytest -m gpu"
   timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 fi
 
 step "main job on $DEVICE: one build, then the defaults (fp32; channels_last + fused AdamW on CUDA), plain fp32, bf16"
-timeout 120 $PY -m subcache build --model efficientnet_lite0 --data fashion-mnist --image-size 64 \
+timeout 120 $PY -m subcache build --model efficientnet_lite0 --data "$DATA" --image-size 64 \
   --limit "$LIMIT" --layer 13 --out "$W/fmnist-b13.zarr" --device "$DEVICE" --overwrite 2>&1 | tail -2
 for run in "defaults" "fp32-plain --no-channels-last --no-fused" "bf16 --precision bf16 --no-channels-last --no-fused"; do
   set -- $run; name=$1; shift

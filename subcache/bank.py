@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .backbones import Backbone
-from .devices import resolve_device
-from .loader import memory_budget, read_rows, resident_dtype, split_nbytes
+from .devices import memory_budget, resident_dtype, resolve_device
+from .loader import read_rows, split_nbytes
 from .store import Cache
 
 LAYERS_KEPT = 4  # a bank typically holds the cached layer, a few later inputs and the neck's output

@@ -36,7 +36,7 @@ from .selection import (HalvingResult, ProfileConfig, RankConfig, SelectConfig, 
                         rank_windows, select_window, spec_of, windows)
 from .selection.rank import rank_flops
 from .store import dir_bytes, open_cache
-from .train import TrainConfig, fit
+from .train import CLOCK, TrainConfig, fit
 from .tuned import TunedModel
 
 
@@ -55,6 +55,9 @@ class BenchConfig:
     device: str = "auto"
     workers: int | None = None  # decode processes (`build`, `score`); None: as `build`
     decode: str = "cpu"  # cpu | gpu (`build`)
+    repeats: int = 1  # seeds per window (`profile`)
+    batch_runs: str = "auto"  # a window's repeats as one batched model (`profile`): auto | off | K
+    compile: str = "auto"  # the training step through torch.compile (`train`, `profile`): auto | on | off
     workdir: str | None = None  # where the benchmark's caches go (default: a temporary folder)
 
 
@@ -151,7 +154,7 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     device, backbone, layer, cache = _train_split_cache(config, "train", progress, root)
     y = cache.read_y("train")
     tcfg = TrainConfig(blocks=config.blocks, epochs=config.epochs, batch_size=config.batch_size,
-                       device=config.device)
+                       device=config.device, compile=config.compile)
     from .backbones import parse_block_spec
 
     tuned = parse_block_spec(config.blocks, backbone)
@@ -212,40 +215,52 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     blocks = parse_block_spec(config.blocks, backbone)
     lo, hi = blocks[0], blocks[-1]
     wins = windows(lo, hi, config.width)
-    tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device)
+    tcfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, device=config.device,
+                       compile=config.compile)
     out = str(root / "bench-profile.zarr")
     source = open_source(config.data, "train", limit=config.limit)
     test = open_source(config.data, "test", limit=config.limit)
-    classes = len(source.classes)
     for win in wins:  # warm-up, untimed: a GPU's first step of each window pays cuDNN's set-up, for both ways alike
-        warm = replace(tcfg, blocks=spec_of(win), epochs=1, limit=min(len(source), 2 * config.batch_size))
-        train_reference(source, backbone, lo, warm, classes, config.device)
+        train_reference(source, backbone, lo, replace(tcfg, blocks=spec_of(win), epochs=1, limit=min(
+            len(source), 2 * config.batch_size)), len(source.classes), config.device)
     t0 = time.perf_counter()
     build_cache(BuildConfig(out=out, layers=(str(lo),), model=config.model, weights=config.weights,
                             data=config.data, limit=config.limit, image_size=config.image_size,
                             device=config.device, overwrite=True), backbone=backbone, progress=progress)
     cache_build_s = time.perf_counter() - t0
-    profile = profile_blocks(out, ProfileConfig(blocks=f"{lo}-{hi}", widths=(config.width,), probe=False,
-                                                train=tcfg), backbone=backbone)
+    before = replace(CLOCK)
+    profile = profile_blocks(out, ProfileConfig(blocks=f"{lo}-{hi}", widths=(config.width,), seeds=config.repeats,
+                                                probe=False, train=tcfg, batch_runs=config.batch_runs),
+                             backbone=backbone)
     cached_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    reference_acc = []
-    for win in wins:
-        model, _, _ = train_reference(source, backbone, win[0], replace(tcfg, blocks=spec_of(win)), classes,
-                                      config.device)
-        reference_acc.append(_image_accuracy(model, backbone, test, win[0], device))
-    reference_s = time.perf_counter() - t0
-
+    steps_s, scoring_s = CLOCK.steps - before.steps, CLOCK.scoring - before.scoring
+    reference_s, reference_acc = _reference_profile(source, test, backbone, wins, tcfg, config.repeats, device)
     from_images, from_cache = profile_flops(backbone, wins, config.epochs, len(source), len(test))
-    bound = from_images / from_cache
-    speedup = reference_s / cached_s
-    result = {"windows": [spec_of(w) for w in wins], "epochs": config.epochs, "images": len(source),
-              "device": str(device), "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
-              "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
-              "bound_fraction": speedup / bound, "subcache_test_accuracy": [r["test_accuracy"] for r in profile.rows],
-              "reference_test_accuracy": reference_acc}
-    return result
+    bound, speedup = from_images / from_cache, reference_s / cached_s
+    arm_s = cached_s - cache_build_s  # the profile itself, build excluded
+    return {"windows": [spec_of(w) for w in wins], "repeats": config.repeats, "epochs": config.epochs,
+            "images": len(source), "device": str(device), "batch_runs": config.batch_runs,
+            "compile": config.compile, "subcache_seconds": cached_s, "cache_build_seconds": cache_build_s,
+            "step_seconds": steps_s, "scoring_seconds": scoring_s,
+            "setup_fraction": max(0.0, arm_s - steps_s - scoring_s) / arm_s,
+            "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
+            "bound_fraction": speedup / bound, "subcache_test_accuracy": [r["test_accuracy"] for r in profile.rows],
+            "reference_test_accuracy": reference_acc}
+
+
+def _reference_profile(source, test, backbone: Backbone, wins: list[tuple[int, ...]], tcfg: TrainConfig,
+                       repeats: int, device: torch.device) -> tuple[float, list[float]]:
+    """The reference way: every window × seed trained from images, then scored from images: (seconds, accuracies)."""
+    from .profiling import spec_of
+    from .train import train_reference
+
+    t0, accuracies = time.perf_counter(), []
+    for win in wins:
+        for seed in range(repeats):
+            model, _, _ = train_reference(source, backbone, win[0], replace(tcfg, blocks=spec_of(win), seed=seed),
+                                          len(source.classes), str(device))
+            accuracies.append(_image_accuracy(model, backbone, test, win[0], device))
+    return time.perf_counter() - t0, accuracies
 
 
 @torch.inference_mode()

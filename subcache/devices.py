@@ -13,6 +13,8 @@ from torch import nn
 from .errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+COMPILES = ("auto", "on", "off")
+COMPILE_PAYS_ON: tuple[str, ...] = ()  # device types where a compiled step was measured to pay (CPU: it did not)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -51,3 +53,46 @@ def fused_adamw_supported(device: torch.device) -> bool:
     except ImportError:  # older torch: CUDA only
         return device.type == "cuda"
     return device.type in _get_fused_kernels_supported_devices()
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a resident split may take: half the free GPU memory, or a quarter of the host's RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def resident_dtype(float32_nbytes: int, stored: torch.dtype, device: torch.device,
+                   budget: int | None = None) -> torch.dtype:
+    """float32 for tensors kept on the device when that fits the budget, else the cache's 16-bit dtype (float16 for
+    an int8 cache: its codes dequantize to floats, never back to int8)."""
+    budget = memory_budget(device) if budget is None else budget
+    if float32_nbytes <= budget:
+        return torch.float32
+    return stored if stored.is_floating_point else torch.float16
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of a precision option on a device (disabled for fp32)."""
+    amp = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
+def fused_adamw(params: list[torch.Tensor], lr: float, weight_decay: float, device: torch.device,
+                fused: bool | None) -> torch.optim.AdamW:
+    """AdamW over ``params``; the fused kernel on CUDA by default, or where ``fused`` asks (an error where this torch
+    has none for the device)."""
+    fused = device.type == "cuda" if fused is None else fused
+    if fused and not fused_adamw_supported(device):
+        raise ConfigError(f"--fused: this torch ({torch.__version__}) has no fused AdamW for {device.type}; "
+                          f"use --no-fused")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def compile_enabled(option: str, device: torch.device) -> bool:
+    """Whether `--compile` (auto | on | off) compiles the training step on this device: ``auto`` only where it was
+    measured to pay (`COMPILE_PAYS_ON`)."""
+    if option not in COMPILES:
+        raise ConfigError(f"unknown --compile {option!r}; allowed: {', '.join(COMPILES)}")
+    return option == "on" or (option == "auto" and device.type in COMPILE_PAYS_ON)

@@ -14,7 +14,6 @@ of the first trainable block) or are the cache's activations; `bridge` gives the
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import torch
 
+from .devices import memory_budget, resident_dtype  # noqa: F401 - re-exported: where they used to live
 from .store import Cache, from_storage, read
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]  # x, exact mirrored x or None, y
@@ -57,24 +57,6 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int,
     perm = torch.randperm(n, generator=epoch_generator(seed, epoch, device), device=device)
     batches = list(perm.split(batch_size))
     return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
-
-
-def memory_budget(device: torch.device) -> int:
-    """Bytes a resident split may take: half the free GPU memory, or a quarter of the host's RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-
-
-def resident_dtype(float32_nbytes: int, stored: torch.dtype, device: torch.device,
-                   budget: int | None = None) -> torch.dtype:
-    """float32 for tensors kept on the device when that fits the budget, else the cache's 16-bit dtype (float16 for
-    an int8 cache: its codes dequantize to floats, never back to int8)."""
-    budget = memory_budget(device) if budget is None else budget
-    if float32_nbytes <= budget:
-        return torch.float32
-    return stored if stored.is_floating_point else torch.float16
 
 
 def split_nbytes(cache: Cache, split: str, count: int) -> int:

@@ -20,7 +20,9 @@ def changed_keys(before: dict | None, now: dict) -> list[str]:
 
 def upgraded_train(saved: dict) -> dict:
     """A training config recorded by an earlier version, in today's terms: ``precision: auto`` (bf16 on CUDA, fp32
-    elsewhere, until fp32 became the default) becomes what it meant on the device the run resolves to here."""
+    elsewhere, until fp32 became the default) becomes what it meant on the device the run resolves to here; a record
+    from before ``compile`` existed ran uncompiled, as ``auto`` does wherever compiling was not measured to pay."""
+    saved = {"compile": "auto", **saved}
     if saved.get("precision") != "auto":
         return saved
     try:

@@ -6,31 +6,33 @@ split (an in-memory derived cache), not every epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._version import __version__
 from .augment import apply as apply_augment, default_pad, parse_augment
 from .backbones import Backbone, backbone_for, parse_block_spec
-from .devices import autocast_dtype, fused_adamw_supported, resolve_device
+from .devices import autocast_dtype, compile_enabled, resolve_device
 from .distributed import Dist, WriterLock
 from .errors import BlockError, ConfigError, DataError, TrainingError
 from .labels import freeze_labels, label_classes
 from .evaluation import labels_for, scorer
-from .loader import (DeviceLoader, ImageLoader, Loader, StreamLoader, bridge, memory_budget, resident_dtype,
-                     split_nbytes)
+from .devices import memory_budget, resident_dtype
+from .loader import DeviceLoader, ImageLoader, Loader, StreamLoader, split_nbytes
 from .advice import advise, few_steps
 from .progress import epoch_line, progress_bar
 from .pruning import PruneConfig, prune_tuned_blocks
 from .pruning import shapes as pruned_shapes
+from .step import Step
 from .store import Cache, open_cache
 from .task import check_out_dir, check_task_out, save_task
 from .tuned import TunedModel
@@ -57,6 +59,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast over the trainable part)
     channels_last: bool | None = None  # 4-D activations and weights in channels_last (None: on CUDA only)
     fused: bool | None = None  # fused AdamW kernel (None: on CUDA only; True on a device without one is an error)
+    compile: str = "auto"  # auto | on | off: the training step through torch.compile (auto: where measured to pay)
     labels: str | None = None  # an extra label set of the cache (labels/NAME) instead of y
     siamese: bool = False  # head sees original + tuned features (paper §5.1)
     prune: float = 0.0  # channel-prune this fraction of the tuned blocks' inner channels before training (§5.2)
@@ -88,6 +91,52 @@ class TrainResult:
                 "train_seconds": round(self.train_seconds, 4), "trainable_params": self.trainable_params,
                 "samples_per_second": round(self.samples_per_second, 1), "num_samples": self.num_samples,
                 "blocks": list(self.blocks), "loader": self.loader, "param_fraction": self.param_fraction}
+
+
+_ALONE: ContextVar[bool] = ContextVar("subcache_alone", default=False)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Runs made inside train in this process alone, also under torchrun (no DDP): a profile deals whole runs to
+    ranks instead."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
+def this_process() -> Dist:
+    """The ranks a run spans: torchrun's, or this process alone (on its own device) inside `alone`."""
+    ranks = Dist.from_env()
+    return Dist(0, 1, ranks.local_rank) if _ALONE.get() else ranks
+
+
+@dataclass
+class Clock:
+    """Seconds this process spent in training epochs and in scoring, summed over runs: `bench profile` tells the
+    rest of a profile's time (set-up: models, optimisers, loaders, probes, banks) from them."""
+
+    steps: float = 0.0
+    scoring: float = 0.0
+
+    def timed(self, score: Callable[[], float] | None) -> Callable[[], float] | None:
+        """``score``, adding the seconds of each call to `scoring`."""
+        if score is None:
+            return None
+
+        def timed_score() -> float:
+            t0 = time.perf_counter()
+            try:
+                return score()
+            finally:
+                self.scoring += time.perf_counter() - t0
+
+        return timed_score
+
+
+CLOCK = Clock()
 
 
 def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
@@ -156,48 +205,148 @@ def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.de
         augments: tuple[str, ...] = (), pad: int = 1, on_epoch: Callable[[dict], None] | None = None,
         progress: bool | str = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         ) -> tuple[list[dict], float]:
-    """The training loop. Returns per-epoch history and seconds spent training (evaluation excluded).
-    ``forward`` replaces the model's trainable part (a DDP wrapper under torchrun)."""
-    opt = optimizer(model, config, device)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * loader.steps_per_epoch))
-    step = training_forward(model, config, device, bridge(loader, model), forward)
-    gen = torch.Generator(device=device).manual_seed(config.seed)  # augmentation draws, on the device
-    history, seconds, total = [], 0.0, 0
-    name = f"{progress} " if isinstance(progress, str) else ""  # a run name starts each epoch line
-    with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
-        task = bar.add_task("training", total=config.epochs * loader.steps_per_epoch)
-        for epoch in range(config.epochs):
-            model.train()
-            t0 = time.perf_counter()
-            sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: exact counts past 2**24
-            seen = 0
-            for x, x_flip, y in loader.epoch(epoch):
-                x = apply_augment(x.float(), augments, gen, None if x_flip is None else x_flip.float(), pad)
-                sums += _step(step, x, y, opt, sched)
-                seen += len(y)
-                bar.advance(task)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_seconds = time.perf_counter() - t0
-            seconds += epoch_seconds
-            history.append(_epoch_row(epoch, sums, seen, seconds, config.lr))
-            if on_epoch:
-                on_epoch(history[-1])
-            total += seen  # the rate over all epochs so far: steady, where one short epoch's is noise
-            bar.line(name + epoch_line(history[-1], config.epochs, total / max(seconds, 1e-9)))
-    return history, seconds
+    """The training loop of a bare model and loader (no scoring, no saving): `Run.fit`. Returns per-epoch history
+    and seconds spent training. ``forward`` replaces the model's trainable part (a DDP wrapper under torchrun)."""
+    step = Step(model, config, device, loader, forward)
+    return Run(config, device, model, loader, step, augments=augments, pad=pad).fit(progress, on_epoch)
 
 
-def _step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-          opt: torch.optim.Optimizer, sched) -> torch.Tensor:
-    """One optimiser step; (loss × batch, correct) on the device, no host sync."""
-    logits = forward(x)
-    loss = F.cross_entropy(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float()])
+@dataclass
+class Run:
+    """One training run, its parts as plain fields: made by `Run.make` (or by hand, as `fit` does), trained by
+    `fit`, reported by `result`."""
+
+    config: TrainConfig
+    device: torch.device
+    model: TunedModel
+    loader: Loader
+    step: Step
+    score: Callable[[], float] | None = None  # accuracy on the test split (or held-out positions)
+    saver: Callable[..., str] | None = None  # saves the task to --out (returns the folder)
+    augments: tuple[str, ...] = ()
+    pad: int = 1  # crop padding
+    ranks: Dist = field(default_factory=Dist)
+    param_fraction: float = 1.0
+    monitor: "Best | None" = None  # validation monitoring (`TrainData.val_positions`): keeps the best epoch
+
+    @classmethod
+    def make(cls, cache: Cache, config: TrainConfig, data: "TrainData", out: str | None = None,
+             backbone: Backbone | None = None) -> "Run":
+        """Everything a run needs, before its first step: model (head seeded), loader, step, scorer, saver."""
+        cache, backbone = open_for_training(cache, backbone)
+        ranks = this_process()
+        device = resolve_device(config.device, ranks.local_rank)
+        autocast_dtype(config.precision)  # an unknown precision fails before any work
+        compile_enabled(config.compile, device)
+        tuned = parse_block_spec(config.blocks, backbone)
+        check_blocks(tuned, cache, backbone)
+        augments = parse_augment(config.augment)
+        if config.labels is not None:
+            freeze_labels(cache, config.labels)  # one snapshot: labels, head size and the record's classes agree
+        labels, num_classes = labels_for(cache, config.train_split, config.labels)
+        labels = labels if data.labels is None else data.labels
+        positions = data.positions
+        positions = balanced_subset(labels.numpy(), config.limit, config.seed) if positions is None else positions
+        model, param_fraction = new_model(cache, backbone, tuned, num_classes, config, device)
+        loader, forward = _training_loader(cache, config, model, positions, labels, device, augments, ranks,
+                                           data.bank)
+        monitor = None if data.val_positions is None else Best(model, scorer(
+            model, cache, config.train_split, labels, data.val_positions, data.bank, device))
+        return cls(config, device, model, loader, Step(model, config, device, loader, forward),
+                   CLOCK.timed(_scorer(model, cache, config, labels, data, device)),
+                   partial(_save, out, cache, backbone, model, config) if out else None,
+                   augments, default_pad(cache.sample_shape), ranks, param_fraction, monitor)
+
+    def fit(self, progress: bool | str = False, on_epoch: Callable[[dict], None] | None = None
+            ) -> tuple[list[dict], float]:
+        """The epoch loop: train an epoch; stop on non-finite weights (saving the last good ones when there is a
+        saver); monitor validation and score every ``eval_every`` epochs. Returns per-epoch history and seconds
+        spent training. ``progress``: True, or the run's name to start each epoch line with."""
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed)  # augmentation draws, on the device
+        good, history, seconds = self.last_good(), [], 0.0
+        name = f"{progress} " if isinstance(progress, str) else ""
+        with progress_bar(progress, "steps/s", every=None) as bar:  # in logs: a line per epoch
+            task = bar.add_task("training", total=self.config.epochs * self.loader.steps_per_epoch)
+            for epoch in range(self.config.epochs):
+                try:
+                    row, took = self.epoch(epoch, gen, lambda: bar.advance(task))
+                except TrainingError as exc:
+                    raise self.stopped(exc, good) from None
+                good, seconds = self.last_good(), seconds + took
+                CLOCK.steps += took
+                row["seconds"] = round(seconds, 3)
+                if self.monitor is not None:
+                    self.monitor(row)
+                if self.score is not None and self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
+                    row["test_accuracy"] = self.score()
+                history.append(row)
+                if on_epoch:
+                    on_epoch(row)
+                # the rate over all epochs so far: steady, where one short epoch's is noise
+                rate = (epoch + 1) * self.loader.num_samples / max(seconds, 1e-9)
+                bar.line(name + epoch_line(row, self.config.epochs, rate))
+        return history, seconds
+
+    def epoch(self, epoch: int, gen: torch.Generator, advance: Callable[[], None]) -> tuple[dict, float]:
+        """One epoch's steps: (its history row, seconds). Raises `TrainingError` on a non-finite loss or weights."""
+        self.model.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss sum, correct: exact past 2**24
+        seen = 0
+        for x, x_flip, y in self.loader.epoch(epoch):
+            x = apply_augment(x.float(), self.augments, gen, None if x_flip is None else x_flip.float(), self.pad)
+            sums += self.step(x, y)
+            seen += len(y)
+            advance()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+        row = _epoch_row(epoch, sums, seen, 0.0, self.config.lr)
+        check_finite(self.model, epoch + 1, self.config.lr)
+        return row, took
+
+    def last_good(self) -> dict | None:
+        """A copy of the task's weights to fall back on (only kept when there is a saver to write them)."""
+        return None if self.saver is None else {k: v.clone() for k, v in self.model.task_state().items()}
+
+    def stopped(self, exc: TrainingError, good: dict | None) -> TrainingError:
+        """The error to raise when training failed: with a saver, the last good weights are saved (incomplete)."""
+        if self.saver is None or good is None:
+            return exc
+        self.model.load_state_dict(good, strict=False)
+        out = self.saver(metrics={}, complete=False, stopped=str(exc))
+        return TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)")
+
+    def result(self, history: list[dict], seconds: float) -> TrainResult:
+        """The run's result, with the best epoch's weights under validation monitoring: scored on rank 0 (every
+        rank gets the score)."""
+        if self.monitor is not None:
+            self.monitor.restore()
+        chosen = history[-1] if self.monitor is None else history[self.monitor.epoch - 1]
+        test_acc = self.ranks.broadcast(self.score() if self.score is not None and self.ranks.main else None)
+        samples = self.loader.num_samples * self.ranks.world
+        return TrainResult(self.model, test_acc, chosen["train_accuracy"], seconds,
+                           self.model.trainable_params(), self.config.epochs * samples / max(seconds, 1e-9),
+                           self.model.tuned, samples, history,
+                           type(self.loader).__name__.removesuffix("Loader").lower(), self.param_fraction,
+                           chosen.get("val_accuracy"), None if self.monitor is None else self.monitor.epoch)
+
+
+class Best:
+    """Validation monitoring (`train --val-fraction`): each epoch's ``val_accuracy`` goes into its history row;
+    the best epoch's weights (the first of equals) are restored at the end."""
+
+    def __init__(self, model: TunedModel, score: Callable[[], float]):
+        self.model, self.score, self.best, self.epoch, self.state = model, score, -1.0, 0, {}
+
+    def __call__(self, row: dict) -> None:
+        row["val_accuracy"] = self.score()
+        if row["val_accuracy"] > self.best:
+            self.best, self.epoch = row["val_accuracy"], row["epoch"]
+            self.state = {k: v.clone() for k, v in self.model.task_state().items()}
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state, strict=False)
 
 
 def _epoch_row(epoch: int, sums: torch.Tensor, seen: int, seconds: float, lr: float) -> dict:
@@ -224,46 +373,6 @@ def check_train_config(config: TrainConfig) -> None:
         raise ConfigError("--blocks is empty; give blocks (e.g. 13-14) or `none` for a linear probe")
 
 
-def optimizer(model: TunedModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel on CUDA by default, or where ``config.fused`` asks."""
-    fused = device.type == "cuda" if config.fused is None else config.fused
-    if fused and not fused_adamw_supported(device):
-        raise ConfigError(f"--fused: this torch ({torch.__version__}) has no fused AdamW for {device.type}; "
-                          f"use --no-fused")
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
-
-
-def training_forward(model: TunedModel, config: TrainConfig, device: torch.device,
-                     to_input: Callable[[torch.Tensor], torch.Tensor],
-                     forward: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One training forward: ``to_input`` (the loader's `bridge`: the frozen bridge, or nothing) in float32 without
-    grads, then the trainable part (or ``forward``, its DDP wrapper) under bf16 autocast when ``config.precision``
-    asks, in channels_last when ``config.channels_last`` asks."""
-    amp = autocast_dtype(config.precision)
-    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    if channels_last:
-        trainable_channels_last(model)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = to_input(x)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            return (forward or model.trainable_part)(x)
-
-    return run
-
-
-def trainable_channels_last(model: TunedModel) -> None:
-    """The run's own tuned copies and head in channels_last (convolutions run fastest so with bf16 on GPUs; the
-    frozen blocks between and after them take channels_last inputs as they are). Frozen modules are shared by
-    every run on the backbone and never change, layout included: runs must not depend on their order."""
-    model.tuned_blocks.to(memory_format=torch.channels_last)
-    model.head.to(memory_format=torch.channels_last)
-
-
 @dataclass(frozen=True)
 class TrainData:
     """What one run trains and is scored on, where that is not the config's own choice (profiles, greedy
@@ -288,7 +397,7 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
     check_train_config(config)
     out = None if out is None else os.fspath(out)
     run = lambda: _train(cache, config, data, out, backbone, progress, on_epoch)  # noqa: E731
-    if out is None or not Dist.from_env().main:
+    if out is None or not this_process().main:
         return run()
     check_out_dir(out)
     with WriterLock(out, what="train"):
@@ -299,43 +408,15 @@ def train(cache: Cache | str | os.PathLike, config: TrainConfig = TrainConfig(),
 def _train(cache: Cache | str, config: TrainConfig, data: TrainData = TrainData(), out: str | None = None,
            backbone: Backbone | None = None, progress: bool | str = False,
            on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """`train` once its options are checked and ``out`` is locked."""
-    cache, backbone = open_for_training(cache, backbone)
-    ranks = Dist.from_env()
-    device = resolve_device(config.device, ranks.local_rank)
-    autocast_dtype(config.precision)  # an unknown precision fails before any work
-    tuned = parse_block_spec(config.blocks, backbone)
-    check_blocks(tuned, cache, backbone)
-    augments = parse_augment(config.augment)
-    if config.labels is not None:
-        freeze_labels(cache, config.labels)  # one snapshot: labels, head size and the record's classes agree
-    labels, num_classes = labels_for(cache, config.train_split, config.labels)
-    labels = labels if data.labels is None else data.labels
-    positions = data.positions
-    positions = balanced_subset(labels.numpy(), config.limit, config.seed) if positions is None else positions
-    model, param_fraction = new_model(cache, backbone, tuned, num_classes, config, device)
-    loader, step = _training_loader(cache, config, model, positions, labels, device, augments, ranks, data.bank)
-    advise(few_steps(loader.num_samples * ranks.world, config.batch_size), loud=bool(progress) and ranks.main)
-    score = _scorer(model, cache, config, labels, data, device)
-    monitor = None if data.val_positions is None else Best(model, scorer(
-        model, cache, config.train_split, labels, data.val_positions, data.bank, device))
-    saver = partial(_save, out, cache, backbone, model, config) if out else None
-    history, seconds = _fit_keeping_good(model, loader, config, device, augments, score, on_epoch,
-                                         progress if ranks.main else False, step, saver,
-                                         default_pad(cache.sample_shape),
-                                         monitor)
-    if monitor is not None:
-        monitor.restore()
-    chosen = history[monitor.epoch - 1] if monitor is not None else history[-1]
-    test_acc = ranks.broadcast(score() if score is not None and ranks.main else None)
-    samples = loader.num_samples * ranks.world
-    result = TrainResult(model, test_acc, chosen["train_accuracy"], seconds, model.trainable_params(),
-                         config.epochs * samples / max(seconds, 1e-9), tuned, samples,
-                         history, type(loader).__name__.removesuffix("Loader").lower(), param_fraction,
-                         chosen.get("val_accuracy"), None if monitor is None else monitor.epoch)
-    if saver and ranks.main:
-        saver(metrics=result.metrics(), complete=True, history=history, world_size=ranks.world)
-    ranks.barrier()
+    """`train` once its options are checked and ``out`` is locked: make the run, fit it, score it, save it."""
+    run = Run.make(cache, config, data, out, backbone)
+    advise(few_steps(run.loader.num_samples * run.ranks.world, config.batch_size),
+           loud=bool(progress) and run.ranks.main)
+    history, seconds = run.fit(progress if run.ranks.main else False, on_epoch)
+    result = run.result(history, seconds)
+    if run.saver and run.ranks.main:
+        run.saver(metrics=result.metrics(), complete=True, history=history, world_size=run.ranks.world)
+    run.ranks.barrier()
     return result
 
 
@@ -352,52 +433,6 @@ def new_model(cache: Cache, backbone: Backbone, tuned: tuple[int, ...], num_clas
         return model, 1.0
     return model, prune_tuned_blocks(model, cache.sample_shape,
                                      PruneConfig(config.prune, config.prune_norm, config.prune_scope))
-
-
-def _fit_keeping_good(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device,
-                      augments: tuple[str, ...], score: Callable[[], float] | None,
-                      on_epoch: Callable[[dict], None] | None, progress: bool | str, step, saver, pad: int,
-                      monitor: "Best | None" = None) -> tuple[list[dict], float]:
-    """`fit`, scoring every ``config.eval_every`` epochs; when training fails, the last finite weights are saved
-    (marked incomplete) through ``saver`` before the error goes on."""
-    last_good = {k: v.clone() for k, v in model.task_state().items()}
-
-    def keep_good(row: dict) -> None:  # after each finite epoch: the weights to fall back on, if they are finite
-        check_finite(model, row["epoch"], config.lr)
-        last_good.update({k: v.clone() for k, v in model.task_state().items()})
-        if monitor is not None:
-            monitor(row)
-        if score is not None and config.eval_every and row["epoch"] % config.eval_every == 0:
-            row["test_accuracy"] = score()
-        if on_epoch:
-            on_epoch(row)
-
-    try:
-        return fit(model, loader, config, device, augments=augments, pad=pad, on_epoch=keep_good,
-                   progress=progress, forward=step)
-    except TrainingError as exc:
-        if saver is None:
-            raise
-        model.load_state_dict(last_good, strict=False)
-        out = saver(metrics={}, complete=False, stopped=str(exc))
-        raise TrainingError(f"{exc}; the last good weights are in {out} (marked incomplete)") from None
-
-
-class Best:
-    """Validation monitoring (`train --val-fraction`): each epoch's ``val_accuracy`` goes into its history row;
-    the best epoch's weights (the first of equals) are restored at the end."""
-
-    def __init__(self, model: TunedModel, score: Callable[[], float]):
-        self.model, self.score, self.best, self.epoch, self.state = model, score, -1.0, 0, {}
-
-    def __call__(self, row: dict) -> None:
-        row["val_accuracy"] = self.score()
-        if row["val_accuracy"] > self.best:
-            self.best, self.epoch = row["val_accuracy"], row["epoch"]
-            self.state = {k: v.clone() for k, v in self.model.task_state().items()}
-
-    def restore(self) -> None:
-        self.model.load_state_dict(self.state, strict=False)
 
 
 def check_finite(model: TunedModel, epoch: int, lr: float) -> None:

@@ -143,17 +143,17 @@ def test_oracle_workflow_stops_for_labels_and_resumes_and_trains_on_its_answers(
     truth = subcache.open_cache(resnet_cache).read_y("train")
     answer = {i: (int(c) + 1) % 4 for i, c in enumerate(truth)}  # the person disagrees with the cache everywhere
     train_module, active = importlib.import_module("subcache.train"), importlib.import_module("subcache.active")
-    real_fit, real_train, seen, given = train_module.fit, active.train, [], []
+    real_fit, real_train, seen, given = train_module.Run.fit, active.train, [], []
 
-    def fit_spy(model, loader, *args, **kwargs):  # the labels training actually consumes
-        seen.append(sorted(torch.cat([y for _, _, y in loader.epoch(0)]).tolist()))
-        return real_fit(model, loader, *args, **kwargs)
+    def fit_spy(run, *args, **kwargs):  # the labels training actually consumes
+        seen.append(sorted(torch.cat([y for _, _, y in run.loader.epoch(0)]).tolist()))
+        return real_fit(run, *args, **kwargs)
 
     def train_spy(*args, **kwargs):  # the labels active learning hands to training, item by item
         given.append({int(i): int(args[2].labels[i]) for i in args[2].positions})
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", fit_spy)
+    monkeypatch.setattr(train_module.Run, "fit", fit_spy)
     monkeypatch.setattr(active, "train", train_spy)
     for _ in range(3):
         asked = [line.split(",")[0] for line in open(out / "to_label.csv").read().splitlines()[1:]]

@@ -115,7 +115,8 @@ def test_stream_loader_reuses_its_staging_buffers_and_reshuffles_each_epoch(chun
 
 
 def test_precision_autocasts_only_the_trainable_part(resnet_cache, resnet18):
-    from subcache.train import TrainConfig, training_forward
+    from subcache.step import training_forward
+    from subcache.train import TrainConfig
 
     cache = subcache.open_cache(resnet_cache)
     model = TunedModel(resnet18, 6, (8,), 4, cache.sample_shape)
@@ -138,20 +139,18 @@ def test_precision_autocasts_only_the_trainable_part(resnet_cache, resnet18):
 
 
 def test_fused_adamw_where_the_device_has_it(resnet_cache, resnet18, monkeypatch):
-    import sys
-
+    from subcache import devices
     from subcache.errors import ConfigError
-
-    train_module = sys.modules["subcache.train"]  # the module (subcache.train is the function)
+    from subcache.step import optimizer
 
     cache = subcache.open_cache(resnet_cache)
     model = TunedModel(resnet18, 6, (8,), 4, cache.sample_shape)
     cpu = torch.device("cpu")
-    assert train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu).defaults["fused"] is True
-    assert not train_module.optimizer(model, subcache.TrainConfig(), cpu).defaults["fused"]  # default: CUDA only
-    monkeypatch.setattr(train_module, "fused_adamw_supported", lambda device: False)
+    assert optimizer(model, subcache.TrainConfig(fused=True), cpu).defaults["fused"] is True
+    assert not optimizer(model, subcache.TrainConfig(), cpu).defaults["fused"]  # default: CUDA only
+    monkeypatch.setattr(devices, "fused_adamw_supported", lambda device: False)
     with pytest.raises(ConfigError, match="no fused AdamW for cpu; use --no-fused"):
-        train_module.optimizer(model, subcache.TrainConfig(fused=True), cpu)
+        optimizer(model, subcache.TrainConfig(fused=True), cpu)
 
 
 def test_cache_training_equals_image_training_on_the_gpu_code_path(resnet_cache, npz_path):
@@ -181,7 +180,7 @@ def half_cache(tmp_path_factory, npz_path, resnet18):
 
 
 def test_resident_tensors_stay_16_bit_when_float32_would_not_fit(half_cache, resnet18, monkeypatch):
-    from subcache import loader as loader_module
+    from subcache import devices as devices_module
     from subcache.train import make_loader
 
     cpu = torch.device("cpu")
@@ -192,7 +191,7 @@ def test_resident_tensors_stay_16_bit_when_float32_would_not_fit(half_cache, res
     y = half_cache.read_y("train")
     config = subcache.TrainConfig(blocks="8", loader="memory", device="cpu")
     assert make_loader(half_cache, config, model, None, y, cpu, ()).x.dtype == torch.float32
-    monkeypatch.setattr(loader_module, "memory_budget", lambda device: 1)
+    monkeypatch.setattr(devices_module, "memory_budget", lambda device: 1)
     loader = make_loader(half_cache, config, model, None, y, cpu, ())
     assert loader.bridged and loader.x.dtype == torch.float16
     result = subcache.train(half_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=16, loader="memory"),

@@ -232,7 +232,8 @@ def test_halving_keeps_the_best_ceil_n_over_eta_of_each_rung(planted_cache, monk
         val = (flipped if config.epochs == 2 else base)[config.blocks] + config.seed / 1000
         return {"test_accuracy": val / 2, "trainable_params": 1, "seconds": 0.0, "val_accuracy": val}
 
-    monkeypatch.setattr(profiling, "run_window", stub)
+    monkeypatch.setattr(profiling, "run_windows", lambda cache, configs, backbone, bank, split, batch_runs="off":
+                        [stub(cache, c, backbone, bank, split) for c in configs])
     train = subcache.TrainConfig(epochs=4, batch_size=32, device="cpu")
     config = profiling.ProfileConfig(widths=(1, 2), halving=True, eta=2, min_epochs=1, seeds=2, train=train,
                                      val_fraction=0.25)
@@ -264,8 +265,10 @@ def test_validation_accuracy_is_computed_on_exactly_the_validation_positions(res
     donor = {c: fit[y.numpy()[fit] == (c + 1) % 4][0] for c in range(4)}
     x[np.sort(val)] = x[:][[donor[int(c)] for c in y.numpy()[np.sort(val)]]]
     models = []
-    real_train = profiling.train
-    monkeypatch.setattr(profiling, "train", lambda *a, **kw: models.append(real_train(*a, **kw)) or models[-1])
+    import subcache.batched as batched  # a run's training goes through batched.train_many
+
+    real_train = batched.train
+    monkeypatch.setattr(batched, "train", lambda *a, **kw: models.append(real_train(*a, **kw)) or models[-1])
 
     def accuracy_on(model, rows):
         with torch.no_grad():

@@ -270,7 +270,7 @@ def test_val_fraction_is_class_balanced_disjoint_and_used_for_selection(planted,
     assert np.bincount(y[val]).tolist() == [15, 15, 15, 15]
     assert np.array_equal(np.sort(np.concatenate([fit, val])), balanced_subset(y, 200, 0))  # the --limit pool
     seen = []
-    import subcache.selection.runs as runs
+    import subcache.batched as runs  # a profile's runs train through batched.train_many
 
     real_train = runs.train
     monkeypatch.setattr(runs, "train", lambda cache, config, data, **kw: seen.append(data.positions) or
@@ -340,7 +340,7 @@ def test_build_records_the_corruption_and_cli_refuses_bad_specs(tmp_path, npz_pa
 # -- CLI ------------------------------------------------------------------------------------------------------------
 def test_cli_rank_json_against_a_profile(planted, tmp_path, monkeypatch):
     cache, backbone = planted
-    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record: backbone)
+    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record, *a: backbone)
     profile_blocks(cache, ProfileConfig(widths=(1,), train=FAST, val_fraction=0.25, probe=False),
                    out=str(tmp_path / "profile"), backbone=backbone)
     runner = CliRunner()

@@ -339,7 +339,7 @@ def test_bad_input_is_one_line_before_any_training(case, bad, resnet_cache, task
     def no_training(*a, **k):
         raise AssertionError("training ran before the bad input was refused")
 
-    monkeypatch.setattr(train_module, "fit", no_training)
+    monkeypatch.setattr(train_module.Run, "fit", no_training)
     one_line_error(run(*cases(resnet_cache, tasks / "t0", bad, tmp_path)[case]))
     assert not list(bad.rglob("*.tmp")) and not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "s.csv").exists()
 

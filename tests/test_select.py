@@ -177,8 +177,8 @@ def test_rank_drop_puts_the_planted_block_first_and_align_is_finite(planted):  #
 
 def test_cli_select_json_then_evaluate(planted, tmp_path, monkeypatch):  # noqa: F811
     cache, backbone = planted
-    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record: backbone)
-    monkeypatch.setattr(sys.modules["subcache.evaluation"], "backbone_for", lambda record: backbone)
+    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record, *a: backbone)
+    monkeypatch.setattr(sys.modules["subcache.evaluation"], "backbone_for", lambda record, *a: backbone)
     runner = CliRunner()
     done = runner.invoke(main, ["select", "--cache", cache, "--budget", "1", "--samples", "32", "--epochs", "3",
                                 "--batch-size", "16", "--lr", "0.01", "--val-fraction", "0.25", "--device", "cpu",

@@ -40,13 +40,13 @@ def test_training_from_the_cache_equals_training_through_the_frozen_prefix(resne
 def test_only_the_chosen_blocks_and_the_head_move(resnet_cache, resnet18, monkeypatch, blocks, moved):
     """Which parameters training changed: every one it owns, and nothing else (the backbone stays bit-identical)."""
     train_module = importlib.import_module("subcache.train")
-    real_fit, before = train_module.fit, {}
+    real_fit, before = train_module.Run.fit, {}
 
-    def spy(model, *args, **kwargs):
-        before.update({k: v.detach().clone() for k, v in model.named_parameters()})
-        return real_fit(model, *args, **kwargs)
+    def spy(run, *args, **kwargs):
+        before.update({k: v.detach().clone() for k, v in run.model.named_parameters()})
+        return real_fit(run, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", spy)
+    monkeypatch.setattr(train_module.Run, "fit", spy)
     backbone_before = {k: v.clone() for k, v in resnet18.model.state_dict().items()}
     model = subcache.train(resnet_cache, subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=32),
                            backbone=resnet18).model

@@ -213,7 +213,7 @@ def test_train_val_fraction_holds_out_monitors_and_reports_the_chosen_epoch(gray
 
 # -- progress ---------------------------------------------------------------------------------------------------
 def test_halving_lines_count_its_runs_and_name_each():
-    from subcache.profiling import ProfileConfig, planned_runs, run_note
+    from subcache.selection.halving import ProfileConfig, planned_runs, run_note
 
     config = ProfileConfig(seeds=2, eta=3, train=subcache.TrainConfig(epochs=3))
     assert planned_runs(7, 1, config) == 7 * 2 + 3 * 2  # rung 0: 7 windows × 1 epoch; rung 1: 3 × 3 epochs

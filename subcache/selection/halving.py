@@ -7,10 +7,11 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..backbones import Backbone
 from ..bank import shared_bank
+from ..batched import run_windows
 from ..errors import BlockError
 from ..labels import data_identity
 from ..progress import progress_bar
@@ -18,7 +19,7 @@ from ..store import Cache
 from ..train import open_for_training
 from .flops import training_flops
 from .rank import RankConfig, rank_windows
-from .runs import ProfileConfig, load_rows, run_window
+from .runs import ProfileConfig, load_rows
 from .windows import parse_range, spec_of, validation_split, windows
 
 
@@ -92,9 +93,11 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("halving", total=planned_runs(len(survivors), epochs, config))
         while True:
-            for win, seed in [(w, k) for w in survivors for k in range(config.seeds)]:
-                ran = runner.run(len(rungs), epochs, win, seed)
-                bar.advance(task, note=run_note(_find(rows, len(rungs), win, seed)) + ("" if ran else " (saved)"))
+            for win in survivors:  # a window's seeds: up to --batch-runs of them as one batched model
+                ran = runner.run(len(rungs), epochs, win, range(config.seeds))
+                for seed in range(config.seeds):
+                    note = run_note(_find(rows, len(rungs), win, seed)) + ("" if seed in ran else " (saved)")
+                    bar.advance(task, note=note)
             ranked = _rung_ranking(rows, len(rungs), survivors)
             keep = ranked[:max(1, math.ceil(len(ranked) / config.eta))]
             last = epochs >= config.train.epochs
@@ -129,19 +132,21 @@ class _Rungs:
             self._flops[win] = training_flops(self.backbone, win)[1]
         return self._flops[win]
 
-    def run(self, rung: int, epochs: int, win: tuple[int, ...], seed: int) -> bool:
-        if _find(self.rows, rung, win, seed) is not None:
-            return False
-        cfg = replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs)
-        row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
-               "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win),
-               **run_window(self.cache, cfg, self.backbone, self.bank, self.split)}
-        self.rows.append(row)
-        if self.out:
-            _save_halving(self.out, self.rows, self.config, self.cache)
-        if self.on_run:
-            self.on_run(row)
-        return True
+    def run(self, rung: int, epochs: int, win: tuple[int, ...], seeds: Sequence[int]) -> list[int]:
+        """Train (rung, window, seed) for the seeds no saved run has (as one batched model where they can);
+        returns the seeds trained."""
+        todo = [seed for seed in seeds if _find(self.rows, rung, win, seed) is None]
+        configs = [replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs) for seed in todo]
+        for seed, run in zip(todo, run_windows(self.cache, configs, self.backbone, self.bank, self.split,
+                                               self.config.batch_runs)):
+            row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
+                   "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win), **run}
+            self.rows.append(row)
+            if self.out:
+                _save_halving(self.out, self.rows, self.config, self.cache)
+            if self.on_run:
+                self.on_run(row)
+        return todo
 
 
 def _find(rows: list[dict], rung: int, win: tuple[int, ...], seed: int) -> dict | None:

@@ -12,6 +12,9 @@ import numpy as np
 
 from ..backbones import Backbone
 from ..bank import shared_bank
+from ..batched import dealt, groups, parse_batch_runs, run_windows
+from ..devices import resolve_device
+from ..distributed import Dist
 from ..errors import BlockError
 from ..labels import data_identity
 from ..plotting import describe_runs, new_figure, save_figure
@@ -20,7 +23,7 @@ from ..store import Cache
 from ..task import atomic_write, check_out_dir
 from ..train import check_train_config, open_for_training
 from .halving import halving_profile
-from .runs import FIELDS, ProfileConfig, ProfileResult, load_rows, run_window, write_csv
+from .runs import FIELDS, ProfileConfig, ProfileResult, load_rows, write_csv
 from .windows import parse_range, spec_of, validation_split, windows
 
 if TYPE_CHECKING:
@@ -50,19 +53,28 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
     bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
-    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
+    main = Dist.from_env().main
+    with progress_bar(progress and main, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
-        for width, win, seed in todo:
-            row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed,
-                   **run_window(cache, replace(config.train, blocks=spec_of(win), seed=seed), backbone, bank, split)}
-            rows.append(row)
-            if out:
-                save_profile(out, rows, config, cache)
-            if on_run:
-                on_run(row)
-            bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy {row['test_accuracy']:.4f}")
+        most = parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
+
+        def work(group: list[tuple]) -> list[dict]:
+            configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
+            return run_windows(cache, configs, backbone, bank, split, config.batch_runs)
+
+        # a window's seeds, up to `most` as one batched model; under torchrun, dealt to ranks (rank 0 saves)
+        for group, runs in dealt(groups(todo, lambda t: t[1], most), work):
+            for (width, win, seed), run in zip(group, runs):
+                row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed, **run}
+                rows.append(row)
+                if out and main:
+                    save_profile(out, rows, config, cache)
+                if on_run:
+                    on_run(row)
+                bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy "
+                                       f"{row['test_accuracy']:.4f}")
     result = ProfileResult(rows, out)
-    if out:
+    if out and main:
         plot_profile(result, Path(out) / "profile.png", cache, config)
     return result
 

@@ -14,11 +14,11 @@ import numpy as np
 from ..backbones import Backbone
 from ..bank import ActivationBank
 from ..errors import ConfigError
-from ..evaluation import labels_for, scorer
+from ..batched import run_windows
 from ..labels import check_identity
 from ..settings import require_same, upgraded_train
 from ..store import Cache
-from ..train import TrainConfig, TrainData, train
+from ..train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class ProfileConfig:
     eta: int = 3  # halving: keep the best 1/eta of the windows at each rung
     min_epochs: int = 1  # halving: epochs of the first rung (×eta per rung, up to train.epochs)
     prior: str | None = None  # halving: "rank" keeps rank's best 1/eta windows before the first rung
+    batch_runs: str = "auto"  # auto | off | K: a window's seeds trained together as one batched model (`batched`)
 
 
 FIELDS = ("blocks", "first", "width", "seed", "test_accuracy", "val_accuracy", "trainable_params", "seconds")
@@ -67,14 +68,7 @@ class ProfileResult:
 def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: ActivationBank | None,
                split: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
-    run = train(cache, config, TrainData(None if split is None else split[0], bank=bank), backbone=backbone)
-    row = {"test_accuracy": run.test_accuracy, "trainable_params": run.trainable_params,
-           "seconds": round(run.train_seconds, 3)}
-    if split is not None:
-        labels = labels_for(cache, config.train_split, config.labels)[0]
-        device = next(run.model.head.parameters()).device
-        row["val_accuracy"] = scorer(run.model, cache, config.train_split, labels, split[1], bank, device)()
-    return row
+    return run_windows(cache, [config], backbone, bank, split)[0]
 
 
 def load_rows(out: str | None, train_config: TrainConfig, identity: dict | None = None,

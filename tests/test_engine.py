@@ -1,0 +1,142 @@
+"""The training engine: several runs as one batched model, the compiled step, set-up paid once per profile."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import subcache
+from subcache.batched import groups, parse_batch_runs, train_many
+from subcache.errors import ConfigError
+
+FAST = dict(epochs=2, batch_size=16, limit=40, device="cpu")  # 3 steps an epoch, the last one short
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in result.model.task_state().items()}
+
+
+def assert_same_runs(alone, together) -> None:
+    """Same weights (float tolerance: K weight sets as one grouped convolution round differently), same scores."""
+    for a, b in zip(alone, together):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys()
+        for k in wa:  # relative to the tensor's norm: Adam turns a near-zero gradient's rounding into ±lr steps
+            assert (wb[k] - wa[k]).norm() <= 1e-3 * wa[k].norm() + 1e-6, k
+        assert b.test_accuracy == pytest.approx(a.test_accuracy, abs=1 / 96 + 1e-9)  # at most one item flips
+        assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4)
+
+
+@pytest.mark.parametrize("augment", ["none", "flip,crop"])
+def test_batched_runs_equal_the_runs_done_one_by_one(resnet_cache, resnet18, augment):
+    """Each seed keeps its head init, batch order, augmentation draws and optimiser state inside the batched model
+    (its tuned BatchNorm's statistics too: the final test scores use them)."""
+    configs = [subcache.TrainConfig(blocks="6", seed=seed, augment=augment, **FAST) for seed in (0, 1, 2)]
+    alone = [subcache.train(resnet_cache, c, backbone=resnet18) for c in configs]
+    together = train_many(resnet_cache, configs, backbone=resnet18, batch_runs=3)
+    assert_same_runs(alone, together)
+    assert not torch.equal(weights(together[0])["head.weight"], weights(together[1])["head.weight"])
+    for a, b in zip(alone, together):  # the tuned block's BatchNorm statistics moved, per run
+        bn = [k for k in weights(a) if k.endswith("running_mean")]
+        assert bn and all(torch.allclose(weights(a)[k], weights(b)[k], atol=1e-4) for k in bn)
+
+
+def test_batch_runs_option():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert parse_batch_runs("auto", cuda) >= 2 and parse_batch_runs("auto", cpu) == 1  # measured not to pay on CPU
+    assert parse_batch_runs("off", cuda) == 1 and parse_batch_runs("3", cpu) == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ConfigError, match="--batch-runs must be auto, off or a whole number"):
+            parse_batch_runs(bad)
+    assert groups([1, 1, 1, 2, 1], key=lambda x: x, most=2) == [[1, 1], [1], [2], [1]]
+
+
+def test_profile_batch_runs_equals_off_and_the_cli_refuses_a_bad_value(resnet_cache, tmp_path, monkeypatch):
+    from subcache import batched
+    from subcache.cli.main import main
+
+    stacked, real = [], batched.Stacked.train
+    monkeypatch.setattr(batched.Stacked, "train", lambda self: stacked.append(len(self.runs)) or real(self))
+    base = ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2", "--no-probe", "--epochs", "2",
+            "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"]
+    runs = {}
+    for mode in ("off", "2"):
+        done = CliRunner().invoke(main, base + ["--batch-runs", mode, "--out", str(tmp_path / mode)])
+        assert done.exit_code == 0, done.output
+        runs[mode] = json.loads((tmp_path / mode / "profile.json").read_text())["runs"]
+    assert [(r["blocks"], r["seed"]) for r in runs["2"]] == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
+    assert stacked == [2, 2]  # `2`: each window's two seeds as one batched model; `off`: none
+    for off, auto in zip(runs["off"], runs["2"]):
+        assert (off["blocks"], off["seed"]) == (auto["blocks"], auto["seed"])
+        assert auto["test_accuracy"] == pytest.approx(off["test_accuracy"], abs=1 / 96 + 1e-9)
+    bad = CliRunner().invoke(main, base + ["--batch-runs", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "must be auto, off or a whole number" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("blocks", ["none", pytest.param("6", marks=pytest.mark.slow)])
+def test_compiled_step_equals_eager(resnet_cache, resnet18, blocks):
+    """`--compile on` runs the step through torch.compile (inductor on the CPU) and trains the same weights;
+    `auto` leaves the CPU eager (measured not to pay there). The probe compiles in seconds; a tuned block (with
+    BatchNorm updating its statistics inside the graph) takes a minute on 2 cores: slow."""
+    from torch._dynamo.utils import counters
+
+    from subcache.devices import compile_enabled
+
+    assert not compile_enabled("auto", torch.device("cpu")) and compile_enabled("on", torch.device("cpu"))
+    config = subcache.TrainConfig(blocks=blocks, **FAST)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = subcache.train(resnet_cache, replace(config, compile="on"), backbone=resnet18)
+    assert counters["stats"]["unique_graphs"] == 2  # full batches and the short last one: one static graph each
+    eager = subcache.train(resnet_cache, config, backbone=resnet18)
+    assert counters["stats"]["unique_graphs"] == 2  # eager: nothing more compiled
+    assert_same_runs([eager], [compiled])
+
+
+COUNTING = """
+import os, sys
+import subcache.batched as b
+real = b.train_many
+def counted(cache, configs, *args, **kwargs):
+    with open("{log}-" + os.environ["RANK"], "a") as f:
+        f.write(" ".join(f"{{c.blocks}}:{{c.seed}}" for c in configs) + " ")
+    return real(cache, configs, *args, **kwargs)
+b.train_many = counted
+from subcache.cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
+    """2 ranks (gloo, CPU): windows × seeds dealt to ranks, each rank training whole runs alone, rank 0 saving;
+    the same rows as one process (one thread each: the same kernels, the same float rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    args = ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2", "--no-probe", "--epochs", "1",
+            "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"]
+    one = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    script = tmp_path / "counting.py"  # the CLI, each rank noting the runs it trained
+    script.write_text(COUNTING.format(log=str(tmp_path / "trained")))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, cwd=root, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(two.stdout.strip().splitlines()) == 1  # rank 0 reports, once
+    trained = {r: (tmp_path / f"trained-{r}").read_text().split() for r in (0, 1)}
+    assert sorted(trained[0] + trained[1]) == ["6:0", "6:1", "7:0", "7:1"]
+    assert len(trained[0]) == len(trained[1]) == 2  # dealt: each run trained once, on one rank
+    rows = {k: json.loads((tmp_path / k / "profile.json").read_text())["runs"] for k in ("one", "two")}
+    key = [(r["blocks"], r["seed"]) for r in rows["one"]]
+    assert key == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
+    assert [(r["blocks"], r["seed"]) for r in rows["two"]] == key
+    assert [r["test_accuracy"] for r in rows["two"]] == [r["test_accuracy"] for r in rows["one"]]
