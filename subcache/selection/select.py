@@ -35,7 +35,8 @@ from ..loader import batch_order
 from ..progress import progress_bar
 from ..store import Cache
 from ..task import check_out_dir, save_task
-from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training, optimizer
+from ..step import optimizer
+from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training
 from ..tuned import TunedModel
 from .flops import forward_flops, window_flops
 from .prior import PRIOR_METHODS, gradient_sketch, passes, prior_scores
