@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import Backbone
-from ..bank import NECK, ActivationBank
+from ..bank import ActivationBank
 from ..devices import resolve_device
 from ..distributed import WriterLock
 from ..errors import ConfigError
