@@ -1,6 +1,6 @@
 """`rank`: score every window from the cache without training it, and judge the ranking against a real profile.
 
-Two families of scores, each from one pass over (a subset of) the training split:
+Three families of scores, each from one pass over (a subset of) the training split:
 
 * gradient energy, at the pretrained weights with a head fitted on the neck features (L2-regularised logistic
   regression, L-BFGS): ``fisher`` — the mean over samples of ‖∂log p(y|x)/∂θ_block‖² (the empirical Fisher's trace
