@@ -340,7 +340,7 @@ def test_build_records_the_corruption_and_cli_refuses_bad_specs(tmp_path, npz_pa
 # -- CLI ------------------------------------------------------------------------------------------------------------
 def test_cli_rank_json_against_a_profile(planted, tmp_path, monkeypatch):
     cache, backbone = planted
-    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record: backbone)
+    monkeypatch.setattr(sys.modules["subcache.train"], "backbone_for", lambda record, *_: backbone)
     profile_blocks(cache, ProfileConfig(widths=(1,), train=FAST, val_fraction=0.25, probe=False),
                    out=str(tmp_path / "profile"), backbone=backbone)
     runner = CliRunner()
