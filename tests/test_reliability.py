@@ -66,8 +66,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-# progress lines in logs (`inference on train 96/192 (50%) …`, `epoch 1/1 loss …`) may come before the error
-PROGRESS = re.compile(r"\d+/\d+ \(\d+%\)|^epoch \d+/\d+ ")
+# progress lines in logs (`inference on train 96/192 (50%) …`, `RUN epoch 1/1 loss …`) and a warning about the
+# settings (`warning: … optimiser step per epoch`) may come before an error that happens after training
+PROGRESS = re.compile(r"\d+/\d+ \(\d+%\)|^(\S+ )?epoch \d+/\d+ |^warning: ")
 
 
 def one_line_error(result, fragment=""):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnknownModelError, WeightsError
-from .core import IMAGENET_MEAN, IMAGENET_STD, Backbone, Fn, Preprocess, checked, with_lead
+from .core import Backbone, Fn, Preprocess, checked, with_lead
 from .weights import apply_weights
 
 PREFIX = "timm:"
@@ -40,10 +40,13 @@ def load(model: str, weights: str, image_size: int | None) -> Backbone:
 
 
 def timm_preprocess(net: nn.Module, image_size: int | None) -> Preprocess:
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    return Preprocess(image_size or cfg.get("input_size", (3, 224, 224))[-1], tuple(cfg.get("mean", IMAGENET_MEAN)),
-                      tuple(cfg.get("std", IMAGENET_STD)), cfg.get("crop_pct", 0.875),
-                      cfg.get("interpolation", "bilinear"))
+    """timm's own data config for the model (`resolve_model_data_config`: its pretrained config, else timm's
+    defaults)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(net)
+    return Preprocess(image_size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"],
+                      cfg["interpolation"])
 
 
 def cut_timm(net: nn.Module, model_id: str, weights_id: str, pre: Preprocess) -> Backbone:
