@@ -22,7 +22,12 @@ def feature_dim(backbone: Backbone, start: int, sample_shape: tuple[int, ...]) -
     key = (start, tuple(sample_shape))
     if key not in memo:
         device, dtype = placement(backbone.model)
-        memo[key] = backbone.features(torch.zeros(2, *sample_shape, device=device, dtype=dtype), start - 1).shape[-1]
+        training, _ = backbone.training, backbone.eval()  # a dummy pass must never move BatchNorm statistics
+        try:
+            memo[key] = backbone.features(torch.zeros(2, *sample_shape, device=device, dtype=dtype),
+                                          start - 1).shape[-1]
+        finally:
+            backbone.train(training)
     return memo[key]
 
 
