@@ -155,9 +155,22 @@ def _fit_photo(im, pre: Preprocess) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _crop_fit(pre: Preprocess) -> Callable[[Any], torch.Tensor]:
-    from .inputs import crop_fit
-
     return crop_fit(pre.to_dict())
+
+
+def crop_transform(rec: dict) -> Callable:
+    """timm's eval transform up to the tensor: PIL image → resized and center-cropped PIL image."""
+    from timm.data import create_transform
+
+    full = create_transform(input_size=(3, rec["image_size"], rec["image_size"]), interpolation=rec["interpolation"],
+                            crop_pct=rec["crop_pct"], mean=tuple(rec["mean"]), std=tuple(rec["std"]))
+    return type(full)(full.transforms[:2])  # Resize, CenterCrop (then ToTensor, Normalize: done on the device)
+
+
+def crop_fit(rec: dict) -> Callable[[Any], torch.Tensor]:
+    """PIL image → uint8 (3, S, S), resized and cropped as ``rec`` says."""
+    fit = crop_transform(rec)
+    return lambda im: torch.from_numpy(np.array(fit(open_rgb(im)), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_input(images: torch.Tensor, pre: Preprocess, flip: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .backbones import Preprocess
+from .data import _as_pil, crop_fit, to_input
 from .imagefiles import open_rgb
 from .progress import warn
 
@@ -63,15 +64,6 @@ def describe(rec: dict) -> str:
             f"std per channel; layout (batch, 3, {size}, {size}) float32")
 
 
-def crop_transform(rec: dict) -> Callable:
-    """timm's eval transform up to the tensor: PIL image → resized and center-cropped PIL image."""
-    from timm.data import create_transform
-
-    full = create_transform(input_size=(3, rec["image_size"], rec["image_size"]), interpolation=rec["interpolation"],
-                            crop_pct=rec["crop_pct"], mean=tuple(rec["mean"]), std=tuple(rec["std"]))
-    return type(full)(full.transforms[:2])  # Resize, CenterCrop (then ToTensor, Normalize: done on the device)
-
-
 def note_mismatch(rec: dict, source: Any, what: str = "the task") -> None:
     """Say once when ``source``'s kind is not what ``rec`` was made from, and that ``rec`` is followed."""
     kind = "array" if source.array is not None else "file"
@@ -84,8 +76,6 @@ def note_mismatch(rec: dict, source: Any, what: str = "the task") -> None:
 
 def load_input(source: Any, start: int, stop: int, rec: dict, device: torch.device | str = "cpu") -> torch.Tensor:
     """Items [start, stop) of ``source`` as the normalised float input ``rec`` describes, on ``device``."""
-    from .data import to_input
-
     pre = preprocess_of(rec)
     if rec["resize"] == CROP:
         return to_input(source.load(start, stop, pre, fit=crop_fit(rec)).to(device), pre)
@@ -106,17 +96,9 @@ def _same_size_runs(frames: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(r) for r in runs]
 
 
-def crop_fit(rec: dict) -> Callable[[Any], torch.Tensor]:
-    """PIL image → uint8 (3, S, S), resized and cropped as ``rec`` says."""
-    fit = crop_transform(rec)
-    return lambda im: torch.from_numpy(np.array(fit(open_rgb(im)), dtype=np.uint8)).permute(2, 0, 1)
-
-
 def transform(rec: dict) -> Callable[[Any], torch.Tensor]:
     """One image (PIL image, uint8 array H×W[×C] or tensor C×H×W) → normalised float (3, S, S), as ``rec`` says:
     the task's inputs made the way its cache's were."""
-    from .data import _as_pil, to_input
-
     pre, fit = preprocess_of(rec), crop_fit(rec)
 
     def apply(image: Any) -> torch.Tensor:

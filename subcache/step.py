@@ -2,17 +2,16 @@
 channels_last), optionally compiled."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .config import TrainConfig
 from .devices import autocast, compile_enabled, fused_adamw
 from .loader import Loader, bridge
 from .tuned import TunedModel
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 class Step:
