@@ -2,33 +2,12 @@
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 from torch import nn
 
 from .backbones import Backbone
 from .devices import placement
-
-
-_DIMS: "weakref.WeakKeyDictionary[Backbone, dict]" = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def feature_dim(backbone: Backbone, start: int, sample_shape: tuple[int, ...]) -> int:
-    """Width of the feature vector for inputs of block ``start``: one dummy pass through the frozen backbone (eval
-    mode) per backbone and shape, memoised — a profile's runs share one shape probe."""
-    memo = _DIMS.setdefault(backbone, {})
-    key = (start, tuple(sample_shape))
-    if key not in memo:
-        device, dtype = placement(backbone.model)
-        training, _ = backbone.training, backbone.eval()  # a dummy pass must never move BatchNorm statistics
-        try:
-            memo[key] = backbone.features(torch.zeros(2, *sample_shape, device=device, dtype=dtype),
-                                          start - 1).shape[-1]
-        finally:
-            backbone.train(training)
-    return memo[key]
 
 
 class TunedModel(nn.Module):
@@ -45,9 +24,13 @@ class TunedModel(nn.Module):
         self.backbone, self.start, self.tuned, self.siamese = backbone, start, tuple(tuned), siamese
         self.tuned_blocks = nn.ModuleDict({str(i): copy.deepcopy(backbone.block(i)).requires_grad_(True)
                                            for i in self.tuned})
-        dim = feature_dim(backbone, start, sample_shape)  # the tuned copies have their originals' shapes
+        device, dtype = placement(backbone.model)
+        with torch.no_grad():  # in eval mode: a dummy pass must not touch the tuned copies' BatchNorm statistics
+            self.tuned_blocks.eval()
+            dim = self._features(torch.zeros(2, *sample_shape, device=device, dtype=dtype), self.start).shape[-1]
+            self.tuned_blocks.train()
         # initialised on the CPU (the same seed gives the same head on every device), then moved to the backbone's
-        self.head = nn.Linear(dim * (2 if siamese else 1), num_classes).to(placement(backbone.model)[0])
+        self.head = nn.Linear(dim * (2 if siamese else 1), num_classes).to(device)
 
     @property
     def first_trainable(self) -> int:
