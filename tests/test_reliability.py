@@ -226,7 +226,8 @@ def test_a_kill_between_weights_and_json_leaves_no_matching_pair(tmp_path, tasks
     kill_at("task-weights")
     with pytest.raises(Killed):
         subcache.train(resnet_cache, subcache.TrainConfig(blocks="6", epochs=1, batch_size=64, seed=1,
-                                                          device="cpu"), out=str(t), backbone=resnet18)
+                                                          device="cpu"), out=str(t), backbone=resnet18,
+                       overwrite=True)
     with pytest.raises(TaskError):
         load_task(t)
 
@@ -358,7 +359,8 @@ def test_full_disk_leaves_no_half_written_files(tmp_path, resnet_cache, tasks, m
     monkeypatch.setattr(task_module, "save_file", lambda state, path, **k: full(path))
     one_line_error(run("train", "--cache", resnet_cache, "--blocks", "none", "--epochs", 1, "--out",
                        tmp_path / "t", "--json"), "No space left")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["t"]  # no CSV, no temp files, no task.json
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["t", "t.lock"]  # no CSV, no temp files, no task.json
+    # (t.lock is the folder's OS lock file: it stays, unlocked, once its writer is gone)
 
 
 # -- Low: one writer per store and per task folder -------------------------------------------------------------
