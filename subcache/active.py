@@ -151,48 +151,65 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
     cache, backbone = open_for_training(cache, backbone)
     folder = check_out_dir(out)
     state = _load_state(folder, _config_dict(config, backbone), data_identity(cache, config.train.labels), backbone)
+    pool = _pool(cache, config)
+    # None with augmentation or when it would not fit
+    bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
+    with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
+        task = bar.add_task(f"active learning ({config.strategy})", total=config.seeds * len(config.budgets),
+                            completed=sum(len(s["curve"]) for s in state["seeds"].values()))
+        for seed in range(config.seeds):
+            run = state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
+            while len(run["curve"]) < len(config.budgets):
+                waiting = _round(cache, config, backbone, bank, pool, folder, state, seed)
+                if waiting:
+                    return ALResult(_curve(state, config), waiting)
+                done = run["curve"][-1]
+                bar.advance(task, note=f"seed {seed}, {done['budget']} labelled: test accuracy "
+                                       f"{done['accuracy']:.4f}")
+    curve = _curve(state, config)
+    _write_curve(folder, curve, config)
+    return ALResult(curve)
+
+
+def _pool(cache: Cache, config: ALConfig) -> tuple[torch.Tensor, list[str], np.ndarray]:
+    """(true labels, class names, ids) of the pool, the training split; refuses a budget past the pool and a bad
+    oracle file before any round runs."""
     truth, _ = labels_for(cache, config.train.train_split, config.train.labels)
     names = cache.classes if config.train.labels is None else label_classes(cache, config.train.train_split,
                                                                              config.train.labels)
     ids = read(cache.split(config.train.train_split).id, slice(None))
     if config.budgets[-1] > len(ids):
         raise DataError(f"budget {config.budgets[-1]} exceeds the pool ({len(ids)} items)")
-    if config.oracle:  # a bad oracle file is refused before any round runs
+    if config.oracle:
         _oracle_labels(config.oracle, ids, np.arange(0), truth, names)
-    # None with augmentation or when it would not fit
-    bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
-    total = config.seeds * len(config.budgets)
-    with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
-        task = bar.add_task(f"active learning ({config.strategy})", total=total,
-                            completed=sum(len(s["curve"]) for s in state["seeds"].values()))
-        for seed in range(config.seeds):
-            run = state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
-            while len(run["curve"]) < len(config.budgets):
-                r = len(run["curve"])
-                if not run["labelled"]:
-                    rng = np.random.default_rng(seed)
-                    run["labelled"] = np.sort(rng.choice(len(ids), config.budgets[0], replace=False)).tolist()
-                    _save_state(folder, state)
-                labelled = np.asarray(run["labelled"])
-                labels = truth
-                if config.oracle:
-                    labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, names)
-                    if len(missing):
-                        waiting = _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
-                        return ALResult(_curve(state, config), waiting)
-                result = train(cache, replace(config.train, blocks=config.blocks, seed=seed),
-                               TrainData(labelled, labels, bank=bank), backbone=backbone)
-                run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
-                if r + 1 < len(config.budgets):
-                    extra = config.budgets[r + 1] - len(labelled)
-                    run["labelled"] = np.sort(np.concatenate(
-                        [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
-                _save_state(folder, state)  # atomic: a killed run resumes at this round
-                bar.advance(task, note=f"seed {seed}, {len(labelled)} labelled: test accuracy "
-                                       f"{result.test_accuracy:.4f}")
-    curve = _curve(state, config)
-    _write_curve(folder, curve, config)
-    return ALResult(curve)
+    return truth, names, ids
+
+
+def _round(cache: Cache, config: ALConfig, backbone: Backbone, bank: ActivationBank | None, pool: tuple,
+           folder: Path, state: dict, seed: int) -> str | None:
+    """One round of a seed's run: draw the first labelled set, or train on the labelled set and add the next
+    budget's items; saved at once (a killed run resumes here). Returns the file to fill in when the oracle has
+    not labelled every item yet."""
+    (truth, names, ids), run = pool, state["seeds"][str(seed)]
+    r = len(run["curve"])
+    if not run["labelled"]:
+        rng = np.random.default_rng(seed)
+        run["labelled"] = np.sort(rng.choice(len(ids), config.budgets[0], replace=False)).tolist()
+        _save_state(folder, state)
+    labelled, labels = np.asarray(run["labelled"]), truth
+    if config.oracle:
+        labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, names)
+        if len(missing):
+            return _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
+    result = train(cache, replace(config.train, blocks=config.blocks, seed=seed),
+                   TrainData(labelled, labels, bank=bank), backbone=backbone)
+    run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
+    if r + 1 < len(config.budgets):
+        extra = config.budgets[r + 1] - len(labelled)
+        run["labelled"] = np.sort(np.concatenate(
+            [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
+    _save_state(folder, state)  # atomic: a killed run resumes at this round
+    return None
 
 
 def _check(config: ALConfig) -> None:

@@ -15,8 +15,9 @@ import torch
 
 from .backbones import Backbone, backbone_for
 from .devices import resolve_device
-from .build import (BuildResult, Job, Planner, calibration_len, capture_inputs, check_outputs, check_storage,
-                    join_views, layout, open_or_create, out_paths, text_paths, write_stores)
+from .build import (BuildResult, Job, capture_inputs, check_outputs, join_views, open_or_create, out_paths,
+                    text_paths, write_stores)
+from .plan import Planner, calibration_len, check_storage, layout
 from .distributed import Dist
 from .errors import BlockError
 from .store import Cache, from_storage, open_cache, read

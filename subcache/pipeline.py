@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import Preprocess
-from .data import ImageSource
+from .data import CorruptedSource, ImageSource
 from .errors import ConfigError
 
 MAX_WORKERS = 8  # default cap on decode processes
@@ -78,8 +78,6 @@ def check_workers(workers: int | None, device: torch.device | None = None) -> in
 def decodes(source: ImageSource) -> bool:
     """Whether a source's items cost real work to produce (photos to decode, corruptions to draw), so worker
     processes pay: in-memory arrays are sliced in the main process, whatever --workers says."""
-    from .corrupt import CorruptedSource
-
     return source.array is None or isinstance(source, CorruptedSource)
 
 

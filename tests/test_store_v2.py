@@ -116,11 +116,12 @@ def test_format_1_stores_without_checksums_still_open(tmp_path, npz_path, resnet
 def test_the_build_measures_only_the_items_its_storage_plan_needs(tmp_path, npz_path, resnet18, monkeypatch,
                                                                   dtype, measured):
     import subcache.build as build_module
+    import subcache.plan as plan_module
 
     forwarded, real = [], build_module._forward_unit
     monkeypatch.setattr(build_module, "_forward_unit", lambda bb, layers, x, *a: forwarded.append(len(x)) or
                         real(bb, layers, x, *a))
-    monkeypatch.setattr(build_module, "CALIBRATION", 64)
+    monkeypatch.setattr(plan_module, "CALIBRATION", 64)
     build(tmp_path / "c.zarr", npz_path, resnet18, dtype=dtype, codec="auto", limit=None, splits=("train",))
     chunk = subcache.open_cache(tmp_path / "c.zarr").split("train").chunk_len
     extra = sum(forwarded) - 192  # the training split is 192 items; anything more was measured first

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -52,31 +52,36 @@ def profile_blocks(cache: Cache | str | os.PathLike, config: ProfileConfig = Pro
                       extra={"val_fraction": config.val_fraction})
     done = {(r["blocks"], r["seed"]) for r in rows}
     todo = [(w, win, seed) for w, win in plan for seed in range(config.seeds) if (spec_of(win), seed) not in done]
-    bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
     main = Dist.from_env().main
     with progress_bar(progress and main, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("profile", total=len(plan) * config.seeds, completed=len(plan) * config.seeds - len(todo))
-        most = parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
-
-        def work(group: list[tuple]) -> list[dict]:
-            configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
-            return run_windows(cache, configs, backbone, bank, split, config.batch_runs)
-
-        # a window's seeds, up to `most` as one batched model; under torchrun, dealt to ranks (rank 0 saves)
-        for group, runs in dealt(groups(todo, lambda t: t[1], most), work):
-            for (width, win, seed), run in zip(group, runs):
-                row = {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed, **run}
-                rows.append(row)
-                if out and main:
-                    save_profile(out, rows, config, cache)
-                if on_run:
-                    on_run(row)
-                bar.advance(task, note=f"blocks {row['blocks']} seed {seed}: test accuracy "
-                                       f"{row['test_accuracy']:.4f}")
+        for row in _run_all(cache, config, backbone, split, todo):
+            rows.append(row)
+            if out and main:
+                save_profile(out, rows, config, cache)
+            if on_run:
+                on_run(row)
+            bar.advance(task, note=f"blocks {row['blocks']} seed {row['seed']}: test accuracy "
+                                   f"{row['test_accuracy']:.4f}")
     result = ProfileResult(rows, out)
     if out and main:
         plot_profile(result, Path(out) / "profile.png", cache, config)
     return result
+
+
+def _run_all(cache: Cache, config: ProfileConfig, backbone: Backbone, split, todo: list[tuple]) -> Iterator[dict]:
+    """The rows of the (width, window, seed) runs to do, in order: a window's seeds, up to ``--batch-runs`` of
+    them, as one batched model; under torchrun, groups dealt to ranks (every rank yields every row)."""
+    bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
+    most = parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
+
+    def work(group: list[tuple]) -> list[dict]:
+        configs = [replace(config.train, blocks=spec_of(win), seed=seed) for _, win, seed in group]
+        return run_windows(cache, configs, backbone, bank, split, config.batch_runs)
+
+    for group, runs in dealt(groups(todo, lambda t: t[1], most), work):
+        for (width, win, seed), run in zip(group, runs):
+            yield {"blocks": spec_of(win), "first": win[0] if win else 0, "width": width, "seed": seed, **run}
 
 
 def save_profile(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:

@@ -247,9 +247,29 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
     methods = parse_methods(",".join(config.methods))
     device = resolve_device(config.train.device)
     backbone.to(device).eval()
-    bank = ActivationBank(cache, backbone, device)
-    split = config.train.train_split
-    rows, y = _positions(cache, config, device)
+    grads, transfer, sketch = _scores(cache, config, backbone, ActivationBank(cache, backbone, device), methods,
+                                      (lo, hi), progress)
+    ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w),
+                **window_scores(w, grads, transfer, methods, sketch)} for w in wins]
+    _check_finite(ranking, methods)
+    for r in ranking:
+        r["score"] = r[methods[0]]
+    ranking.sort(key=lambda r: (-r["score"], r["width"], r["window"][0]))
+    result = RankResult(ranking, _per_block(grads, transfer, sketch, methods, lo, hi), time.perf_counter() - t0,
+                        config)
+    if against:
+        result.comparison = compare(ranking, methods, against)
+    if out:
+        save_rank(out, result, cache)
+    return result
+
+
+def _scores(cache: Cache, config: RankConfig, backbone: Backbone, bank: ActivationBank, methods: Sequence[str],
+            span: tuple[int, int], progress: bool) -> tuple[dict, dict, "object | None"]:
+    """(per-block gradient scores, per-depth transferability, the gradient sketch of the prior methods), each
+    computed only when a method asks for it."""
+    (lo, hi), split = span, config.train.train_split
+    rows, y = _positions(cache, config, bank.device)
     grads, transfer, sketch = {}, {}, None
     if set(methods) & {*GRADIENT, *PRIOR_METHODS}:
         classes = labels_for(cache, split, config.train.labels)[1]
@@ -268,23 +288,16 @@ def rank_windows(cache: Cache | str, config: RankConfig = RankConfig(), *, out: 
         with stage(f"rank: {', '.join(m for m in methods if m in ('logme', 'knn'))} at blocks {lo}-{hi + 1}",
                    progress):
             transfer = transfer_scores(bank, split, rows, y, lo, hi, methods, config.knn)
-    ranking = [{"blocks": spec_of(w), "window": list(w), "width": len(w),
-                **window_scores(w, grads, transfer, methods, sketch)} for w in wins]
-    _check_finite(ranking, methods)
-    for r in ranking:
-        r["score"] = r[methods[0]]
-    ranking.sort(key=lambda r: (-r["score"], r["width"], r["window"][0]))
+    return grads, transfer, sketch
+
+
+def _per_block(grads: dict, transfer: dict, sketch, methods: Sequence[str], lo: int, hi: int) -> dict[int, dict]:
+    """Each block's own scores (a window of one): gradient energy, the prior's, and transferability lost."""
     blocks = {b: {m: v for m, v in grads.get(b, {}).items() if m in methods} for b in range(lo, hi + 1)}
     for b in blocks:
         blocks[b].update(prior_scores(sketch, (b,), methods) if sketch else {})
-    for b in blocks:
         blocks[b].update({m: transfer[b][m] - transfer[b + 1][m] for m in ("logme", "knn") if m in methods})
-    result = RankResult(ranking, blocks, time.perf_counter() - t0, config)
-    if against:
-        result.comparison = compare(ranking, methods, against)
-    if out:
-        save_rank(out, result, cache)
-    return result
+    return blocks
 
 
 def _positions(cache: Cache, config: RankConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
