@@ -3,32 +3,25 @@
 Run the frozen part of a pretrained backbone once, store the activations at the input of the first tuned block as
 a chunked, compressed Zarr array, and train only the chosen blocks plus a new head from there.
 """
-from ._version import __version__  # noqa: E402,F401
+from ._version import __version__  # noqa: F401
 
-import pathlib as _pathlib
-
-# The command line lives in the repository's cli/ folder and installs as subcache.cli (setup.cfg's package_dir);
-# from a source checkout (PYTHONPATH, editable installs) subcache.cli is found there too.
-if not (_pathlib.Path(__file__).parent / "cli").is_dir() and (_pathlib.Path(__file__).parents[1] / "cli").is_dir():
-    __path__.append(str(_pathlib.Path(__file__).parents[1]))  # noqa: F821 - a package's own __path__
-
-from .backbones import Backbone, BlockInfo, Preprocess, describe_blocks, load_backbone, parse_block_spec  # noqa: E402
-from .build import BuildConfig, BuildResult, build_cache  # noqa: E402
-from .data import ImageSource, open_source  # noqa: E402
-from .errors import *  # noqa: E402,F401,F403
-from .store import Cache, open_cache  # noqa: E402
-from .info import cache_info  # noqa: E402
-from .task import Task, load_task, save_task  # noqa: E402
-from .train import TrainConfig, TrainData, TrainResult, train  # noqa: E402
-from .evaluation import evaluate, evaluate_task  # noqa: E402
-from .tuned import TunedModel  # noqa: E402
-from .derive import DeriveConfig, derive_cache  # noqa: E402
-from .selection import (GreedyConfig, ProfileConfig, RankConfig, greedy_search, greedy_select,  # noqa: E402
+from .backbones import Backbone, BlockInfo, Preprocess, describe_blocks, load_backbone, parse_block_spec
+from .build import BuildConfig, BuildResult, build_cache
+from .data import ImageSource, open_source
+from .errors import *  # noqa: F401,F403
+from .store import Cache, open_cache
+from .info import cache_info
+from .task import Task, load_task, save_task
+from .train import TrainConfig, TrainData, TrainResult, train
+from .evaluation import evaluate, evaluate_task
+from .tuned import TunedModel
+from .derive import DeriveConfig, derive_cache
+from .selection import (GreedyConfig, ProfileConfig, RankConfig, greedy_search, greedy_select,
                         profile_blocks, rank_windows, SelectConfig, select_window)
-from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool  # noqa: E402
-from .labels import add_labels  # noqa: E402
-from .multitask import MultiTaskModel, Predictions, predict  # noqa: E402
-from .trust import allow_factories  # noqa: E402
+from .active import ALConfig, ALResult, PoolScores, active_learning, compare_strategies, score_pool
+from .labels import add_labels
+from .multitask import MultiTaskModel, Predictions, predict
+from .trust import allow_factories
 
 __all__ = [
     # backbones and data
