@@ -247,6 +247,9 @@ def test_halving_resumes_after_a_kill(planted, tmp_path):
     key = lambda r: (r["rung"], r["blocks"], r["seed"], r["val_accuracy"], r["test_accuracy"])  # noqa: E731
     assert sorted(map(key, resumed.rows)) == sorted(map(key, whole.rows))
     assert resumed.best == whole.best and resumed.compute_fraction == whole.compute_fraction
+    again = []  # a finished halving run again: every run read back, nothing trained, the same pick
+    rerun = halving_profile(cache, config, out=str(tmp_path), backbone=backbone, on_run=again.append)
+    assert again == [] and rerun.best == whole.best and len(rerun.rows) == len(whole.rows)
     with pytest.raises(SubcacheError, match="other settings"):
         halving_profile(cache, ProfileConfig(widths=(1,), halving=True, eta=3, train=FAST, val_fraction=0.25),
                         out=str(tmp_path), backbone=backbone)

@@ -190,8 +190,9 @@ def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cach
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels), "backbone": cache.backbone,
-            "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows,
-            **({**result.to_dict(), "complete": True} if result else {"complete": False})}
+            "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)},
+            **({**result.to_dict(), "complete": True} if result else {"complete": False}),
+            "runs": rows}  # every run's row (to_dict's "runs" is their count): what a rerun reads back
     tmp = folder / "halving.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(folder / "halving.json")  # atomic: a killed run keeps every finished run
