@@ -165,14 +165,17 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
                 for path, layer in zip(paths, layers)]
 
     return write_stores(ranks, paths, layers, create, jobs, layouts,
-                        lambda x, scales: _forward_unit(backbone, layers, x, config, scales), device, progress)
+                        lambda x, scales: _forward_unit(backbone, layers, x, config, scales), device, progress,
+                        sources=[config.data] if Path(config.data).exists() else [])
 
 
 def write_stores(ranks: Dist, paths: list[str], layers: list[int], create: Callable[[], list[Cache]],
                  jobs: dict[str, "Job"], layouts: dict[int, Layout], forward: Callable[[Any, dict], dict],
-                 device: torch.device, progress: bool) -> BuildResult:
-    """What `build` and `build --from` share: lock the stores, create (or reopen) them, write every unit still to
-    do with ``forward(inputs, int8 scales)``, verify and mark them complete."""
+                 device: torch.device, progress: bool, sources: list[str] = ()) -> BuildResult:
+    """What `build` and `build --from` share: refuse outputs overlapping the ``sources``, lock the stores, create
+    (or reopen) them, write every unit still to do with ``forward(inputs, int8 scales)``, verify and mark them
+    complete."""
+    check_overlap(paths, sources)
     with store_locks(paths, enabled=ranks.main):
         stores = open_stores(ranks, paths, create)
         scales = {c.layer: c.scale() for c in stores}
@@ -198,8 +201,15 @@ def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, 
     they are not stores, and outputs that overlap the build's own source."""
     if len(paths) > 1 and location(out).is_file():
         raise StoreExistsError(f"output {out} is a file; a multi-layer build writes a folder of stores")
+    check_overlap(paths, sources)
     for path in paths:
         check_writable(path, overwrite=overwrite, resume=resume)
+
+
+def check_overlap(paths: list[str], sources: list[str]) -> None:
+    """Refuse an output that contains the build's source or lies inside it (checked before any lock file is made
+    next to the output, so a refused build leaves the source untouched)."""
+    for path in paths:
         for source in sources:
             if location(path).overlaps(location(source)):
                 raise ConfigError(f"--out {path} overlaps the build's source {source}; write the cache elsewhere")

@@ -74,6 +74,8 @@ class ImageSource:
         PIL image → uint8 (3, S, S), when given: then arrays are fitted the same way, one by one)."""
         if self.array is not None and fit is None:
             return _bchw(np.array(self.array[start:stop]))  # a writable copy
+        if self.item is not None:  # a dataset object's __getitem__ need not be thread-safe (FakeData reseeds torch)
+            return torch.stack([self._photo(i, pre, fit) for i in range(start, stop)])
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
         return torch.stack(list(self._pool.map(lambda i: self._photo(i, pre, fit), range(start, stop))))

@@ -75,7 +75,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
 
     return write_stores(ranks, paths, layers, create, jobs, layouts,
                         lambda v, scales: _forward(backbone, src, layers, v, dtype, config.batch_size, scales),
-                        device, progress)
+                        device, progress, sources=[config.source])
 
 
 def derived_shapes(src: Cache, backbone: Backbone, layers: list[int]) -> dict[int, tuple[int, ...]]:

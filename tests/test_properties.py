@@ -340,6 +340,7 @@ def test_an_out_that_contains_the_source_or_lies_inside_it_is_refused(tmp_path, 
             Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / split / c / "0.png")
     with pytest.raises(ConfigError, match="overlaps the build's source"):
         subcache.build_cache(_small_build(folder / "c.zarr", folder), backbone=resnet18)
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["0.png"] * 4  # no lock file left inside
     assert not (folder / "c.zarr").exists()
 
 
@@ -396,7 +397,7 @@ def test_lr_follows_one_cosine_over_all_steps_and_weight_decay_reaches_the_optim
 
     from subcache.cli.main import main
 
-    train_module = importlib.import_module("subcache.train")  # the module (the package exports the function)
+    train_module = importlib.import_module("subcache.step")  # where a run's AdamW is made
 
     seen = []
     real = train_module.optimizer

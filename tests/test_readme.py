@@ -50,7 +50,7 @@ def test_deploy_example_runs_in_tiny_mode(tmp_path):
 def test_the_layout_names_every_module():
     text = (ROOT / "README.md").read_text()
     layout = text[text.index("## Layout"):text.index("## License")]
-    for package in ("subcache", "cli"):
+    for package in ("subcache", "subcache/backbones", "subcache/selection", "cli"):
         for module in sorted((ROOT / package).glob("*.py")):
             assert f"`{module.stem}`" in layout, f"README's Layout does not name {package}/{module.name}"
 

@@ -157,7 +157,7 @@ def test_predict_top_k_lists_the_most_probable_classes(gray):
 def test_an_epoch_of_few_steps_warns_once(gray, tmp_path):
     def run(*args):
         r = CliRunner().invoke(main, ["train", "--cache", gray["cache"], "--blocks", "none", "--epochs", "2",
-                                      "--out", str(tmp_path / "t"), "--json", *args])
+                                      "--out", str(tmp_path / "t"), "--overwrite", "--json", *args])
         assert r.exit_code == 0, r.output
         return [line for line in r.stderr.splitlines() if line.startswith("warning")]
 
