@@ -4,11 +4,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-
 from subcache.bench import BenchConfig
 
-from .common import (option, check_batch_runs, console, device_option, emit_json, friendly)
-
+from .common import check_batch_runs, console, device_option, emit_json, friendly, option
 
 # -- bench -------------------------------------------------------------------------------------------------------
 BENCHES = ("build", "train", "profile", "score", "multitask", "distributed", "select")

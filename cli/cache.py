@@ -1,23 +1,19 @@
 """Commands about caches: `blocks` (where to cache), `build` (make one), `info`, `verify`, `labels add`."""
 from __future__ import annotations
 
+import sys
+
 import click
 from rich.table import Table
 
 import subcache
-
-import sys
-
+from subcache.build import BuildConfig
 from subcache.data import default_split
 from subcache.inputs import resizing
+from subcache.labels import add_labels
 from subcache.progress import stage
 
-from subcache.build import BuildConfig
-
-from subcache.labels import add_labels
-
-from .common import (option, allows_factories, console, device_option, emit_json, fmt_int,
-                     friendly, is_main_process)
+from .common import allows_factories, console, device_option, emit_json, fmt_int, friendly, is_main_process, option
 
 
 # -- blocks ------------------------------------------------------------------------------------------------------
@@ -187,8 +183,6 @@ def verify(path: str, as_json: bool) -> None:
                       f"{'' if d['ok'] else ' — rerun the build with --resume to recompute them'}")
     if not d["ok"]:
         sys.exit(1)
-
-
 
 
 @click.group()

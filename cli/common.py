@@ -166,3 +166,12 @@ def check_batch_runs(_ctx, _param, value: str) -> str:
     except subcache.ConfigError as exc:
         raise click.BadParameter(str(exc).removeprefix("--batch-runs ")) from None
     return value
+
+
+def window_options(fn):
+    """``--range LOW-HIGH`` and ``--width W[,W…]``: where the windows lie and how wide they are (profile, rank,
+    select)."""
+    fn = click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
+                      help="window widths, e.g. 1,2,3")(fn)
+    return click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: the cached "
+                                                         "layer to the last block]")(fn)

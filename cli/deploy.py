@@ -5,12 +5,10 @@ import click
 from rich.table import Table
 
 import subcache
-
+from subcache.multitask import predict as predict_tasks
 from subcache.progress import stage
 
-from subcache.multitask import predict as predict_tasks
-
-from .common import (option, allows_factories, console, device_option, emit_json, friendly)
+from .common import allows_factories, console, device_option, emit_json, friendly, option
 
 
 # -- predict ---------------------------------------------------------------------------------------------------

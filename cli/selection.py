@@ -4,24 +4,19 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from subcache.config import TrainConfig
-
 from subcache.advice import once, within_noise
+from subcache.config import TrainConfig
 from subcache.progress import warn
 from subcache.selection import GreedyConfig, ProfileConfig, SelectConfig
 from subcache.selection.rank import RankConfig
 
-from .common import (option, allows_factories, check_batch_runs, console, device_option,
-                     emit_json, fmt_int, friendly, is_main_process, parse_widths, renamed,
-                     train_config, train_options)
+from .common import (allows_factories, check_batch_runs, console, device_option, emit_json, fmt_int, friendly,
+                     is_main_process, option, renamed, train_config, train_options, window_options)
 
 
 @click.command()
 @click.option("--cache", required=True)
-@click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
-                                               "block]")
-@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
-              help="window widths, e.g. 1,2,3")
+@window_options
 @option("--repeats", "seeds", type=click.IntRange(min=1), of=ProfileConfig,
         help="runs per window, with seeds 0..K-1 (mean ± std)")
 @click.option("--no-probe", is_flag=True, help="skip the linear-probe baseline")
@@ -95,9 +90,7 @@ def show_halving(result, out: str, as_json: bool) -> None:
 # -- rank --------------------------------------------------------------------------------------------------------
 @click.command()
 @click.option("--cache", required=True)
-@click.option("--range", "block_range", help="range LOW-HIGH of blocks to rank [default: cached layer to last block]")
-@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
-              help="window widths, e.g. 1,2")
+@window_options
 @click.option("--method", "methods", default="all", show_default=True,
               help="fisher (+ fisher_pp), fisher_pp, rgn, logme, knn, align, drop, comma-separated, or all; "
                    "the first orders")
@@ -145,10 +138,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 
 @click.command()
 @click.option("--cache", required=True)
-@click.option("--range", "block_range", help="LOW-HIGH: the windows lie inside it [default: cached layer to last "
-                                               "block]")
-@click.option("--width", "widths", default="1", show_default=True, callback=parse_widths,
-              help="window widths, e.g. 1,2")
+@window_options
 @option("--budget", type=click.FloatRange(0, 1, min_open=True), of=SelectConfig,
         help="hard cap on the selection's compute, as a fraction of a full profile's")
 @option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), of=SelectConfig,

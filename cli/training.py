@@ -1,23 +1,18 @@
 """Commands that train or score one task: `train`, `evaluate`, `score`, `al`."""
 from __future__ import annotations
 
+import os
+
 import click
 from rich.table import Table
 
 import subcache
+from subcache.active import ALConfig, score_pool
 from subcache.config import TrainConfig
-
-import os
-
-from subcache.active import ALConfig
-
-from subcache.active import score_pool
-
 from subcache.evaluation import evaluate_task
 
-from .common import (option, allows_factories, console, device_option, emit_json, fmt_int,
-                     friendly, is_main_process, renamed, train_config, train_options)
-
+from .common import (allows_factories, console, device_option, emit_json, fmt_int, friendly, is_main_process, option,
+                     renamed, train_config, train_options)
 
 
 def history_table(history: list[dict]) -> Table:
@@ -92,8 +87,6 @@ def evaluate(task_dir, cache, split, device, as_json) -> None:
         emit_json({"task": task_dir, "split": split, "accuracy": accuracy, f"{split}_accuracy": accuracy})
     else:
         console.print(f"{task_dir} on {cache} ({split}): accuracy [bold]{accuracy:.4f}[/]")
-
-
 
 
 # -- score / al / labels ----------------------------------------------------------------------------------------

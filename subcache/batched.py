@@ -29,9 +29,8 @@ from .errors import ConfigError
 from .evaluation import labels_for, scorer
 from .loader import DeviceLoader
 from .store import Cache
-from .train import (CLOCK, Run, TrainConfig, TrainData, TrainResult, _epoch_row, alone, check_finite,
+from .train import (CLOCK, Run, TrainConfig, TrainData, TrainResult, Trainable, _epoch_row, alone, check_finite,
                     check_train_config, open_for_training, train)
-from .tuned import TunedModel
 
 if TYPE_CHECKING:
     from .bank import ActivationBank
@@ -136,7 +135,7 @@ class Stacked:
     def __init__(self, runs: list[Run]):
         self.runs, self.config, self.device = runs, runs[0].config, runs[0].device
         self.model = runs[0].model
-        self.trainable = _Trainable(self.model)  # functional_call's module: names are "model.<name>"
+        self.trainable = Trainable(self.model)  # functional_call's module: names are "model.<name>"
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         buffers = [n for n, _ in self.model.named_buffers() if not n.startswith("backbone.")]
         self.params = {n: torch.stack([r.model.get_parameter(n).detach() for r in runs]).requires_grad_()
@@ -212,14 +211,3 @@ class Stacked:
                 run.model.get_parameter(n).copy_(p[k])
             for n, b in self.buffers.items():
                 run.model.get_buffer(n).copy_(b[k])
-
-
-class _Trainable(torch.nn.Module):
-    """A model's trainable part as a module's forward (what the batched runs call functionally)."""
-
-    def __init__(self, model: TunedModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.trainable_part(h)

@@ -412,7 +412,7 @@ def _training_loader(cache: Cache, config: TrainConfig, model: TunedModel, indic
         shard = np.sort(positions[ranks.rank::ranks.world][:len(positions) // ranks.world])
         local = replace(config, batch_size=max(2, config.batch_size // ranks.world), seed=config.seed + ranks.rank)
         loader = make_loader(cache, local, model, shard, labels[torch.from_numpy(shard)], device, augments)
-        return loader, DistributedDataParallel(_Trainable(model),
+        return loader, DistributedDataParallel(Trainable(model),
                                                device_ids=[device.index] if device.type == "cuda" else None)
     subset = labels if indices is None else labels[torch.from_numpy(indices)]
     if bank is not None and not augments:
@@ -422,8 +422,9 @@ def _training_loader(cache: Cache, config: TrainConfig, model: TunedModel, indic
     return make_loader(cache, config, model, indices, subset, device, augments), None
 
 
-class _Trainable(torch.nn.Module):
-    """What DDP wraps: the model's trainable part (the loader's `bridge` runs before it, without grads)."""
+class Trainable(torch.nn.Module):
+    """A model's trainable part as a module (the loader's `bridge` runs before it, without grads): what DDP wraps,
+    and what batched runs call functionally."""
 
     def __init__(self, model: TunedModel):
         super().__init__()

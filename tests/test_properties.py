@@ -22,14 +22,19 @@ def _frozen_state(backbone):
     return {k: (v.detach().clone(), v.stride()) for k, v in tensors.items()}
 
 
+def _resnet_cache(tmp_path_factory, npz_path, resnet18, layer: str, dtype: str) -> str:
+    """`resnet_cache`'s data cached at ``layer`` in ``dtype``."""
+    out = str(tmp_path_factory.mktemp(f"r18_{layer}_{dtype}") / "c.zarr")
+    subcache.build_cache(subcache.BuildConfig(out=out, layers=(layer,), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, dtype=dtype, batch_size=32),
+                         backbone=resnet18)
+    return out
+
+
 @pytest.fixture(scope="module")
 def early_cache(tmp_path_factory, npz_path, resnet18):
     """The same data as `resnet_cache`, cached one block earlier (block 5's input), float32."""
-    out = str(tmp_path_factory.mktemp("early") / "r18_5.zarr")
-    subcache.build_cache(subcache.BuildConfig(out=out, layers=("5",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, dtype="float32", batch_size=32),
-                         backbone=resnet18)
-    return out
+    return _resnet_cache(tmp_path_factory, npz_path, resnet18, "5", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +139,7 @@ def test_verify_names_a_damaged_chunk_in_every_array(full_store, tmp_path):
 @pytest.fixture(scope="module")
 def int8_cache(tmp_path_factory, npz_path, resnet18):
     """`resnet_cache`'s data and layer (block 6's input), stored in int8."""
-    out = str(tmp_path_factory.mktemp("int8") / "r18_i8.zarr")
-    subcache.build_cache(subcache.BuildConfig(out=out, layers=("6",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, dtype="int8", batch_size=32),
-                         backbone=resnet18)
-    return out
+    return _resnet_cache(tmp_path_factory, npz_path, resnet18, "6", "int8")
 
 
 def test_evaluate_score_and_train_on_an_int8_cache_equal_the_float32_cache(task7, resnet_cache, int8_cache,
