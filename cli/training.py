@@ -7,6 +7,7 @@ import click
 from rich.table import Table
 
 import subcache
+from subcache.advice import once
 from subcache.active import ALConfig, score_pool
 from subcache.config import TrainConfig
 from subcache.evaluation import evaluate_task
@@ -169,7 +170,8 @@ def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> N
     strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
     config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
                                oracle=oracle, train=train_config(**kw))
-    results = subcache.compare_strategies(cache, config, strategies, out=out, progress=True)
+    with once():  # a warning every round gives (too few steps) is printed once
+        results = subcache.compare_strategies(cache, config, strategies, out=out, progress=True)
     waiting = {s: r.waiting for s, r in results.items() if r.waiting}
     if as_json:
         emit_json({"curves": {s: r.curve for s, r in results.items()}, "waiting": waiting, "out": out})

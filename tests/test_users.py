@@ -166,6 +166,16 @@ def test_an_epoch_of_few_steps_warns_once(gray, tmp_path):
     assert run("--examples", "64", "--batch-size", "6") == []  # 11 steps
 
 
+def test_active_learning_warns_once_per_round_size_of_few_steps(gray, tmp_path):
+    """Every round of every seed and strategy trains on few examples: one line per labelled-set size, not per run."""
+    r = CliRunner().invoke(main, ["al", "--cache", gray["cache"], "--blocks", "none", "--budgets", "16,24",
+                                  "--strategy", "margin,random", "--repeats", "2", "--epochs", "1", "--batch-size",
+                                  "256", "--out", str(tmp_path / "al"), "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("warning")]
+    assert len(lines) == 2 and "16 training examples" in lines[0] and "24 training examples" in lines[1]
+
+
 def test_a_best_window_within_the_seeds_noise_warns():
     from subcache.advice import within_noise
 
