@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from .backbones import Backbone, load_backbone
-from .devices import resolve_device
+from .devices import peak_flops, resolve_device
 from .build import BuildConfig, build_cache
 from .data import open_source, to_input
 from .loader import DeviceLoader, ImageLoader, StreamLoader, read_rows
 from .selection import (HalvingResult, ProfileConfig, RankConfig, SelectConfig, profile_blocks, profile_flops,
                         rank_windows, select_window, spec_of, windows)
+from .selection.flops import training_flops
 from .selection.rank import rank_flops
 from .store import dir_bytes, open_cache
 from .train import CLOCK, TrainConfig, fit
@@ -187,7 +188,14 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
               "images_samples_per_second": n / images_s, "device_resident_ratio": memory_s / device_s,
               "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s,
               "stream_read_samples_per_second": len(y) / read[1], "stream_readers_speedup": read[1] / read[4]}
-    return result
+    return {**result, **mfu(training_flops(backbone, tuned)[1] * n / device_s, device, tcfg.precision)}
+
+
+def mfu(achieved: float, device: torch.device, precision: str) -> dict:
+    """Model FLOP utilisation: achieved FLOP/s ÷ the device's peak for the precision used, with the peak named."""
+    peak, name = peak_flops(device, precision)
+    return {"achieved_flops_per_second": achieved, "peak_flops_per_second": peak, "peak": name,
+            "mfu": achieved / peak}
 
 
 def _stream_read_seconds(loader: StreamLoader) -> float:
@@ -245,13 +253,12 @@ def bench_profile(config: BenchConfig, progress: bool, *, root: Path) -> dict:
             "setup_fraction": max(0.0, arm_s - steps_s - scoring_s) / arm_s,
             "reference_seconds": reference_s, "speedup": speedup, "flop_bound": bound,
             "bound_fraction": speedup / bound, "subcache_test_accuracy": [r["test_accuracy"] for r in profile.rows],
-            "reference_test_accuracy": reference_acc}
+            "reference_test_accuracy": reference_acc, **mfu(from_cache / cached_s, device, tcfg.precision)}
 
 
 def _reference_profile(source, test, backbone: Backbone, wins: list[tuple[int, ...]], tcfg: TrainConfig,
                        repeats: int, device: torch.device) -> tuple[float, list[float]]:
     """The reference way: every window × seed trained from images, then scored from images: (seconds, accuracies)."""
-    from .profiling import spec_of
     from .train import train_reference
 
     t0, accuracies = time.perf_counter(), []

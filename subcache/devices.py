@@ -96,3 +96,42 @@ def compile_enabled(option: str, device: torch.device) -> bool:
     if option not in COMPILES:
         raise ConfigError(f"unknown --compile {option!r}; allowed: {', '.join(COMPILES)}")
     return option == "on" or (option == "auto" and device.type in COMPILE_PAYS_ON)
+
+
+# Vendors' dense peaks (FLOP/s) for the precisions training uses: fp32 runs convolutions in TF32 on Ampere and
+# later by PyTorch's default (cudnn.allow_tf32), so TF32 tensor-core peaks are the ceiling there.
+GPU_PEAKS = {  # name fragment → {precision: (FLOP/s, what it is)}
+    "H200": {"fp32": (494.7e12, "H200 TF32 tensor-core dense peak"), "bf16": (989.4e12, "H200 BF16 dense peak")},
+    "H100": {"fp32": (494.7e12, "H100 SXM TF32 tensor-core dense peak"),
+             "bf16": (989.4e12, "H100 SXM BF16 dense peak")},
+    "A100": {"fp32": (156e12, "A100 TF32 tensor-core dense peak"), "bf16": (312e12, "A100 BF16 dense peak")},
+}
+
+
+def peak_flops(device: torch.device, precision: str = "fp32") -> tuple[float, str]:
+    """(the device's peak FLOP/s for ``precision``, what that figure is): the vendor's dense peak for known GPUs;
+    elsewhere (CPUs, other GPUs) the rate of a large matrix multiply measured here, named as such."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peaks in GPU_PEAKS.items():
+            if fragment in name and precision in peaks:
+                return peaks[precision]
+    return _measured_matmul(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def _measured_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 8) -> tuple[float, str]:
+    import time
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return rate, f"measured {str(dtype).removeprefix('torch.')} {n}x{n} matmul rate ({device.type}, {where})"
