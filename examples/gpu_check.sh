@@ -31,7 +31,7 @@ engine() {  # bench profile NAME MODEL WEIGHTS SIZE LIMIT "COMPILE BATCH_RUNS" â
       --limit "$limit" --epochs 2 --repeats "$REPEATS" --compile "$1" --batch-runs "$2" --device "$DEVICE" --json \
       --workdir "$W/engine-$name" > "$OUT/engine_$tag.json" 2> "$OUT/engine_$tag.log"
     $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: round(r[k], 3) for k in
-            ('speedup', 'flop_bound', 'bound_fraction', 'setup_fraction', 'subcache_seconds')})" \
+            ('speedup', 'flop_bound', 'bound_fraction', 'setup_fraction', 'subcache_seconds', 'mfu')})" \
       "$OUT/engine_$tag.json" "$tag" || tail -3 "$OUT/engine_$tag.log"
   done
 }
@@ -40,6 +40,21 @@ step "engine grid: bench profile with --compile and --batch-runs on and off ($RE
 engine lite0-64 efficientnet_lite0 imagenet 64 "$LIMIT" "off off" "on off" "off auto" "on auto"
 engine lite0-224 efficientnet_lite0 imagenet 224 $((LIMIT / 4)) "off off" "on auto"
 engine resnet50-224 resnet50 none 224 $((LIMIT / 4)) "off off" "on auto"
+step "photo folder: bench build at 224 px, CPU decode in worker processes vs --decode gpu (nvjpeg)"
+PHOTOS=${PHOTOS:-$W/photos}
+[[ -d "$PHOTOS/train" ]] || PYTHONPATH=. $PY examples/make_photos.py "$PHOTOS" --train "${PHOTO_TRAIN:-2000}" --test 200
+for decode in cpu gpu; do
+  [[ "$decode" == gpu && "$DEVICE" != cuda ]] && continue
+  for model in efficientnet_lite0 resnet50; do
+    tag="photos_${model}_${decode}"
+    timeout 150 $PY -m subcache bench build --model "$model" --weights none --data "$PHOTOS" --image-size 224 \
+      --layer 9 --limit "${PHOTO_TRAIN:-2000}" --decode "$decode" --device "$DEVICE" --json \
+      --workdir "$W/bench-$tag" > "$OUT/bench_$tag.json" 2> "$OUT/bench_$tag.log"
+    $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: r.get(k) for k in
+            ('decode_images_per_second', 'forward_images_per_second', 'build_vs_stage_bound', 'decode_workers')})" \
+      "$OUT/bench_$tag.json" "$tag" || tail -3 "$OUT/bench_$tag.log"
+  done
+done
 [[ "$SKIP_MAIN" == 1 ]] && exit 0
 
 if [[ "$DEVICE" == cuda ]]; then
