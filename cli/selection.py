@@ -158,16 +158,18 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @option("--seed", type=click.IntRange(min=0), of=TrainConfig)
 @device_option
 @click.option("--out", required=True, help="task directory for the winner (as `train --out`)")
+@click.option("--overwrite", is_flag=True, help="replace a complete task already in --out")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def select(cache, block_range, widths, budget, val_fraction, prior, top, samples, out, as_json, **kw) -> None:
+def select(cache, block_range, widths, budget, val_fraction, prior, top, samples, out, overwrite, as_json,
+           **kw) -> None:
     """Choose a window within a compute budget (a label-aware gradient prior, then racing on validation loss),
     finish training it and save it as a task."""
     from subcache.selection import SelectConfig, select_window
 
     config = SelectConfig(blocks=block_range, widths=widths, budget=budget, val_fraction=val_fraction, prior=prior,
                           top=top, samples=samples, train=train_config(**kw))
-    result = select_window(cache, config, out=out, progress=not as_json)
+    result = select_window(cache, config, out=out, progress=not as_json, overwrite=overwrite)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -8,7 +8,7 @@ EPOCHS=${EPOCHS:-20}; TRAIN=${TRAIN:-1000}; BLOCKS=${BLOCKS:-14-16}; PREDICT=${P
 if [[ "${QUICK:-0}" == 1 ]]; then EPOCHS=1; TRAIN=100; BLOCKS=15-16; PREDICT=64; fi
 [[ -e "$OUT/fmnist-b9.zarr" ]] || OUT="$OUT" QUICK="${QUICK:-0}" bash "$(dirname "$0")/quickstart.sh"
 CACHE="$OUT/fmnist-b9.zarr"
-common=(--cache "$CACHE" --blocks "$BLOCKS" --examples "$TRAIN" --epochs "$EPOCHS" --json)
+common=(--cache "$CACHE" --blocks "$BLOCKS" --examples "$TRAIN" --epochs "$EPOCHS" --overwrite --json)  # reruns replace
 
 subcache train "${common[@]}" --out "$OUT/deploy/plain" > "$OUT/deploy-plain.json"
 subcache train "${common[@]}" --siamese --out "$OUT/deploy/siamese" > "$OUT/deploy-siamese.json"
@@ -16,7 +16,7 @@ for r in 0.25 0.5 0.75; do
   subcache train "${common[@]}" --prune "$r" --out "$OUT/deploy/prune-$r" > "$OUT/deploy-prune-$r.json"
 done
 subcache predict --task "$OUT/deploy/plain" --task "$OUT/deploy/prune-0.5" --data fashion-mnist --split test \
-  --limit "$PREDICT" --out "$OUT/deploy/predictions.csv"
+  --limit "$PREDICT" --out "$OUT/deploy/predictions.csv" --overwrite
 
 python - "$OUT" <<'PY'
 import json, sys

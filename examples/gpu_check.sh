@@ -68,7 +68,7 @@ timeout 120 $PY -m subcache build --model efficientnet_lite0 --data "$DATA" --im
 for run in "defaults" "fp32-plain --no-channels-last --no-fused" "bf16 --precision bf16 --no-channels-last --no-fused"; do
   set -- $run; name=$1; shift
   timeout 120 $PY -m subcache train --cache "$W/fmnist-b13.zarr" --blocks 14-16 --epochs "$EPOCHS" --device "$DEVICE" \
-    "$@" --out "$W/task-$name" --json > "$OUT/train_$name.json" 2> "$OUT/train_$name.log"
+    "$@" --out "$W/task-$name" --overwrite --json > "$OUT/train_$name.json" 2> "$OUT/train_$name.log"
   $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'acc', round(r['test_accuracy'],4),
           'samples/s', round(r['samples_per_second']))" "$OUT/train_$name.json" "$name" || tail -3 "$OUT/train_$name.log"
 done

@@ -15,9 +15,9 @@ subcache build --model efficientnet_lite0 --data fashion-mnist --image-size 64 -
 subcache info "$OUT/fmnist-b9.zarr"
 
 subcache train --cache "$OUT/fmnist-b9.zarr" --blocks none  --examples "$TRAIN" --epochs "$EPOCHS" \
-  --out "$OUT/probe" --json > "$OUT/probe.json"
+  --out "$OUT/probe" --overwrite --json > "$OUT/probe.json"
 subcache train --cache "$OUT/fmnist-b9.zarr" --blocks 14-16 --examples "$TRAIN" --epochs "$EPOCHS" \
-  --out "$OUT/subtune-14-16" --json > "$OUT/subtune.json"
+  --out "$OUT/subtune-14-16" --overwrite --json > "$OUT/subtune.json"
 
 python - "$OUT" <<'PY'
 import json, sys

@@ -54,7 +54,7 @@ for task in $TASKS; do
   run profile "${common[@]}" --repeats "$SEEDS" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --halving \
     --eta 3 --out "$OUT/$task/halving" --json > "$OUT/$task/halving.out.json"
   run select "${common[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --val-fraction "$VAL" --budget "$BUDGET" \
-    --out "$OUT/$task/select" --json > "$OUT/$task/select.out.json"
+    --out "$OUT/$task/select" --overwrite --json > "$OUT/$task/select.out.json"
 done
 
 python - "$OUT" <<'PY'

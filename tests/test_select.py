@@ -191,6 +191,11 @@ def test_cli_select_json_then_evaluate(planted, tmp_path, monkeypatch):  # noqa:
                               "--json"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["test_accuracy"] == d["test_accuracy"]
+    before = (tmp_path / "task" / "task.safetensors").read_bytes()
+    again = runner.invoke(main, ["select", "--cache", cache, "--budget", "1", "--samples", "32", "--epochs", "1",
+                                 "--device", "cpu", "--val-fraction", "0.25", "--out", str(tmp_path / "task")])
+    assert again.exit_code == 1 and "already holds a task" in again.output  # a complete task needs --overwrite
+    assert (tmp_path / "task" / "task.safetensors").read_bytes() == before
     bad = runner.invoke(main, ["select", "--cache", cache, "--budget", "0", "--out", str(tmp_path / "t2")])
     assert bad.exit_code == 2 and "--budget" in bad.output
     tiny = runner.invoke(main, ["select", "--cache", cache, "--budget", "0.001", "--device", "cpu", "--val-fraction",

@@ -34,7 +34,7 @@ from ..evaluation import labels_for, scorer
 from ..loader import batch_order
 from ..progress import progress_bar
 from ..store import Cache
-from ..task import check_out_dir, save_task
+from ..task import check_out_dir, check_task_out, save_task
 from ..step import optimizer
 from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training
 from ..tuned import TunedModel
@@ -187,9 +187,9 @@ class _Setting:
 
 def select_window(cache: Cache | str | os.PathLike, config: SelectConfig = SelectConfig(), *,
                   out: str | os.PathLike | None = None, backbone: Backbone | None = None,
-                  progress: bool = False) -> SelectResult:
+                  progress: bool = False, overwrite: bool = False) -> SelectResult:
     """Choose a window within ``config.budget`` of a full profile's compute, train it to the full schedule, save
-    it to ``out`` as a task (the format of `train --out`)."""
+    it to ``out`` as a task (the format of `train --out`; a complete task already there needs ``overwrite``)."""
     check_select_config(config)
     cache, backbone = open_for_training(cache, backbone)
     lo, hi = parse_range(config.blocks, cache, backbone)
@@ -199,6 +199,7 @@ def select_window(cache: Cache | str | os.PathLike, config: SelectConfig = Selec
     out = os.fspath(out)
     check_out_dir(out)
     with WriterLock(out, what="select"):
+        check_task_out(out, overwrite=overwrite)
         return _select(cache, backbone, config, wins, out, progress)
 
 
