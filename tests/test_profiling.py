@@ -138,3 +138,55 @@ def test_resuming_a_profile_with_other_training_settings_is_refused(resnet_cache
     with pytest.raises(subcache.SubcacheError, match="other settings \\(epochs differ\\)"):
         subcache.profile_blocks(resnet_cache, subcache.ProfileConfig(blocks="8-8", train=replace(base, epochs=2)),
                                 out=str(tmp_path), backbone=resnet18)
+
+
+def test_window_errors_say_what_was_wrong_and_what_is_allowed():
+    with pytest.raises(BlockError, match=r"^window width must be at least 1, got 0$"):
+        windows(9, 16, 0)
+    with pytest.raises(BlockError, match=r"^width 3 is larger than the range 15-16 \(2 blocks\)$"):
+        windows(15, 16, 3)
+
+
+def test_spec_of_spells_runs_and_sets():
+    from subcache.selection import spec_of
+
+    assert spec_of([]) == "none" and spec_of([7]) == "7" and spec_of([5, 3, 4]) == "3-5" and spec_of([3, 5]) == "3,5"
+
+
+def test_validation_split_bounds_and_its_seeded_class_balanced_draw(resnet_cache, tmp_path):
+    """0 means none; fractions outside (0, 1) are refused; validation needs ≥ 1 item and fit ≥ 2 (both edges
+    allowed); the set is the class-balanced draw with seed 1 over the labels trained on (an extra label set too)."""
+    import shutil
+
+    from subcache.errors import DataError
+    from subcache.selection import validation_split
+    from subcache.train import TrainConfig, balanced_subset
+
+    cache, config = subcache.open_cache(resnet_cache), TrainConfig()
+    y = cache.read_y("train").numpy()
+    n = len(y)
+    assert validation_split(cache, config, 0) is None
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(DataError, match=rf"^--val-fraction must be between 0 and 1 \(e.g. 0.2\), got {bad}$"):
+            validation_split(cache, config, bad)
+    assert len(validation_split(cache, config, 1 / n)[1]) == 1  # the smallest validation set
+    assert len(validation_split(cache, config, (n - 2) / n)[0]) == 2  # the smallest fit set
+    with pytest.raises(DataError, match=rf"^--val-fraction .* of {n} training examples leaves {n - 1} for validation "
+                                        rf"and 1 for training; each needs at least 1 \(training 2\)$"):
+        validation_split(cache, config, (n - 1) / n)
+    with pytest.raises(DataError, match=rf"leaves 0 for validation and {n} for training"):
+        validation_split(cache, config, 0.4 / n)
+    fit, val = validation_split(cache, config, 0.25)
+    assert np.array_equal(val, balanced_subset(y, round(0.25 * n), 1))
+    assert np.array_equal(fit, np.setdiff1d(np.arange(n), val))
+    copy = tmp_path / "c.zarr"  # an extra label set of 3 unequal classes: the draw is balanced over those
+    shutil.copytree(resnet_cache, copy)
+    ids = cache.split("train").id[:]
+    parity = [i % 3 if i % 5 else 0 for i in range(n)]  # classes c0 (the most), c1, c2
+    (tmp_path / "l.csv").write_text("id,label\n" + "".join(f"{i},c{p}\n" for i, p in zip(ids, parity)))
+    subcache.add_labels(str(copy), "odd", str(tmp_path / "l.csv"))
+    extra = subcache.open_cache(str(copy))
+    val = validation_split(extra, TrainConfig(labels="odd"), 0.25)[1]
+    names = sorted({f"c{p}" for p in parity})
+    assert np.array_equal(val, balanced_subset(np.asarray([names.index(f"c{p}") for p in parity]), round(0.25 * n), 1))
+    assert not np.array_equal(val, balanced_subset(y, round(0.25 * n), 1))  # so the labels used are told apart
