@@ -253,7 +253,6 @@ def test_validation_accuracy_is_computed_on_exactly_the_validation_positions(res
     by hand on exactly the validation positions, with and without the shared activation bank."""
     import zarr
 
-    import subcache.selection.runs as profiling
     from subcache.bank import ActivationBank
     from subcache.selection import validation_split
 
@@ -277,7 +276,7 @@ def test_validation_accuracy_is_computed_on_exactly_the_validation_positions(res
         return (pred == y[torch.from_numpy(rows)]).float().mean().item()
 
     for bank in (None, ActivationBank(cache, resnet18, torch.device("cpu"))):
-        row = profiling.run_window(cache, config, resnet18, bank, (fit, val))
+        row = batched.run_windows(cache, [config], resnet18, bank, (fit, val))[0]
         model = models[-1].model.eval()
         assert row["val_accuracy"] == pytest.approx(accuracy_on(model, val), abs=1e-9)
         assert row["val_accuracy"] < 0.2 and accuracy_on(model, fit) > 0.7  # the planted difference is there

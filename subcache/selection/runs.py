@@ -1,5 +1,5 @@
-"""What every selection method shares about runs: the profile's settings, one run's row (test and validation
-accuracy), a profile's rows and their summary, and reading/writing them (resumable)."""
+"""What every selection method shares about runs: the profile's settings, a profile's rows and their summary,
+and reading/writing them (resumable). A run's row comes from `batched.run_windows`."""
 from __future__ import annotations
 
 import csv
@@ -9,15 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from ..backbones import Backbone
-from ..bank import ActivationBank
 from ..errors import ConfigError
-from ..batched import run_windows
 from ..labels import check_identity
 from ..settings import require_same, upgraded_train
-from ..store import Cache
 from ..train import TrainConfig
 
 
@@ -63,12 +57,6 @@ class ProfileResult:
         """The window a tool would pick: best mean validation accuracy when measured, else best test accuracy."""
         windows_only = [s for s in self.summary() if s["width"] > 0]
         return max(windows_only, key=lambda s: s.get("val_mean", s["mean"])) if windows_only else None
-
-
-def run_window(cache: Cache, config: TrainConfig, backbone: Backbone, bank: ActivationBank | None,
-               split: tuple[np.ndarray, np.ndarray] | None) -> dict:
-    """One run: its test accuracy, and with a validation split also its validation accuracy (trained on fit)."""
-    return run_windows(cache, [config], backbone, bank, split)[0]
 
 
 def load_rows(out: str | None, train_config: TrainConfig, identity: dict | None = None,
