@@ -1,12 +1,9 @@
 """`profile --halving`: successive halving over the windows, on a validation split, with its compute counted."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 from ..backbones import Backbone
@@ -19,7 +16,7 @@ from ..store import Cache
 from ..train import open_for_training
 from .flops import training_flops
 from .rank import RankConfig, rank_windows
-from .runs import ProfileConfig, load_rows
+from .runs import ProfileConfig, load_rows, save_runs
 from .windows import parse_range, spec_of, validation_split, windows
 
 
@@ -187,17 +184,9 @@ def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
 
 def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cache,
                   result: HalvingResult | None = None) -> None:
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels), "backbone": cache.backbone,
             "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)},
             **({**result.to_dict(), "complete": True} if result else {"complete": False}),
             "runs": rows}  # every run's row (to_dict's "runs" is their count): what a rerun reads back
-    tmp = folder / "halving.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(folder / "halving.json")  # atomic: a killed run keeps every finished run
-    with open(folder / "halving.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=HALVING_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    save_runs(out, "halving", meta, HALVING_FIELDS, rows)
 

@@ -2,7 +2,6 @@
 seeds, resumable (``profile.json``), plotted; `--halving` hands over to successive halving."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,10 +19,10 @@ from ..labels import data_identity
 from ..plotting import describe_runs, new_figure, save_figure
 from ..progress import progress_bar
 from ..store import Cache
-from ..task import atomic_write, check_out_dir
+from ..task import check_out_dir
 from ..train import check_train_config, open_for_training
 from .halving import halving_profile
-from .runs import FIELDS, ProfileConfig, ProfileResult, load_rows, write_csv
+from .runs import FIELDS, ProfileConfig, ProfileResult, load_rows, save_runs
 from .windows import parse_range, spec_of, validation_split, windows
 
 if TYPE_CHECKING:
@@ -85,15 +84,10 @@ def _run_all(cache: Cache, config: ProfileConfig, backbone: Backbone, split, tod
 
 
 def save_profile(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels),
             "backbone": cache.backbone, "layer": cache.layer,
             "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows}
-    tmp = folder / "profile.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(folder / "profile.json")  # atomic: a killed profile keeps every finished run
-    atomic_write(folder / "profile.csv", lambda tmp: write_csv(tmp, FIELDS, rows))
+    save_runs(out, "profile", meta, FIELDS, rows)
 
 
 def plot_profile(result: ProfileResult, path: str | os.PathLike | None, cache: Cache,

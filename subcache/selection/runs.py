@@ -12,6 +12,7 @@ from typing import Sequence
 from ..errors import ConfigError
 from ..labels import check_identity
 from ..settings import require_same, upgraded_train
+from ..task import atomic_write
 from ..train import TrainConfig
 
 
@@ -79,10 +80,20 @@ def load_rows(out: str | None, train_config: TrainConfig, identity: dict | None 
 
 
 def write_csv(path: str, fields: Sequence[str], rows: list[dict]) -> None:
+    """The rows as CSV with ``fields`` as columns (other keys of a row are left out)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_runs(folder: str | Path, name: str, meta: dict, fields: Sequence[str], rows: list[dict]) -> None:
+    """``NAME.json`` (``meta``, which holds every run: what a rerun reads back) and ``NAME.csv`` (the rows), each
+    written atomically: a killed run keeps every finished run, never a half-written file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    atomic_write(folder / f"{name}.csv", lambda tmp: write_csv(tmp, fields, rows))
 
 
 def load_profile(profile_dir: str) -> ProfileResult:
