@@ -227,3 +227,13 @@ def test_batches_are_fixed_by_position_across_units_and_resumes(npz_path, tmp_pa
     for split in ("train", "test"):
         for name in ("x", "y", "id"):
             np.testing.assert_array_equal(got[f"{split}/{name}"][:], ref[f"{split}/{name}"][:], err_msg=name)
+
+
+def test_default_workers_are_the_cores_capped_on_cuda_and_none_on_the_cpu(monkeypatch):
+    from subcache.pipeline import MAX_WORKERS, check_workers
+
+    for cores, want in ((3, 3), (64, MAX_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert check_workers(None, torch.device("cuda")) == want
+        assert check_workers(None, torch.device("cpu")) == 0  # measured: threads cost less CPU there (README)
+        assert check_workers(5, torch.device("cpu")) == 5
