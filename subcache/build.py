@@ -157,8 +157,7 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        count = calibration_len(layouts, config.dtype, None if config.flip_views else config.batch_size)
-        images = job.finish(job.load(0, min(job.n, count)))
+        images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype, config.batch_size))))
         return _forward_unit(backbone, layers, images, replace(config, dtype="float32", flip_views=False))
 
     plans = Planner(first_items, config.dtype, config.codec, layouts)
