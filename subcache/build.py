@@ -3,9 +3,11 @@
 One pass serves several layers. Work proceeds in *units* of whole chunks (the longest chunk among the layers; all
 chunk lengths are powers of two, so every store's chunks tile a unit exactly). A unit is the unit of resume: after
 a kill, units whose chunks are all on disk are kept and the rest recomputed with the same batches, so a resumed
-store is bit-identical to an uninterrupted one. Images are decoded ahead in worker processes (`subcache.pipeline`;
-in order, so the bits do not depend on how many) and units are written behind by a small thread pool (compression
-and checksums release the GIL), so the forward pass waits only on the slowest stage.
+store is bit-identical to an uninterrupted one. Batches are not units: the forward runs whole batches of
+``batch_size`` items fixed by position in the split (a unit may hold fewer items than a batch, e.g. 64 at a 224 px
+layer) and hands their activations to the writer unit by unit. Images are decoded ahead in worker processes
+(`subcache.pipeline`; in order, so the bits do not depend on how many) and units are written behind by a small
+thread pool (compression and checksums release the GIL), so the forward pass waits only on the slowest stage.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import itertools
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +29,8 @@ from .backbones import Backbone, load_backbone
 from .devices import resolve_device
 from .data import ImageSource, open_source, to_input
 from .inputs import record
-from .pipeline import Writer, check_workers, decodes, image_loader, ordered, reuse_host_memory, to_device
+from .pipeline import (Range, Writer, by_unit, check_workers, covering, decodes, image_loader, ordered,
+                       reuse_host_memory, to_device)
 from .distributed import Dist, store_locks
 from .errors import ConfigError, ForeignStoreError, StoreError, StoreExistsError
 from .settings import require_same
@@ -47,6 +49,11 @@ def text_paths(config: Any, *names: str) -> None:
     for name in names:
         if isinstance(getattr(config, name), os.PathLike):
             object.__setattr__(config, name, os.fspath(getattr(config, name)))
+
+
+# Forward batches are items [k·batch_size, (k+1)·batch_size) of a split, whatever the units (earlier versions
+# batched from each unit's start): recorded, so a resume never mixes the two.
+BATCHING = "position"
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class BuildConfig:
             if d[k] == default:
                 d.pop(k)
         d["layers"], d["splits"] = list(self.layers), list(self.splits)
+        d["batching"] = BATCHING
         return d
 
 
@@ -149,11 +157,11 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
-        images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype))))
+        images = job.finish(job.load(0, min(job.n, calibration_len(layouts, config.dtype, config.batch_size))))
         return _forward_unit(backbone, layers, images, replace(config, dtype="float32", flip_views=False))
 
     plans = Planner(first_items, config.dtype, config.codec, layouts)
-    if not config.flip_views:  # the first unit's activations, measured to plan the stores, are not computed twice
+    if not config.flip_views:  # the first batches' activations, measured to plan the stores, are not computed twice
         first = next(iter(jobs))
         jobs[first] = replace(jobs[first], reuse=plans.reuse)
 
@@ -247,8 +255,9 @@ def finish_all(ranks: Dist, stores: list[Cache]) -> None:
 
 @dataclass
 class Job:
-    """One split's work: how many items, how to load items [a, b) (any thread; with ``workers`` > 0 any process,
-    in pieces of ≤ ``piece`` items), how to put what was loaded on the device, and the items' labels/ids."""
+    """One split's work: how many items, how to load items [a, b) (any thread; with ``workers`` > 0 any process),
+    the forward batch (items [k·batch, (k+1)·batch), fixed by position), how to put what was loaded on the device,
+    and the items' labels/ids."""
 
     n: int
     load: Callable[[int, int], Any]
@@ -256,14 +265,14 @@ class Job:
     ids: np.ndarray
     keys: np.ndarray  # (N,) str: where each item came from
     workers: int = 0  # decode processes
-    piece: int = 128
+    batch: int = 128
     finish: Callable[[Any], Any] | None = None  # default: move to the build's device
-    reuse: Callable[[int, int], dict | None] = lambda a, b: None  # a unit's activations when already computed
+    reuse: Callable[[int, int], dict | None] = lambda a, b: None  # a batch's activations when already computed
 
 
 def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device: torch.device) -> Job:
     """A split of images: decoded by ``config.workers`` processes (when the source decodes at all) with
-    ``config.decode``, in pieces of one forward batch."""
+    ``config.decode``, a forward batch at a time."""
     load, finish = image_loader(src, backbone.preprocess, config.decode, device)
     workers = check_workers(config.workers, device) if decodes(src) else 0
     return Job(len(src), load, src.labels, src.ids, np.asarray(src.source_keys(), dtype=object), workers,
@@ -273,10 +282,10 @@ def image_job(src: ImageSource, backbone: Backbone, config: BuildConfig, device:
 def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chunks: dict[int, dict[str, int]],
               forward: Callable[[Any], dict], device: torch.device, progress: bool,
               ranks: Dist = Dist()) -> tuple[int, int]:
-    """The pipeline shared by `build` and `build --from`: load ahead → forward → write behind, unit by unit.
-    Under torchrun each rank takes its contiguous share of every split's units.
+    """The pipeline shared by `build` and `build --from`: load ahead → forward whole batches → write behind, unit
+    by unit. Under torchrun each rank takes its contiguous share of every split's units.
 
-    Returns (items computed, units skipped because a previous run finished them)."""
+    Returns (items written, units skipped because a previous run finished them)."""
     done, skipped = 0, 0
     with _disk_full_is_clear(stores), Writer() as writer, progress_bar(progress) as bar:
         for split, job in jobs.items():
@@ -285,18 +294,28 @@ def run_units(stores: list[Cache], layers: list[int], jobs: dict[str, Job], chun
             owned = set(mine)
             todo = [u for u in _units_to_do(stores, split, unit, job.n) if u in owned]
             skipped += len(mine) - len(todo)
-            job = replace(job, n=sum(b - a for a, b in mine))
-            task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=job.n,
-                                completed=job.n - sum(b - a for a, b in todo))
-            ready = {u: acts for u in todo if (acts := job.reuse(*u)) is not None}
-            rest = ordered(job.load, [u for u in todo if u not in ready], workers=job.workers, piece=job.piece,
-                           pin=device.type == "cuda")
-            for (a, b), x in itertools.chain(ready.items(), rest):
-                acts = x if (a, b) in ready else forward(job.finish(x) if job.finish else to_device(x, device))
+            total = sum(b - a for a, b in mine)
+            task = bar.add_task(f"{split} → block {', '.join(map(str, layers))}", total=total,
+                                completed=total - sum(b - a for a, b in todo))
+            for (a, b), acts in by_unit(forwarded(job, todo, forward, device), todo):
                 writer.submit(functools.partial(_write_unit, stores, split, a, b, acts, job))
                 done += b - a
                 bar.update(task, advance=b - a)
     return done, skipped
+
+
+def forwarded(job: Job, units: list[Range], forward: Callable[[Any], dict],
+              device: torch.device) -> Iterator[tuple[Range, dict]]:
+    """(batch, its activations) for every batch holding an item of ``units``, in order. Batches are fixed by
+    position, not by the units (a unit's chunks may hold fewer items than a batch) nor by where a resume or a rank
+    starts: an item is always forwarded in the same company, and a conv's float results may depend on it."""
+    batches = covering(units, job.batch, job.n)
+    ready = 0
+    while ready < len(batches) and (acts := job.reuse(*batches[ready])) is not None:
+        yield batches[ready], acts
+        ready += 1
+    for r, x in ordered(job.load, batches[ready:], workers=job.workers, piece=job.batch, pin=device.type == "cuda"):
+        yield r, forward(job.finish(x) if job.finish else to_device(x, device))
 
 
 @contextlib.contextmanager
@@ -414,7 +433,8 @@ def join_views(parts: dict[int, dict[str, list[np.ndarray]]]) -> dict[int, dict[
 @torch.inference_mode()
 def _forward_unit(backbone: Backbone, layers: list[int], images: torch.Tensor,
                   config: BuildConfig, scales: dict | None = None) -> dict[int, dict[str, np.ndarray]]:
-    """Activations at each layer's input for one unit, in fixed batches from the unit's start (→ same bits)."""
+    """Activations at each layer's input for ``images`` (one batch of the build, or the first items measured to
+    plan the stores), in batches of ``config.batch_size`` from the first (→ the build's own batches)."""
     views = {"x": False, "x_flip": True} if config.flip_views else {"x": False}
     parts: dict[int, dict[str, list]] = {layer: {v: [] for v in views} for layer in layers}
     for i in range(0, len(images), config.batch_size):

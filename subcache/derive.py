@@ -15,8 +15,8 @@ import torch
 
 from .backbones import Backbone, backbone_for
 from .devices import resolve_device
-from .build import (BuildResult, Job, capture_inputs, check_outputs, join_views, open_or_create, out_paths,
-                    text_paths, write_stores)
+from .build import (BATCHING, BuildResult, Job, capture_inputs, check_outputs, join_views, open_or_create,
+                    out_paths, text_paths, write_stores)
 from .plan import Planner, calibration_len, check_storage, layout
 from .distributed import Dist
 from .errors import BlockError
@@ -59,7 +59,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
     shapes = derived_shapes(src, backbone, layers)
     sizes = {s: len(src.split(s)) for s in src.splits}
     layouts = {layer: layout(shapes[layer], dtype, sizes, config.chunk_mb, config.shard_mb) for layer in layers}
-    jobs = {s: _job(src, s) for s in src.splits}
+    jobs = {s: _job(src, s, config.batch_size) for s in src.splits}
 
     def first_items() -> dict[int, dict[str, np.ndarray]]:  # float32 activations: codec choice and int8 scales
         job = next(iter(jobs.values()))
@@ -91,21 +91,21 @@ def _attrs(src: Cache, config: DeriveConfig, backbone: Backbone, layer: int, sha
         "sample_shape": list(shape), "dtype": dtype,
         "source": {"cache": src.identity(), "images": src.attrs.get("source")},
         "build": {"derived_from": config.source, "source_layer": src.layer, "source_build": src.attrs.get("build"),
-                  "dtype": dtype, "batch_size": config.batch_size, "chunk_mb": config.chunk_mb,
+                  "dtype": dtype, "batch_size": config.batch_size, "batching": BATCHING, "chunk_mb": config.chunk_mb,
                   "codec": config.codec, "shard_mb": config.shard_mb},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return attrs
 
 
-def _job(src: Cache, split: str) -> Job:
+def _job(src: Cache, split: str, batch: int) -> Job:
     s = src.split(split)
     views = {"x": s.x, **({"x_flip": s.x_flip} if s.x_flip is not None else {})}
 
     def load(a: int, b: int) -> dict[str, torch.Tensor]:
         return {name: from_storage(read(arr, slice(a, b)), src.dtype) for name, arr in views.items()}
 
-    return Job(len(s), load, read(s.y, slice(None)), read(s.id, slice(None)), src.read_keys(split))
+    return Job(len(s), load, read(s.y, slice(None)), read(s.id, slice(None)), src.read_keys(split), batch=batch)
 
 
 @torch.inference_mode()

@@ -9,6 +9,9 @@ On CUDA, ``decode="gpu"`` reads the JPEG files' bytes in the workers and decodes
 (nvjpeg through ``torchvision.io.decode_jpeg``), then resizes and crops there. Its pixels differ slightly from
 Pillow's, so a store records which decoder made it.
 
+Forwarding: whole batches fixed by position (`covering`), whatever the store's units; their activations are
+regrouped into units (`by_unit`) for writing.
+
 Writing: units are encoded (compression, crc32c) and written by a small thread pool (`Writer`).
 """
 from __future__ import annotations
@@ -172,6 +175,29 @@ def _threaded(load: Callable[[int, int], Any], units: list[Range], depth: int) -
             yield item
     finally:
         stop.set()
+
+
+def covering(units: list[Range], batch: int, n: int) -> list[Range]:
+    """The batches [k·batch, (k+1)·batch) ∩ [0, n) holding an item of ``units``, in order, each once."""
+    ks = sorted({k for a, b in units for k in range(a // batch, -(-b // batch))})
+    return [(k * batch, min((k + 1) * batch, n)) for k in ks]
+
+
+def by_unit(batches: Iterator[tuple[Range, dict]], units: list[Range]) -> Iterator[tuple[Range, dict]]:
+    """Forwarded batches regrouped into ``units`` (ascending): a unit may take parts of several batches and a
+    batch serve several units; a batch is let go once no unit still to come needs it."""
+    held: list[tuple[Range, dict]] = []
+    for a, b in units:
+        held = [(r, acts) for r, acts in held if r[1] > a]
+        while not held or held[-1][0][1] < b:
+            held.append(next(batches))
+        parts = [(acts, max(a, s) - s, min(b, e) - s) for (s, e), acts in held if s < b]
+        yield (a, b), {layer: {view: _joined([p[layer][view][i:j] for p, i, j in parts]) for view in views}
+                       for layer, views in parts[0][0].items()}
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:

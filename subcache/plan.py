@@ -36,11 +36,14 @@ def layout(shape: tuple[int, ...], dtype: str, sizes: dict[str, int], chunk_mb: 
     return Layout(sizes, chunks, shards, shape)
 
 
-def calibration_len(layouts: dict[int, Layout], dtype: str) -> int:
+def calibration_len(layouts: dict[int, Layout], dtype: str, batch: int | None = None) -> int:
     """Items measured before a store is created: the first chunk of every layer (the codec's sample), and at least
-    CALIBRATION for int8 (its scales)."""
+    CALIBRATION for int8 (its scales). With ``batch`` (not for int8, whose scales depend on the count), rounded up
+    to whole forward batches, so the build can keep what was measured (`Planner.reuse`)."""
     first = max(next(iter(lay.chunk_len.values())) for lay in layouts.values())
-    return max(first, CALIBRATION) if dtype == "int8" else first
+    if dtype == "int8":
+        return max(first, CALIBRATION)
+    return -(-first // batch) * batch if batch else first
 
 
 class Planner:
@@ -67,10 +70,10 @@ class Planner:
         return {"codec": codec, "codec_measured": measured, "scale": None if scale is None else scale.numpy()}
 
     def reuse(self, a: int, b: int) -> dict[int, dict[str, np.ndarray]] | None:
-        """Items [a, b) of the first split as stored, when the measurement computed them in the build's own batches
-        (a unit from 0): the same float32 activations rounded the same way. Not for int8 (its codes are computed
-        on the build's device), nor once a unit has been handed out."""
-        acts, self.acts = self.acts, None
-        if acts is None or self.dtype == "int8" or a != 0 or b > len(next(iter(acts.values()))["x"]):
+        """Items [a, b) (a forward batch) of the first split as stored, when the measurement computed them — in the
+        build's own batches, from item 0: the same float32 activations rounded the same way. Not for int8 (its
+        codes are computed on the build's device). The measurement is let go at the first batch it lacks."""
+        if self.acts is None or self.dtype == "int8" or b > len(next(iter(self.acts.values()))["x"]):
+            self.acts = None
             return None
-        return {layer: {"x": to_storage(torch.from_numpy(v["x"][a:b]), self.dtype)} for layer, v in acts.items()}
+        return {layer: {"x": to_storage(torch.from_numpy(v["x"][a:b]), self.dtype)} for layer, v in self.acts.items()}

@@ -131,7 +131,14 @@ def test_existing_output_needs_overwrite_and_resume_checks_options(tmp_path, npz
 
     with pytest.raises(ForeignStoreError, match="other options"):
         subcache.build_cache(replace(config, resume=True, dtype="float32"), backbone=resnet18)
+    with pytest.raises(ForeignStoreError, match=r"\(batch_size differ"):  # the batches fix the bits: recorded
+        subcache.build_cache(replace(config, resume=True, batch_size=64), backbone=resnet18)
     assert subcache.build_cache(replace(config, resume=True), backbone=resnet18).images == 0
+    group = zarr.open_group(out, mode="r+")  # begun by a version that batched each unit from its own start
+    group.attrs["build"] = {k: v for k, v in group.attrs["build"].items() if k != "batching"}
+    with pytest.raises(ForeignStoreError, match=r"\(batching differ"):
+        subcache.build_cache(replace(config, resume=True), backbone=resnet18)
+    group.attrs["build"] = {**group.attrs["build"], "batching": "position"}
     # the same block spelt by name resumes (resolved indices are compared, not spellings); another block does not
     assert subcache.build_cache(replace(config, resume=True, layers=("layer1.1",)), backbone=resnet18).images == 0
     with pytest.raises(ForeignStoreError, match="other options"):

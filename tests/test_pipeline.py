@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -50,16 +51,21 @@ def run(*args):
     return result
 
 
-def test_workers_do_not_change_the_bits(photos, tmp_path):
-    """Units of 8 items (a chunk; the train split's second one short), each decoded in pieces of 4 (a batch) by
-    the main process or by 2 worker processes."""
+# batches of 12 straddle the 8-item units: [0, 12) serves units [0, 8) and [8, 14)'s first items
+WIDE = [*BUILD[:BUILD.index("--batch-size")], "--batch-size", "12", *BUILD[BUILD.index("--batch-size") + 2:]]
+
+
+@pytest.mark.parametrize("args", [BUILD, WIDE], ids=["batch<unit", "batch>unit"])
+def test_workers_do_not_change_the_bits(photos, tmp_path, args):
+    """Units of 8 items (a chunk; the train split's second one short), forwarded in batches of 4 (two a unit) or
+    12 (across units), decoded a batch at a time by the main process or by 2 worker processes."""
     stores = {}
     for w in (0, 2):
         out = str(tmp_path / f"w{w}.zarr")
-        result = run(*BUILD, "--data", str(photos), "--workers", str(w), "--out", out, "--json")
+        result = run(*args, "--data", str(photos), "--workers", str(w), "--out", out, "--json")
         assert result.exit_code == 0, result.output
         stores[w] = zarr.open_group(out, mode="r")
-    assert stores[0]["train/x"].chunks[0] == 8  # two units in train, each in two pieces
+    assert stores[0]["train/x"].chunks[0] == 8  # two units in train
     for split in ("train", "test"):
         for name in ("x", "y", "id", "key"):
             np.testing.assert_array_equal(stores[0][f"{split}/{name}"][:], stores[2][f"{split}/{name}"][:])
@@ -73,12 +79,12 @@ def test_workers_do_not_change_the_bits(photos, tmp_path):
 def test_resume_with_workers_after_a_kill_is_bit_identical(photos, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
-    common = [sys.executable, "-m", "subcache", *BUILD, "--data", str(photos)]
-    assert run(*BUILD, "--data", str(photos), "--workers", "0", "--out", ref).exit_code == 0
+    common = [sys.executable, "-m", "subcache", *WIDE, "--data", str(photos)]
+    assert run(*WIDE, "--data", str(photos), "--workers", "0", "--out", ref).exit_code == 0
     killed = subprocess.run(common + ["--workers", "2", "--out", out], capture_output=True, text=True,
                             env={**env, "SUBCACHE_FAULT": "unit-written:2"})
     assert killed.returncode == KILLED_EXIT, killed.stderr
-    resumed = run(*BUILD, "--data", str(photos), "--workers", "2", "--out", out, "--resume", "--json")
+    resumed = run(*WIDE, "--data", str(photos), "--workers", "2", "--out", out, "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert 1 <= json.loads(resumed.stdout)["resumed_units"] < 3  # the killed run's finished units were kept
     a, b = zarr.open_group(ref, mode="r"), zarr.open_group(out, mode="r")
@@ -156,7 +162,11 @@ def test_predict_over_a_folder_decodes_in_workers_with_the_same_results(photos, 
     assert got[0] == got[2] and [row["key"] for row in got[2]] == subcache.open_cache(out).read_keys("train").tolist()
 
 
-def test_the_first_unit_measured_to_plan_the_store_is_not_computed_again(npz_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch, want", [(128, [40, 40]), (24, [24, 16, 24, 16])])
+def test_the_first_batches_measured_to_plan_the_store_are_not_computed_again(npz_path, tmp_path, monkeypatch, batch,
+                                                                             want):
+    """Units of 16 items (a chunk), 40 items per split: the planner measures the first chunk rounded up to whole
+    batches; the build keeps those batches and forwards the rest in whole batches fixed by position."""
     import subcache.build as b
 
     forwarded = []
@@ -164,6 +174,66 @@ def test_the_first_unit_measured_to_plan_the_store_is_not_computed_again(npz_pat
     monkeypatch.setattr(b, "_forward_unit", lambda bb, layers, x, *a: forwarded.append(len(x)) or
                         original(bb, layers, x, *a))
     config = subcache.BuildConfig(out=str(tmp_path / "c.zarr"), layers=("3",), model="resnet18", weights="none",
-                                  data=npz_path, image_size=32, chunk_mb=0.12, limit=40)
+                                  data=npz_path, image_size=32, chunk_mb=0.12, limit=40, batch_size=batch)
     result = subcache.build_cache(config, backbone=subcache.load_backbone("resnet18", "none", image_size=32))
-    assert result.images == 80 and forwarded[0] == 16 and sum(forwarded) == 80  # unit 0, measured for the codec, reused
+    assert result.images == 80 and forwarded == want
+    assert zarr.open_group(config.out, mode="r")["train/x"].chunks[0] == 16
+
+
+class _BatchMix(torch.nn.Module):
+    """Adds a little of the batch's mean to every item: each item's activations depend on its batch's company,
+    as a conv's float results may (exaggerated, so a different batching changes the bits for sure)."""
+
+    def forward(self, x):
+        return x + 0.1 * x.mean(0, keepdim=True)
+
+
+def batch_sensitive(resnet18):
+    torch.manual_seed(0)
+    conv = lambda a, b, s=1: torch.nn.Conv2d(a, b, 3, stride=s, padding=1)  # noqa: E731
+    return subcache.Backbone.from_modules(torch.nn.Sequential(conv(3, 8, 2), _BatchMix()),
+                                          [conv(8, 8), torch.nn.Sequential(conv(8, 8), _BatchMix()), conv(8, 8)],
+                                          torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                                          resnet18.preprocess)
+
+
+def test_batches_are_fixed_by_position_across_units_and_resumes(npz_path, tmp_path, resnet18, monkeypatch):
+    """Units of 4 items, batches of 10 (so batches straddle units): every item is forwarded in the batch
+    [10k, 10k + 10) of its split — in a whole build and in a resume that starts mid-batch after a kill."""
+    from subcache import faults
+
+    backbone = batch_sensitive(resnet18)
+    config = subcache.BuildConfig(out=str(tmp_path / "ref.zarr"), layers=("3",), model="custom", weights="none",
+                                  data=npz_path, image_size=32, chunk_mb=0.016, limit=36, batch_size=10,
+                                  dtype="float32")
+    subcache.build_cache(config, backbone=backbone, progress=False)
+    ref = zarr.open_group(config.out, mode="r")
+    assert ref["train/x"].chunks[0] == 4 and ref.attrs["build"]["batch_size"] == 10
+    images = subcache.open_source(npz_path, "train", limit=36).load(0, 36, backbone.preprocess)
+    with torch.no_grad():
+        want = torch.cat([backbone.prefix(subcache.data.to_input(images[k:k + 10], backbone.preprocess), 3)
+                          for k in range(0, 36, 10)])
+    np.testing.assert_array_equal(ref["train/x"][:], want.numpy())
+    out = str(tmp_path / "out.zarr")
+    monkeypatch.setattr(subcache.pipeline, "writer_threads", lambda: 1)  # units written in order
+    monkeypatch.setenv("SUBCACHE_FAULT", "unit-written:1")  # a kill after the first unit (the writer may finish more)
+    monkeypatch.setattr(faults.os, "_exit", lambda code: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        subcache.build_cache(replace(config, out=out), backbone=backbone, progress=False)
+    monkeypatch.delenv("SUBCACHE_FAULT")
+    done = subcache.build_cache(replace(config, out=out, resume=True), backbone=backbone, progress=False)
+    assert done.skipped_units in (1, 2, 3, 4)  # train's first units: the resume starts inside batch [0, 10) or [10, 20)
+    got = zarr.open_group(out, mode="r")
+    for split in ("train", "test"):
+        for name in ("x", "y", "id"):
+            np.testing.assert_array_equal(got[f"{split}/{name}"][:], ref[f"{split}/{name}"][:], err_msg=name)
+
+
+def test_default_workers_are_the_cores_capped_on_cuda_and_none_on_the_cpu(monkeypatch):
+    from subcache.pipeline import MAX_WORKERS, check_workers
+
+    for cores, want in ((3, 3), (64, MAX_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert check_workers(None, torch.device("cuda")) == want
+        assert check_workers(None, torch.device("cpu")) == 0  # measured: threads cost less CPU there (README)
+        assert check_workers(5, torch.device("cpu")) == 5
