@@ -21,7 +21,7 @@ LIMIT=${LIMIT:-5000}; EXAMPLES=${EXAMPLES:-2000}; VAL=${VAL:-0.5}; SEEDS=${SEEDS
 RANGE=${RANGE:-13-16}; WIDTH=${WIDTH:-1,2}; BATCH=${BATCH:-32}; BUDGETS=${BUDGETS:-0.1}
 TASKS=${TASKS:-fm noise blur coarse tops}; SELECT=${SELECT:-1}
 if [[ "${QUICK:-0}" == 1 ]]; then LIMIT=120; EXAMPLES=100; VAL=0.2; SEEDS=1; EPOCHS=1; RANGE=15-16; WIDTH=1
-  BUDGETS=1; TASKS="fm coarse"; fi
+  BUDGETS=1; TASKS="fm coarse tops"; RANK=1; HALVING=1; fi
 mkdir -p "$OUT"
 # this checkout's library and CLI (a `subcache` on PATH may belong to another install)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -111,4 +111,58 @@ for task in $TASKS; do
   fi
 done
 
-python -m subcache.selection.ground_truth "$OUT" $TASKS
+python - "$OUT" "$BUDGETS" $TASKS <<'PY'
+import glob, json, math, os, sys
+out, budgets, tasks = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+table = {}
+for task in tasks:
+    runs = json.load(open(f"{out}/{task}/profile/profile.json"))["runs"]
+    by = {}
+    for r in runs:
+        by.setdefault(r["blocks"], []).append(r)
+    stats = {}
+    for w, rs in by.items():
+        t = [r["test_accuracy"] for r in rs]
+        m = sum(t) / len(t)
+        sd = math.sqrt(sum((x - m) ** 2 for x in t) / (len(t) - 1)) if len(t) > 1 else 0.0
+        stats[w] = {"test": m, "se": sd / math.sqrt(len(t)), "val": sum(r["val_accuracy"] for r in rs) / len(rs),
+                    "seeds": len(t)}
+    pick = max(stats, key=lambda w: stats[w]["val"])
+    best = max(stats, key=lambda w: stats[w]["test"])
+
+    def judge(w):  # regret in test points against the profile's validation pick and the best test window;
+        # right: within one standard error (of the difference of the two means over seeds) of the best window
+        se = math.hypot(stats[w]["se"], stats[best]["se"])
+        return {"pick": w, "regret": 100 * (stats[pick]["test"] - stats[w]["test"]),
+                "regret_best": 100 * (stats[best]["test"] - stats[w]["test"]),
+                "right": stats[best]["test"] - stats[w]["test"] <= se}
+
+    row = {"profile_pick": pick, "best": best, "windows": stats,
+           "tied": sorted(w for w in stats if judge(w)["right"]), "select": {}}
+    for b in budgets:
+        sel = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/{task}/select-{b}-*.json"))]
+        row["select"][b] = [{**judge(d["blocks"]), "compute_fraction": d["compute_fraction"],
+                             "total_fraction": d["total_fraction"], "task_test_accuracy": d["test_accuracy"]}
+                            for d in sel]
+    if os.path.exists(f"{out}/{task}/rank.out.json"):
+        rank = json.load(open(f"{out}/{task}/rank.out.json"))
+        row["rank"] = {m: judge(v["top"]) for m, v in rank["comparison"]["methods"].items()}
+    if os.path.exists(f"{out}/{task}/halving.out.json"):
+        h = json.load(open(f"{out}/{task}/halving.out.json"))
+        row["halving"] = {**judge(h["best"]["blocks"]), "compute_fraction": h["compute_fraction"]}
+    table[task] = row
+    print(f"{task}: profile picks {pick} ({stats[pick]['test']:.4f} test), best test window {best} "
+          f"({stats[best]['test']:.4f} ± {stats[best]['se']:.4f} s.e.); within a s.e. of it: {', '.join(row['tied'])}")
+    for b, sel in row["select"].items():
+        for i, v in enumerate(sel):
+            print(f"  select {b} seed {i}: picks {v['pick']:>5}  regret {v['regret']:+.2f} (vs best {v['regret_best']:+.2f}"
+                  f"{', right' if v['right'] else ''}) at {v['compute_fraction']:.3f} of the profile "
+                  f"({v['total_fraction']:.3f} with the winner's training)")
+    for m, v in row.get("rank", {}).items():
+        print(f"  rank {m:>9}: picks {v['pick']:>5}  regret {v['regret']:+.2f} (vs best {v['regret_best']:+.2f})")
+    if "halving" in row:
+        v = row["halving"]
+        print(f"  halving: picks {v['pick']:>5}  regret {v['regret']:+.2f} (vs best {v['regret_best']:+.2f}) at "
+              f"{v['compute_fraction']:.2f}")
+json.dump(table, open(f"{out}/select.json", "w"), indent=1)
+PY

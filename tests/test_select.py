@@ -157,6 +157,19 @@ def test_prequential_rungs_judge_each_batch_before_its_update(planted, selected)
     assert not set(rows.tolist()) & set(torch.cat(order.epoch(0)[:order.steps_per_epoch // 2]).tolist())
 
 
+def test_prior_samples_are_rows_the_probe_head_never_saw(planted, monkeypatch):  # noqa: F811
+    cache, backbone = planted
+    setting = select_module._setting(subcache.open_cache(cache), backbone, CONFIG)
+    order = select_module.SharedOrder(len(setting.fit), FAST.batch_size, FAST.seed, setting.device)
+    asked, inputs = [], setting.inputs
+    monkeypatch.setattr(setting, "inputs", lambda first, rows: asked.append(rows) or inputs(first, rows))
+    select_module._prior(setting, [(1,), (2,), (3,), (4,)], 1e30, order.head_rows())
+    sampled = set(asked[-1].tolist())  # the gradient samples' training-split rows
+    head = set(setting.fit[order.head_rows()].tolist())
+    assert len(sampled) == min(CONFIG.samples, len(setting.fit) - len(head)) and not sampled & head
+    assert sampled <= set(setting.fit.tolist())
+
+
 def test_candidates_are_the_prior_best_and_the_widest_window_at_each_end():
     wins = [(1,), (2,), (3,), (4,), (1, 2), (2, 3), (3, 4)]
     scores = {w: {"drop": float(w == (2,))} for w in wins}

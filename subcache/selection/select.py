@@ -285,7 +285,7 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
 def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.ndarray | None = None
            ) -> tuple[torch.nn.Linear, float, dict]:
     """The probe head on the neck features of the fit set's ``head_rows`` (default all), and the prior's scores
-    per window, with their FLOPs: on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at
+    per window from samples outside them (a fitted head's own rows have memorised residuals), with their FLOPs: on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at
     most ``config.prior_share`` of ``cap`` (FLOPs); refused when even that passes ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
     rows = np.arange(len(s.fit)) if head_rows is None else head_rows
@@ -306,8 +306,10 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.n
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs (the probe fit and "
                           f"{count} gradient samples take {(fixed + count * per_sample) / cap * s.config.budget:.3f} "
                           f"of the profile); raise --budget")
-    some = balanced_subset(y.cpu().numpy(), count, 0)
-    some = np.arange(len(y)) if some is None else some
+    pool = np.setdiff1d(np.arange(len(y)), rows) if head_rows is not None else rows  # samples the head never saw
+    pool = pool if len(pool) else rows
+    some = balanced_subset(y[torch.from_numpy(pool).to(s.device)].cpu().numpy(), count, 0)
+    some = pool if some is None else pool[some]
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
         s.device)], lo, hi, methods=(s.config.prior,), batch_size=s.config.train.batch_size, seed=s.config.train.seed)
     return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w, (s.config.prior,)) for w in wins}
