@@ -1,22 +1,25 @@
 """`select`: choose a window at a fraction of a full profile's compute, finish training it, save it as a task.
 
-1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the fit set, then per-sample
-   gradients of every block in the range at once → each window's ``align`` and ``drop`` scores, on at most
-   ``samples`` examples and at most ``prior_share`` of the budget (only the ``prior`` score's pass is made).
+1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the first epoch's latter
+   half of the batch order, then per-sample gradients of every block in the range at once, on rows the head was
+   not fitted on → each window's ``align`` or ``drop`` score, on at most ``samples`` examples and at most
+   ``prior_share`` of the budget (only the ``prior`` score's pass is made).
 2. **Racing at step granularity**: candidates are the best ``top`` windows by the ``prior`` score (``drop`` by
    default) plus the widest window at each end of the range. Every candidate's head starts from the fitted probe
    (LP-FT), every candidate follows one batch order (the one `train` draws for this seed) under one cosine
    schedule over the *full* run; rung r trains the survivors to r0·2^r steps, ranks them by held-out loss, keeps
-   the better half. Held-out loss: in the first epoch the *prequential* loss (each batch's loss before the update
-   on it, over the rung's latter half: no batch of the first epoch was seen before, every candidate is judged on
-   the same batches, and it costs nothing beyond the training forward); past it, the validation set's loss. The
-   last survivor continues the same run to the full schedule: its racing steps are not paid twice.
-3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step and every
-   validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same windows and
-   settings that selects on the same validation set (every window's training epochs + one validation pass). The
-   frozen forward that fills the activation bank is shared by both and counted in neither (as `profile
-   --halving` counts). ``budget`` caps that fraction: the first rung's length is planned so that racing fits even
-   if the costliest candidates survive, and a rung that would pass the cap is not run (the leader so far wins).
+   the better half. Held-out loss: while the rung ends in the first half of the first epoch, the *prequential*
+   loss — each batch of the rung's latter half scored in eval mode just before the update on it (no candidate
+   and not the probe head has seen it; every candidate is judged on the same batches; a forward per image, far
+   less than a validation pass); past that, the validation set's loss. The last survivor continues the same run
+   to the full schedule: its racing steps are not paid twice.
+3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step, every scoring
+   forward and every validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same
+   windows and settings that selects on the same validation set (every window's training epochs + one validation
+   pass). The frozen forward that fills the activation bank is shared by both and counted in neither (as `profile
+   --halving` counts); the winner's remaining training is in ``total_fraction``, not ``compute_fraction``.
+   ``budget`` caps ``compute_fraction``: the first rung's length is planned so that racing fits even if the
+   costliest candidates survive, and a rung that would pass the cap is not run (the leader so far wins).
 """
 from __future__ import annotations
 
