@@ -12,7 +12,9 @@
 # SEEDS seeds (RANK=1 adds `rank --method all`, HALVING=1 `profile --halving`). Summary: OUT/select.json, and a
 # table on stdout (regret against the profile's validation pick and against the best test window; a pick whose
 # test mean is within a standard error of the best window's counts as right).
-# Every step resumes: rerun to finish. Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS
+# Time on the project's shared 2-core CPU under a load of 10-16: 20-30 minutes per task's profile (21 runs of
+# 55-90 s), 3-10 minutes per `select`; about 2.5 hours for the defaults, one process at a time.
+# Every step resumes: rerun to finish (several TASKS may run as separate processes). Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS
 # SELECT (0: ground truth only). Tiny mode for tests: QUICK=1.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a shared CPU, one thread per process trains ~8× faster here
