@@ -14,7 +14,8 @@
 # test mean is within a standard error of the best window's counts as right).
 # Time on the project's shared 2-core CPU under a load of 10-16: 20-30 minutes per task's profile (21 runs of
 # 55-90 s), 3-10 minutes per `select`; about 2.5 hours for the defaults, one process at a time.
-# Every step resumes: rerun to finish (several TASKS may run as separate processes). Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS
+# Every step resumes: rerun to finish (several TASKS may run as separate processes).
+# Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS
 # SELECT (0: ground truth only). Tiny mode for tests: QUICK=1.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a shared CPU, one thread per process trains ~8× faster here
@@ -105,7 +106,8 @@ for task in $TASKS; do
   done
   if [[ "${RANK:-0}" == 1 && ! -e "$OUT/$task/rank.out.json" ]]; then
     run rank --cache "$cache" --range "$RANGE" --width "$WIDTH" --examples "$EXAMPLES" --val-fraction "$VAL" \
-      "${extra[@]}" --method all --against "$OUT/$task/profile" --out "$OUT/$task/rank" --json > "$OUT/$task/rank.out.json"
+      "${extra[@]}" --method all --against "$OUT/$task/profile" --out "$OUT/$task/rank" --json \
+      > "$OUT/$task/rank.out.json"
   fi
   if [[ "${HALVING:-0}" == 1 && ! -e "$OUT/$task/halving.out.json" ]]; then
     run profile "${common[@]}" --repeats 1 --halving --eta 3 --out "$OUT/$task/halving" --json \
@@ -157,7 +159,8 @@ for task in tasks:
           f"({stats[best]['test']:.4f} ± {stats[best]['se']:.4f} s.e.); within a s.e. of it: {', '.join(row['tied'])}")
     for b, sel in row["select"].items():
         for i, v in enumerate(sel):
-            print(f"  select {b} seed {i}: picks {v['pick']:>5}  regret {v['regret']:+.2f} (vs best {v['regret_best']:+.2f}"
+            print(f"  select {b} seed {i}: picks {v['pick']:>5}  regret {v['regret']:+.2f} "
+                  f"(vs best {v['regret_best']:+.2f}"
                   f"{', right' if v['right'] else ''}) at {v['compute_fraction']:.3f} of the profile "
                   f"({v['total_fraction']:.3f} with the winner's training)")
     for m, v in row.get("rank", {}).items():

@@ -288,8 +288,9 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
 def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.ndarray | None = None
            ) -> tuple[torch.nn.Linear, float, dict]:
     """The probe head on the neck features of the fit set's ``head_rows`` (default all), and the prior's scores
-    per window from samples outside them (a fitted head's own rows have memorised residuals), with their FLOPs: on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at
-    most ``config.prior_share`` of ``cap`` (FLOPs); refused when even that passes ``cap``."""
+    per window from samples outside them (a fitted head's own rows have memorised residuals), with their FLOPs:
+    on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at most ``config.prior_share``
+    of ``cap`` (FLOPs); refused when even that passes ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
     rows = np.arange(len(s.fit)) if head_rows is None else head_rows
     x = s.inputs(last, s.fit)[torch.from_numpy(rows).to(s.device)]
