@@ -142,11 +142,11 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @option("--budget", type=click.FloatRange(0, 1, min_open=True), of=SelectConfig,
         help="hard cap on the selection's compute, as a fraction of a full profile's")
 @option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), of=SelectConfig,
-        help="class-balanced fraction of the training split the racing is judged on")
+        help="class-balanced fraction of the training split; racing past the first half-epoch is judged on it")
 @option("--prior", type=click.Choice(["drop", "align"]), of=SelectConfig,
         help="the prior score that picks the candidates")
 @option("--top", type=click.IntRange(min=1), of=SelectConfig,
-        help="candidates: the prior's best N, + the earliest and the latest window")
+        help="candidates: the prior's best N, + the widest window at each end of the range")
 @option("--samples", type=click.IntRange(min=2), of=SelectConfig,
         help="training examples for the prior's per-sample gradients")
 @option("--epochs", type=click.IntRange(min=1), of=TrainConfig, help="the winner's schedule")
@@ -163,7 +163,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @friendly
 def select(cache, block_range, widths, budget, val_fraction, prior, top, samples, out, overwrite, as_json,
            **kw) -> None:
-    """Choose a window within a compute budget (a label-aware gradient prior, then racing on validation loss),
+    """Choose a window within a compute budget (a label-aware gradient prior, then racing on held-out loss),
     finish training it and save it as a task."""
     from subcache.selection import SelectConfig, select_window
 
@@ -174,7 +174,7 @@ def select(cache, block_range, widths, budget, val_fraction, prior, top, samples
         emit_json(result.to_dict())
         return
     table = Table(title="select: candidates (prior score, racing)")
-    for col in ("blocks", prior, "steps raced", "val loss"):
+    for col in ("blocks", prior, "steps raced", "held-out loss"):
         table.add_column(col, justify="right")
     for c in result.candidates:
         mark = " ★" if c["blocks"] == result.to_dict()["blocks"] else ""

@@ -409,8 +409,8 @@ def bench_distributed(config: BenchConfig, progress: bool, *, root: Path) -> dic
 
 @_in_workdir
 def bench_select(config: BenchConfig, progress: bool, *, root: Path) -> dict:
-    """`rank` and `profile --halving` vs the full profile of the same windows (widths 1..``width``): wall seconds,
-    FLOPs and regret, measured in one run on this machine."""
+    """`rank`, `profile --halving` and `select` (budget 0.1) vs the full profile of the same windows (widths
+    1..``width``): wall seconds, FLOPs (select: its `compute_fraction`) and regret, measured in one run."""
     from .backbones import parse_block_spec
 
     device = resolve_device(config.device)

@@ -1,9 +1,11 @@
 """The README's promises: its test command is what CI runs; every example runs (in tiny mode)."""
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,5 +59,11 @@ def test_the_layout_names_every_module():
 
 def test_select_example_runs_in_tiny_mode(tmp_path):
     done = run_example("select.sh", tmp_path)
-    assert "halving" in done.stdout and "select        : picks" in done.stdout and (tmp_path / "select.json").is_file()
-    assert (tmp_path / "fmc" / "rank" / "rank.png").is_file()
+    table = json.loads((tmp_path / "select.json").read_text())
+    assert set(table) == {"tops", "coarse"}
+    assert "select 1 seed 0: picks" in done.stdout and "halving: picks" in done.stdout
+    for task in table.values():
+        assert task["select"]["1"][0]["pick"] in task["windows"] and task["best"] in task["tied"]
+    assert (tmp_path / "coarse" / "rank" / "rank.png").is_file()
+    tops = np.load(tmp_path / "tops.npz")  # the class subset: five classes, relabelled 0..4
+    assert sorted(set(tops["y_train"].tolist())) == [0, 1, 2, 3, 4]

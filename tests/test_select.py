@@ -23,9 +23,9 @@ from subcache.selection.rank import RankConfig, rank_windows
 from subcache.train import TrainConfig
 from test_rank import planted  # noqa: F401  (the fixture)
 
-FAST = TrainConfig(epochs=3, batch_size=16, lr=1e-2, device="cpu")
+FAST = TrainConfig(epochs=8, batch_size=16, lr=1e-2, device="cpu")
 # the toy's probe fit is dear beside its tiny profile: the prior may take half the budget here
-CONFIG = SelectConfig(widths=(1,), budget=0.5, samples=32, val_fraction=0.25, prior_share=0.5, train=FAST)
+CONFIG = SelectConfig(widths=(1,), budget=0.1, samples=32, val_fraction=0.25, prior_share=0.5, train=FAST)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def selected(planted, tmp_path_factory):  # noqa: F811
             super().__init__(*args, **kw)
             made.append(self)
 
-        def advance(self, until: int) -> None:
+        def advance(self, until: int, check_from: int | None = None) -> None:
             steps.append(until - self.step)
-            super().advance(until)
+            super().advance(until, check_from)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(select_module, "Racer", Recorded)
@@ -77,7 +77,14 @@ def test_compute_counts_prior_racing_and_validation_by_hand(planted, selected): 
     samples = lambda steps: sum(sizes[:steps])  # noqa: E731
     by_hand = sum(samples(c["steps_raced"]) * step((int(c["blocks"]),)) for c in result.candidates)
     assert result.flops["racing"] == by_hand
-    validations = sum(n_val * fwd((int(b),)) for r in result.rungs for b in r["windows"])
+    quick = len(batch_order(n_fit, FAST.batch_size, FAST.seed, 0)) // 2
+    # judged on the rung's latter half of batches, each scored before its update, while they are unseen (the
+    # first half of the first epoch), on the validation set after it; both count
+    assert [r["judged_on"] for r in result.rungs] == ["prequential" if r["steps"] <= quick else "validation"
+                                                      for r in result.rungs]
+    assert {r["judged_on"] for r in result.rungs} == {"prequential", "validation"}, result.rungs
+    validations = sum((samples(r["steps"]) - samples(r["steps"] // 2) if r["steps"] <= quick else n_val)
+                      * fwd((int(b),)) for r in result.rungs for b in r["windows"])
     assert result.flops["validation"] == validations
     total = len(sizes)
     assert result.flops["finish"] == (samples(total) - samples(result.rungs[-1]["steps"])) * step((3,))
@@ -109,8 +116,8 @@ def test_continued_run_equals_one_uninterrupted_run(planted, selected):  # noqa:
     winner = next(r for r in racers if r.win == result.blocks)
     assert any(0 < c["steps_raced"] < result.steps for c in result.candidates if c["blocks"] == "3")
     setting = select_module._setting(subcache.open_cache(cache), backbone, CONFIG)
-    head, _, _ = select_module._prior(setting, [(1,), (2,), (3,), (4,)], 1e30)
     order = select_module.SharedOrder(len(setting.fit), FAST.batch_size, FAST.seed, setting.device)
+    head, _, _ = select_module._prior(setting, [(1,), (2,), (3,), (4,)], 1e30, order.head_rows())
     alone = select_module.Racer(winner.win, select_module._model(setting, winner.win, head),
                                 setting.inputs(3, setting.fit), setting.targets(setting.fit), order, FAST,
                                 setting.device, result.steps)
@@ -119,10 +126,62 @@ def test_continued_run_equals_one_uninterrupted_run(planted, selected):  # noqa:
         assert torch.equal(a, b), k
 
 
+def test_prequential_rungs_judge_each_batch_before_its_update(planted, selected):  # noqa: F811
+    cache, backbone = planted
+    result, _, racers, _ = selected
+    by = {select_module.spec_of(r.win): r for r in racers}
+    judged = [(rung["steps"], w, loss) for rung in result.rungs if rung["judged_on"] == "prequential"
+              for w, loss in zip(rung["windows"], rung["val_loss"])]
+    assert judged
+    for t, w, loss in judged:  # the rung's latter half of each candidate's per-step losses
+        assert loss == pytest.approx(sum(by[w].checks[s] for s in range(t // 2, t)) / (t - t // 2)), (t, w)
+    setting = select_module._setting(subcache.open_cache(cache), backbone, CONFIG)
+    order = select_module.SharedOrder(len(setting.fit), FAST.batch_size, FAST.seed, setting.device)
+    head, _, _ = select_module._prior(setting, [(1,), (2,), (3,), (4,)], 1e30, order.head_rows())
+    x, y = setting.inputs(3, setting.fit), setting.targets(setting.fit)
+    two, one = (select_module.Racer((3,), select_module._model(setting, (3,), head), x, y, order, FAST,
+                                    setting.device, 30) for _ in range(2))
+    modes = []
+    two.model.head.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    two.advance(2, check_from=1)
+    one.advance(1)
+    assert modes == [True, False, True]  # step 0 trains; step 1 is checked in eval mode (BatchNorm), then trains
+    with torch.no_grad():  # step 1's check: the model after one update, in eval mode, on batch 1, before its update
+        before = torch.nn.functional.cross_entropy(one.model.eval().trainable_part(x[order.batch(1)].float()),
+                                                   y[order.batch(1)])
+    assert list(two.checks) == [1] and two.checks[1] == pytest.approx(before.item(), rel=1e-5)
+    # the probe head never saw the batches judged on: it is fitted on the first epoch's latter half
+    assert not torch.equal(head.weight, select_module._prior(setting, [(3,)], 1e30)[0].weight)
+    rows = order.head_rows()
+    assert sorted(rows.tolist()) == sorted(torch.cat(order.epoch(0)[order.steps_per_epoch // 2:]).tolist())
+    assert not set(rows.tolist()) & set(torch.cat(order.epoch(0)[:order.steps_per_epoch // 2]).tolist())
+
+
+def test_prior_samples_are_rows_the_probe_head_never_saw(planted, monkeypatch):  # noqa: F811
+    cache, backbone = planted
+    setting = select_module._setting(subcache.open_cache(cache), backbone, CONFIG)
+    order = select_module.SharedOrder(len(setting.fit), FAST.batch_size, FAST.seed, setting.device)
+    asked, inputs = [], setting.inputs
+    monkeypatch.setattr(setting, "inputs", lambda first, rows: asked.append(rows) or inputs(first, rows))
+    select_module._prior(setting, [(1,), (2,), (3,), (4,)], 1e30, order.head_rows())
+    sampled = set(asked[-1].tolist())  # the gradient samples' training-split rows
+    head = set(setting.fit[order.head_rows()].tolist())
+    assert len(sampled) == min(CONFIG.samples, len(setting.fit) - len(head)) and not sampled & head
+    assert sampled <= set(setting.fit.tolist())
+
+
+def test_candidates_are_the_prior_best_and_the_widest_window_at_each_end():
+    wins = [(1,), (2,), (3,), (4,), (1, 2), (2, 3), (3, 4)]
+    scores = {w: {"drop": float(w == (2,))} for w in wins}
+    assert select_module._candidates(wins, scores, "drop", 1) == [(2,), (1, 2), (3, 4)]
+    assert select_module._candidates(wins, scores, "drop", 2)[:2] == [(2,), (1,)]  # ties: narrower, earlier
+    assert select_module._candidates([(1,), (2,)], scores, "drop", 1) == [(2,), (1,)]
+
+
 def test_budget_is_a_hard_cap(planted, selected):  # noqa: F811
     cache, backbone = planted
-    result = select_window(cache, SelectConfig(**{**CONFIG.__dict__, "budget": 0.3}), backbone=backbone)
-    assert 0 < result.compute_fraction <= 0.3 < selected[0].compute_fraction
+    result = select_window(cache, SelectConfig(**{**CONFIG.__dict__, "budget": 0.07}), backbone=backbone)
+    assert 0 < result.compute_fraction <= 0.07 < selected[0].compute_fraction
     assert result.total_fraction > result.compute_fraction
     assert sum(r["steps"] for r in result.rungs) < sum(r["steps"] for r in selected[0].rungs)
 
@@ -136,13 +195,21 @@ def test_budget_below_the_prior_is_refused(planted, tmp_path):  # noqa: F811
 
 
 def test_first_rung_is_the_longest_that_fits_the_worst_case():
-    costs = [(10.0, 1.0), (20.0, 2.0), (30.0, 3.0), (40.0, 4.0)]
+    costs = [(10.0, 1.0, 0.5), (20.0, 2.0, 1.0), (30.0, 3.0, 1.5), (40.0, 4.0, 2.0)]
     # r0 steps: 4 run r0 (+ their validations), the 2 costliest go on to 2·r0
     planned = lambda r0: 100 * r0 + 10 + 70 * r0 + 7  # noqa: E731
     for room in (100, planned(1), planned(3) + 5, planned(400) - 1):
         r0 = select_module.first_rung_steps(costs, total=1000, room=room)
         assert (r0 == 0 or planned(r0) <= room) and planned(r0 + 1) > room, room
     assert select_module.first_rung_steps(costs, total=1000, room=10 ** 9) == 1000  # everyone to the end
+    # rungs ending by step quick_until score the batches of their latter half instead of validating
+    quick_first = lambda r0: 100 * r0 + 5 * (r0 - r0 // 2) + 70 * r0 + 7  # noqa: E731
+    for room in (1760, planned(50) - 3):  # 1760: 10 steps with validation do not fit, with scoring they do
+        r0 = select_module.first_rung_steps(costs, total=1000, room=room, quick_until=room // 100)
+        assert r0 <= room // 100 < 2 * r0 and quick_first(r0) <= room < quick_first(r0 + 1), room
+        both = lambda r0: 100 * r0 + 5 * (r0 - r0 // 2) + 70 * r0 + 3.5 * r0  # noqa: E731
+        r0 = select_module.first_rung_steps(costs, total=1000, room=room, quick_until=1000)
+        assert both(r0) <= room < both(r0 + 1), room
 
 
 def test_align_is_leave_one_out():

@@ -141,10 +141,11 @@ def pooled(h: torch.Tensor) -> torch.Tensor:
     return h.mean(1) if h.ndim == 3 else h.flatten(1)
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float) -> torch.nn.Linear:
+def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: float,
+             max_iter: int = 100) -> torch.nn.Linear:
     """L2-regularised multinomial logistic regression, full batch L-BFGS, on centred features scaled by one number
     (per-feature scaling would let the penalty favour large raw weights on near-constant features, whose
-    gradients then swamp the blocks' scores)."""
+    gradients then swamp the blocks' scores). ``max_iter``: L-BFGS iterations."""
     if not bool(torch.isfinite(features).all()):
         raise TrainingError("rank: the neck features hold non-finite values; the cache's activations may hold "
                             "inf/nan (check with `subcache verify`)")
@@ -153,7 +154,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, classes: int, l2: flo
     head = torch.nn.Linear(x.shape[1], classes).to(features.device)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -1,19 +1,25 @@
 """`select`: choose a window at a fraction of a full profile's compute, finish training it, save it as a task.
 
-1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the fit set, then per-sample
-   gradients of every block in the range at once → each window's ``align`` and ``drop`` scores, on at most
-   ``samples`` examples and at most ``prior_share`` of the budget (only the ``prior`` score's pass is made).
+1. **Prior** (one shared pass, `prior`): a probe head fitted on the neck features of the first epoch's latter
+   half of the batch order, then per-sample gradients of every block in the range at once, on rows the head was
+   not fitted on → each window's ``align`` or ``drop`` score, on at most ``samples`` examples and at most
+   ``prior_share`` of the budget (only the ``prior`` score's pass is made).
 2. **Racing at step granularity**: candidates are the best ``top`` windows by the ``prior`` score (``drop`` by
-   default) plus the earliest and the latest window. Every candidate's head starts from the fitted probe (LP-FT),
-   every candidate follows one batch order (the one `train` draws for this seed) under one cosine schedule over
-   the *full* run; rung r trains the survivors to r0·2^r steps, ranks them by validation loss, keeps the better
-   half. The last survivor continues the same run to the full schedule: its racing steps are not paid twice.
-3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step and every
-   validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same windows and
-   settings that selects on the same validation set (every window's training epochs + one validation pass). The
-   frozen forward that fills the activation bank is shared by both and counted in neither (as `profile
-   --halving` counts). ``budget`` caps that fraction: the first rung's length is planned so that racing fits even
-   if the costliest candidates survive, and a rung that would pass the cap is not run (the leader so far wins).
+   default) plus the widest window at each end of the range. Every candidate's head starts from the fitted probe
+   (LP-FT), every candidate follows one batch order (the one `train` draws for this seed) under one cosine
+   schedule over the *full* run; rung r trains the survivors to r0·2^r steps, ranks them by held-out loss, keeps
+   the better half. Held-out loss: while the rung ends in the first half of the first epoch, the *prequential*
+   loss — each batch of the rung's latter half scored in eval mode just before the update on it (no candidate
+   and not the probe head has seen it; every candidate is judged on the same batches; a forward per image, far
+   less than a validation pass); past that, the validation set's loss. The last survivor continues the same run
+   to the full schedule: its racing steps are not paid twice.
+3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step, every scoring
+   forward and every validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same
+   windows and settings that selects on the same validation set (every window's training epochs + one validation
+   pass). The frozen forward that fills the activation bank is shared by both and counted in neither (as `profile
+   --halving` counts); the winner's remaining training is in ``total_fraction``, not ``compute_fraction``.
+   ``budget`` caps ``compute_fraction``: the first rung's length is planned so that racing fits even if the
+   costliest candidates survive, and a rung that would pass the cap is not run (the leader so far wins).
 """
 from __future__ import annotations
 
@@ -54,10 +60,11 @@ class SelectConfig:
     budget: float = 0.1  # hard cap on compute_fraction (selection FLOPs ÷ a full profile's)
     val_fraction: float = 0.2  # validation set carved from the training split (`validation_split`)
     prior: str = "drop"  # which prior score picks the candidates: drop | align
-    top: int = 2  # candidates: the prior's best `top` windows, + the earliest and the latest window
+    top: int = 1  # candidates: the prior's best `top` windows, + the widest earliest and the widest latest window
     samples: int = 256  # training examples for the prior's per-sample gradients (fewer if `prior_share` needs)
     prior_share: float = 0.25  # the prior takes at most this share of the budget (if 8 samples fit in it)
     head_l2: float = 1e-3  # L2 penalty of the fitted probe head
+    head_iters: int = 30  # L-BFGS iterations of the probe fit (a start for every candidate, not a converged probe)
     train: TrainConfig = field(default_factory=TrainConfig)  # epochs, lr, batch size, seed, labels, device …
 
 
@@ -110,6 +117,11 @@ class SharedOrder:
         e, i = divmod(step, self.steps_per_epoch)
         return self.epoch(e)[i]
 
+    def head_rows(self) -> np.ndarray:
+        """Fit-set positions of the first epoch's latter half: the probe head is fitted on them, so the batches
+        before them (steps < `steps_per_epoch` // 2) are unseen by every candidate until it trains on them."""
+        return torch.cat(self.epoch(0)[self.steps_per_epoch // 2:]).cpu().numpy()
+
     def samples(self, start: int, stop: int) -> int:
         """Samples in steps start..stop-1 (every epoch has the same batch sizes)."""
         sizes = [len(b) for b in self.epoch(0)]
@@ -126,11 +138,15 @@ class Racer:
         self.opt = optimizer(model, config, device)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, total))
         self.step, self.samples, self.trace, self.loss = 0, 0, [], None
+        self.checks: dict[int, float] = {}  # step → eval-mode loss on its batch, taken before the update on it
 
-    def advance(self, until: int) -> None:
-        self.model.train()
+    def advance(self, until: int, check_from: int | None = None) -> None:
+        """Train to step ``until``; from step ``check_from`` on, first score each batch in eval mode (`checks`)."""
         while self.step < until:
             idx = self.order.batch(self.step)
+            if check_from is not None and self.step >= check_from:
+                self.checks[self.step] = self._loss(idx)
+            self.model.train()
             loss = F.cross_entropy(self.model.trainable_part(self.x[idx].float()).float(), self.y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -139,6 +155,17 @@ class Racer:
             self.trace.append(idx)
             self.step, self.samples = self.step + 1, self.samples + len(idx)
         self.model.eval()
+
+    @torch.no_grad()
+    def _loss(self, idx: torch.Tensor) -> float:
+        self.model.eval()
+        return F.cross_entropy(self.model.trainable_part(self.x[idx].float()).float(), self.y[idx]).item()
+
+    def prequential_loss(self, until: int) -> float:
+        """Mean eval-mode loss over the latter half of steps 0..until-1, each batch scored before the update on it:
+        held-out while no batch was seen before (the first epoch, outside the probe head's rows)."""
+        self.loss = float(np.mean([self.checks[t] for t in range(until // 2, until)]))
+        return self.loss
 
     @torch.no_grad()
     def validation_loss(self, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
@@ -224,7 +251,7 @@ def _select(cache: Cache, backbone: Backbone, config: SelectConfig, wins: list[t
     order = SharedOrder(len(s.fit), config.train.batch_size, config.train.seed, s.device)
     total = config.train.epochs * order.steps_per_epoch
     full = _full_profile_flops(s, wins, order)
-    head, prior, scores = _prior(s, wins, config.budget * full)
+    head, prior, scores = _prior(s, wins, config.budget * full, order.head_rows())
     candidates = _candidates(wins, scores, config.prior, config.top)
     racers = [Racer(w, _model(s, w, head), s.inputs(w[0], s.fit), s.targets(s.fit), order, config.train, s.device,
                     total) for w in candidates]
@@ -258,18 +285,23 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
                      for w in wins))
 
 
-def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.nn.Linear, float, dict]:
-    """The probe head on the fit set's neck features, and the prior's scores per window, with their FLOPs: on
-    ``config.samples`` examples, or fewer (not under 8) so that the prior takes at most ``config.prior_share`` of
-    ``cap`` (FLOPs); refused when even that passes ``cap``."""
+def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.ndarray | None = None
+           ) -> tuple[torch.nn.Linear, float, dict]:
+    """The probe head on the neck features of the fit set's ``head_rows`` (default all), and the prior's scores
+    per window from samples outside them (a fitted head's own rows have memorised residuals), with their FLOPs:
+    on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at most ``config.prior_share``
+    of ``cap`` (FLOPs); refused when even that passes ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
-    x, run = s.inputs(last, s.fit), lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))
+    rows = np.arange(len(s.fit)) if head_rows is None else head_rows
+    x = s.inputs(last, s.fit)[torch.from_numpy(rows).to(s.device)]
+    run = lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))  # noqa: E731
     with torch.no_grad():
         neck = torch.cat([run(x[a:a + 1024].float()) for a in range(0, len(x), 1024)])
     y = s.targets(s.fit)
-    head = fit_head(neck.float(), y, s.classes, s.config.head_l2)
+    head = fit_head(neck.float(), y[torch.from_numpy(rows).to(s.device)], s.classes, s.config.head_l2,
+                    s.config.head_iters)
     span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
-    fixed = len(s.fit) * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
+    fixed = n * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
     backwards, forwards = passes((s.config.prior,))
     per_sample = backwards * s.step_flops(span) + forwards * s.forward_flops(span)
     share = int((cap * s.config.prior_share - fixed) // per_sample)
@@ -278,18 +310,20 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float) -> tuple[torch.
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs (the probe fit and "
                           f"{count} gradient samples take {(fixed + count * per_sample) / cap * s.config.budget:.3f} "
                           f"of the profile); raise --budget")
-    some = balanced_subset(y.cpu().numpy(), count, 0)
-    some = np.arange(len(y)) if some is None else some
+    pool = np.setdiff1d(np.arange(len(y)), rows) if head_rows is not None else rows  # samples the head never saw
+    pool = pool if len(pool) else rows
+    some = balanced_subset(y[torch.from_numpy(pool).to(s.device)].cpu().numpy(), count, 0)
+    some = pool if some is None else pool[some]
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
         s.device)], lo, hi, methods=(s.config.prior,), batch_size=s.config.train.batch_size, seed=s.config.train.seed)
     return head, float(fixed + len(some) * per_sample), {w: prior_scores(sketch, w, (s.config.prior,)) for w in wins}
 
 
 def _candidates(wins: list[tuple[int, ...]], scores: dict, prior: str, top: int) -> list[tuple[int, ...]]:
-    """The prior's best ``top`` windows by its score ``prior``, then the earliest and the latest window; no
-    repeats."""
+    """The prior's best ``top`` windows by its score ``prior``, then the widest window at the start of the range
+    and the widest at its end (input shift tends to favour early blocks, label shift late ones); no repeats."""
     best = sorted(wins, key=lambda w: (-scores[w][prior], len(w), w[0]))[:top]
-    earliest, latest = min(wins, key=lambda w: (w[0], len(w))), max(wins, key=lambda w: (w[-1], -len(w)))
+    earliest, latest = min(wins, key=lambda w: (w[0], -len(w))), max(wins, key=lambda w: (w[-1], len(w)))
     return list(dict.fromkeys([*best, earliest, latest]))
 
 
@@ -304,16 +338,17 @@ def _model(s: _Setting, win: tuple[int, ...], head: torch.nn.Linear) -> TunedMod
     return model
 
 
-def first_rung_steps(costs: list[tuple[float, float]], total: int, room: float) -> int:
+def first_rung_steps(costs: list[tuple[float, float, float]], total: int, room: float, quick_until: int = 0) -> int:
     """The longest first rung (steps, 0: none fits) whose racing fits ``room`` even if the costliest candidates
-    survive every rung. ``costs``: per candidate (FLOPs of a step, FLOPs of a validation pass)."""
+    survive every rung. ``costs``: per candidate (FLOPs of a step, of a validation pass, of scoring one step's
+    batch); a rung ending at step ≤ ``quick_until`` scores the batches of its latter half instead of validating."""
     worst = sorted(costs, reverse=True)
 
     def planned(r0: int) -> float:
         alive, done, t, spent = len(worst), 0, r0, 0.0
         while alive > 1:
             t = min(t, total)
-            spent += sum(c * (t - done) + v for c, v in worst[:alive])
+            spent += sum(c * (t - done) + (e * (t - t // 2) if t <= quick_until else v) for c, v, e in worst[:alive])
             if t >= total:
                 break
             alive, done, t = math.ceil(alive / 2), t, 2 * t
@@ -328,32 +363,44 @@ def first_rung_steps(costs: list[tuple[float, float]], total: int, room: float) 
 
 def _race(s: _Setting, racers: list[Racer], order: SharedOrder, total: int, room: float, bar
           ) -> tuple[Racer, list[dict], dict, bool]:
-    """Successive halving by validation loss, rung lengths doubling from a first rung planned to fit ``room``."""
-    x_val = {r.win[0]: s.inputs(r.win[0], s.val) for r in racers}
-    y_val = s.targets(s.val)
+    """Successive halving by held-out loss, rung lengths doubling from a first rung planned to fit ``room``: while
+    the batches are unseen (the first half of the first epoch: the head was fitted on the second) the prequential
+    loss of the rung's latter half (`Racer.prequential_loss`), after it the validation set's loss."""
     val_cost = {r.win: len(s.val) * s.forward_flops(r.win) for r in racers}
-    costs = [(s.config.train.batch_size * s.step_flops(r.win), val_cost[r.win]) for r in racers]
-    t, alive, rungs = first_rung_steps(costs, total, room), list(racers), []
+    batch = s.config.train.batch_size
+    costs = [(batch * s.step_flops(r.win), val_cost[r.win], batch * s.forward_flops(r.win)) for r in racers]
+    quick = order.steps_per_epoch // 2
+    t, alive, rungs = first_rung_steps(costs, total, room, quick), list(racers), []
     spent, stopped = {"racing": 0.0, "validation": 0.0}, False
     while len(alive) > 1:
         t = min(t, total)
         step_cost = sum(order.samples(r.step, t) * s.step_flops(r.win) for r in alive)
-        if t == 0 or sum(spent.values()) + step_cost + sum(val_cost[r.win] for r in alive) > room:
+        checks = sum((order.samples(max(r.step, t // 2), t) if t <= quick else len(s.val)) * s.forward_flops(r.win)
+                     for r in alive)
+        if t == 0 or sum(spent.values()) + step_cost + checks > room:
             stopped = True
             break
         for r in alive:
-            r.advance(t)
-            r.validation_loss(x_val[r.win[0]], y_val)
-            spent["validation"] += val_cost[r.win]
+            r.advance(t, t // 2 if t <= quick else None)
+            _judge(s, r, t, quick)
         spent["racing"] += step_cost
+        spent["validation"] += checks
         ranked = sorted(alive, key=lambda r: (r.loss, racers.index(r)))
         alive = ranked[:1] if t >= total else ranked[:math.ceil(len(ranked) / 2)]
-        rungs.append({"rung": len(rungs), "steps": t, "windows": [spec_of(r.win) for r in ranked],
-                      "val_loss": [r.loss for r in ranked], "kept": [spec_of(r.win) for r in alive]})
+        rungs.append({"rung": len(rungs), "steps": t, "judged_on": "prequential" if t <= quick else "validation",
+                      "windows": [spec_of(r.win) for r in ranked], "val_loss": [r.loss for r in ranked],
+                      "kept": [spec_of(r.win) for r in alive]})
         bar.line(f"rung {len(rungs) - 1}: {t} steps, kept {', '.join(rungs[-1]['kept'])}")
         t *= 2
     leader = min(alive, key=lambda r: (math.inf if r.loss is None else r.loss, racers.index(r)))
     return leader, rungs, spent, stopped
+
+
+def _judge(s: _Setting, r: Racer, t: int, quick: int) -> float:
+    """The racer's held-out loss after ``t`` steps: prequential while the batches are unseen, else validation."""
+    if t <= quick:
+        return r.prequential_loss(t)
+    return r.validation_loss(s.inputs(r.win[0], s.val), s.targets(s.val))
 
 
 def _candidate_rows(racers: list[Racer], scores: dict, rungs: list[dict]) -> list[dict]:
