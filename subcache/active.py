@@ -28,7 +28,7 @@ from .store import Cache, read
 from .task import atomic_write, check_out_dir
 from .batched import parse_batch_runs, train_runs
 from .devices import resolve_device
-from .train import TrainConfig, TrainData, TrainResult, check_train_config, open_for_training
+from .train import TrainConfig, TrainData, TrainResult, check_train_config, open_for_training, train
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -207,7 +207,8 @@ def _rounds(cache: Cache, config: ALConfig, backbone: Backbone, bank: Activation
         if isinstance(labelled, str):
             return labelled
         jobs.append((replace(config.train, blocks=config.blocks, seed=seed), TrainData(*labelled, bank=bank)))
-    results = train_runs(cache, jobs, backbone=backbone, batch_runs=len(seeds))
+    results = ([train(cache, *jobs[0], backbone=backbone)] if len(jobs) == 1 else
+               train_runs(cache, jobs, backbone=backbone, batch_runs=len(jobs)))
     for seed, (_, data), result in zip(seeds, jobs, results):
         _finish(cache, config, bank, folder, state, seed, data.positions, result)
     return None

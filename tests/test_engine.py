@@ -229,3 +229,30 @@ def test_al_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
     assert [(c["seed"], c["budget"]) for c in curves["2"]] == [(c["seed"], c["budget"]) for c in curves["off"]]
     assert [c["accuracy"] for c in curves["2"]] == pytest.approx([c["accuracy"] for c in curves["off"]],
                                                                  abs=1 / 96 + 1e-9)
+
+
+def test_stream_read_ahead_hands_windows_over_in_order_and_adds_readers_while_the_step_waits(chunked_cache):
+    """The read-ahead path (readers decoding chunks at once, windows joined and staged ahead in the background,
+    the staging ring the GPU uses): the same batches, in the same order, as one reader one window ahead — while
+    odd chunks decode last; and a step that waited gets more readers next epoch."""
+    import time
+
+    from subcache.loader import StreamLoader
+
+    cache = chunked_cache
+    y = cache.read_y("train")
+
+    def batches(loader, delay=0.0, epochs=3):
+        read = loader._chunk
+        loader._chunk = lambda split, c: time.sleep(delay * (c % 2)) or read(split, c)  # odd chunks finish last
+        return [b for epoch in range(epochs) for b in loader.epoch(epoch)]
+
+    plain = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=2, depth=1, readers=1)
+    ahead = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=2, depth=3, staging=True)
+    ahead.max_readers = 4
+    one, many = batches(plain), batches(ahead, delay=0.03)
+    assert len(one) == len(many) == 3 * plain.steps_per_epoch
+    for (x1, _, y1), (x2, _, y2) in zip(one, many):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert ahead.waits[0] > 0 and ahead.reading > 1  # it waited on slow reads: more readers
+    assert plain.reading == 1  # a fixed count stays
