@@ -195,15 +195,15 @@ def test_greedy_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
     from subcache.cli.main import main
 
     stacked = counting_stacked(monkeypatch)
-    base = ["greedy", "--cache", resnet_cache, "--range", "6-7", "--folds", "2", "--epochs", "2", "--batch-size",
+    base = ["greedy", "--cache", resnet_cache, "--range", "7-7", "--folds", "2", "--epochs", "2", "--batch-size",
             "16", "--examples", "40", "--device", "cpu", "--epsilon", "-1", "--json"]
     paths = {}
     for mode in ("off", "2"):
         done = CliRunner().invoke(main, base + ["--batch-runs", mode, "--out", str(tmp_path / mode)])
         assert done.exit_code == 0, done.output
         paths[mode] = json.loads((tmp_path / mode / "greedy.json").read_text())["path"]
-    assert stacked == [2, 2, 2, 2]  # candidates none, 6, 7, then 6-7: each one's folds together; `off`: none
-    assert [p["blocks"] for p in paths["2"]] == [p["blocks"] for p in paths["off"]] == ["none", "7", "6-7"]
+    assert stacked == [2, 2]  # candidates none and 7: each one's two folds together; `off`: none
+    assert [p["blocks"] for p in paths["2"]] == [p["blocks"] for p in paths["off"]] == ["none", "7"]
     assert [p["score"] for p in paths["2"]] == pytest.approx([p["score"] for p in paths["off"]], abs=1 / 20 + 1e-9)
     bad = CliRunner().invoke(main, base + ["--batch-runs", "x", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "must be auto, off or a whole number" in bad.output
