@@ -151,7 +151,7 @@ def counting_stacked(monkeypatch) -> list[int]:
     return stacked
 
 
-@pytest.mark.parametrize("augment", ["none", "crop"])
+@pytest.mark.parametrize("augment", ["none", pytest.param("crop", marks=pytest.mark.slow)])
 def test_runs_on_their_own_positions_equal_the_runs_done_one_by_one(resnet_cache, resnet18, augment, monkeypatch):
     """AL repeats and greedy's folds: each run trains on its own positions (and labels) and is scored on its own
     held-out positions, with its own seed's batch order, draws and head — as it would be alone."""
@@ -195,7 +195,7 @@ def test_greedy_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
     from subcache.cli.main import main
 
     stacked = counting_stacked(monkeypatch)
-    base = ["greedy", "--cache", resnet_cache, "--range", "7-7", "--folds", "2", "--epochs", "2", "--batch-size",
+    base = ["greedy", "--cache", resnet_cache, "--range", "7-7", "--folds", "2", "--epochs", "1", "--batch-size",
             "16", "--examples", "40", "--device", "cpu", "--epsilon", "-1", "--json"]
     paths = {}
     for mode in ("off", "2"):
@@ -215,7 +215,7 @@ def test_al_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
     from subcache.cli.main import main
 
     stacked = counting_stacked(monkeypatch)
-    base = ["al", "--cache", resnet_cache, "--blocks", "6", "--budgets", "24,40", "--repeats", "2", "--epochs", "2",
+    base = ["al", "--cache", resnet_cache, "--blocks", "6", "--budgets", "24,40", "--repeats", "2", "--epochs", "1",
             "--batch-size", "16", "--device", "cpu", "--json"]
     states, curves = {}, {}
     for mode in ("off", "2"):
