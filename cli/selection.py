@@ -199,6 +199,9 @@ def select(cache, block_range, widths, budget, val_fraction, prior, top, samples
         help="choose by k-fold CV on the training split (0: by test accuracy)")
 @option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), of=GreedyConfig,
         help="choose on this class-balanced fraction of the training split (0: by test accuracy)")
+@option("--batch-runs", of=GreedyConfig, callback=check_batch_runs,
+        help="auto | off | K: train up to K of a candidate's --folds together as one batched model "
+             "(auto: 8 on CUDA, off on the CPU)")
 @train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of every run")
 @click.option("--out", required=True)
@@ -206,13 +209,14 @@ def select(cache, block_range, widths, budget, val_fraction, prior, top, samples
 @renamed("--blocks", "block_range", "--range")
 @allows_factories
 @friendly
-def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, out, as_json,
-           **kw) -> None:
+def greedy(cache, block_range, epsilon, start, consecutive, max_blocks, folds, val_fraction, batch_runs, out,
+           as_json, **kw) -> None:
     """Greedy block selection: keep adding the block that helps most until the gain is below ε."""
     from subcache.selection import GreedyConfig, greedy_select
 
     config = GreedyConfig(blocks=block_range, epsilon=epsilon, start=start, consecutive=consecutive,
-                          max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction)
+                          max_blocks=max_blocks, folds=folds, train=train_config(**kw), val_fraction=val_fraction,
+                          batch_runs=batch_runs)
     with once():
         result = greedy_select(cache, config, out=out, progress=True)
     if as_json:

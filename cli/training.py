@@ -12,8 +12,8 @@ from subcache.active import ALConfig, score_pool
 from subcache.config import TrainConfig
 from subcache.evaluation import evaluate_task
 
-from .common import (allows_factories, console, device_option, emit_json, fmt_int, friendly, is_main_process, option,
-                     renamed, train_config, train_options)
+from .common import (allows_factories, check_batch_runs, console, device_option, emit_json, fmt_int, friendly,
+                     is_main_process, option, renamed, train_config, train_options)
 
 
 def history_table(history: list[dict]) -> Table:
@@ -154,13 +154,16 @@ def read_ids(path: str):
         help="runs with seeds 0..K-1: initial labelled set and training (mean ± std)")
 @click.option("--oracle", type=click.Path(dir_okay=False),
               help="CSV id,label filled in by a person; the run stops at each round with OUT/STRATEGY/to_label.csv")
+@option("--batch-runs", of=ALConfig, callback=check_batch_runs,
+        help="auto | off | K: train a round of up to K repeats together as one batched model "
+             "(auto: 8 on CUDA, off on the CPU; off with --oracle)")
 @train_options(examples=False)
 @click.option("--out", required=True)
 @click.option("--json", "as_json", is_flag=True)
 @renamed("--seeds", "seeds", "--repeats", type=click.IntRange(min=1))
 @allows_factories
 @friendly
-def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> None:
+def al(cache, blocks, budgets, strategy, seeds, oracle, batch_runs, out, as_json, **kw) -> None:
     """Pool-based active learning on one cache: retrain, score the pool, label the most uncertain, repeat."""
     try:
         budget_list = tuple(int(b) for b in budgets.split(","))
@@ -169,7 +172,7 @@ def al(cache, blocks, budgets, strategy, seeds, oracle, out, as_json, **kw) -> N
                                  param_hint="--budgets") from None
     strategies = tuple(s.strip() for s in strategy.split(",") if s.strip())
     config = subcache.ALConfig(blocks=blocks, budgets=budget_list, strategy=strategies[0], seeds=seeds,
-                               oracle=oracle, train=train_config(**kw))
+                               oracle=oracle, train=train_config(**kw), batch_runs=batch_runs)
     with once():  # a warning every round gives (too few steps) is printed once
         results = subcache.compare_strategies(cache, config, strategies, out=out, progress=True)
     waiting = {s: r.waiting for s, r in results.items() if r.waiting}

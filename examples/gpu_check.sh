@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script: `pytest -m gpu`, the main job on CUDA in fp32 and bf16 (+ channels_last, fused
-# AdamW), and the benchmarks on CUDA. Every figure lands in $OUT (default runs/gpu) as JSON or a log.
+# AdamW), greedy/al with --batch-runs off and auto, and the benchmarks on CUDA (`bench train`: streaming_ratio,
+# stream_wait_fraction, stream_readers). Every figure lands in $OUT (default runs/gpu) as JSON or a log.
 # Sizes: LIMIT images per split (Lite0, Fashion-MNIST, 64 px), EPOCHS for the main job. DEVICE=cpu dry-runs it
 # (DATA=some.npz LIMIT=64 EPOCHS=1 REPEATS=2 SKIP_MAIN=1 for a quick one: only the engine grid).
 set -uo pipefail
@@ -71,6 +72,17 @@ for run in "defaults" "fp32-plain --no-channels-last --no-fused" "bf16 --precisi
     "$@" --out "$W/task-$name" --overwrite --json > "$OUT/train_$name.json" 2> "$OUT/train_$name.log"
   $PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'acc', round(r['test_accuracy'],4),
           'samples/s', round(r['samples_per_second']))" "$OUT/train_$name.json" "$name" || tail -3 "$OUT/train_$name.log"
+done
+
+step "greedy --folds 4 and al --repeats 4 on $DEVICE: --batch-runs off vs auto (seconds each, same results)"
+for mode in off auto; do
+  for cmd in "greedy --range 15-16 --folds 4 --epsilon -1" "al --blocks 15-16 --budgets 500,1000 --repeats 4"; do
+    set -- $cmd; name=$1; rm -rf "$W/$name-$mode"; start=$(date +%s.%N)
+    timeout 150 $PY -m subcache "$@" --cache "$W/fmnist-b13.zarr" --epochs 2 --device "$DEVICE" --batch-runs "$mode" \
+      --out "$W/$name-$mode" --json > "$OUT/${name}_batch-$mode.json" 2> "$OUT/${name}_batch-$mode.log"
+    $PY -c "import sys, time; print(sys.argv[1], 'seconds', round(time.time() - float(sys.argv[2]), 2))" \
+      "${name}_batch-$mode" "$start" | tee -a "$OUT/engine_runs.txt"
+  done
 done
 
 for bench in train build score multitask profile; do

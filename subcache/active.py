@@ -26,7 +26,9 @@ from .progress import progress_bar
 from .settings import require_same, upgraded_train
 from .store import Cache, read
 from .task import atomic_write, check_out_dir
-from .train import TrainConfig, TrainData, check_train_config, open_for_training, train
+from .batched import parse_batch_runs, train_runs
+from .devices import resolve_device
+from .train import TrainConfig, TrainData, TrainResult, check_train_config, open_for_training, train
 from .tuned import TunedModel
 
 if TYPE_CHECKING:
@@ -135,6 +137,7 @@ class ALConfig:
     strategy: str = "margin"  # margin | entropy | least-confidence | random
     seeds: int = 1  # repetitions with different initial sets (and training seeds)
     oracle: str | None = None  # CSV id,label supplied by a person; None: labels come from the cache (simulation)
+    batch_runs: str = "auto"  # auto | off | K: a round of K repeats as one batched model (not with an oracle)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -154,16 +157,16 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
     pool = _pool(cache, config)
     # None with augmentation or when it would not fit
     bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
+    most = 1 if config.oracle else parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
     with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
         task = bar.add_task(f"active learning ({config.strategy})", total=config.seeds * len(config.budgets),
                             completed=sum(len(s["curve"]) for s in state["seeds"].values()))
-        for seed in range(config.seeds):
-            run = state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
-            while len(run["curve"]) < len(config.budgets):
-                waiting = _round(cache, config, backbone, bank, pool, folder, state, seed)
-                if waiting:
-                    return ALResult(_curve(state, config), waiting)
-                done = run["curve"][-1]
+        while group := _due(state, config, most):
+            waiting = _rounds(cache, config, backbone, bank, pool, folder, state, group)
+            if waiting:
+                return ALResult(_curve(state, config), waiting)
+            for seed in group:
+                done = state["seeds"][str(seed)]["curve"][-1]
                 bar.advance(task, note=f"seed {seed}, {done['budget']} labelled: test accuracy "
                                        f"{done['accuracy']:.4f}")
     curve = _curve(state, config)
@@ -185,13 +188,37 @@ def _pool(cache: Cache, config: ALConfig) -> tuple[torch.Tensor, list[str], np.n
     return truth, names, ids
 
 
-def _round(cache: Cache, config: ALConfig, backbone: Backbone, bank: ActivationBank | None, pool: tuple,
-           folder: Path, state: dict, seed: int) -> str | None:
-    """One round of a seed's run: draw the first labelled set, or train on the labelled set and add the next
-    budget's items; saved at once (a killed run resumes here). Returns the file to fill in when the oracle has
-    not labelled every item yet."""
-    (truth, names, ids), run = pool, state["seeds"][str(seed)]
-    r = len(run["curve"])
+def _due(state: dict, config: ALConfig, most: int) -> list[int]:
+    """The seeds whose next round runs now: the first seed with rounds left and up to ``most`` - 1 later seeds due
+    the same round, as one batched model (``most`` 1: seed after seed, each through all its rounds)."""
+    done = {s: len(state["seeds"].get(str(s), {}).get("curve", ())) for s in range(config.seeds)}
+    left = [(s, r) for s, r in done.items() if r < len(config.budgets)]
+    return [s for s, r in left if r == left[0][1]][:most] if left else []
+
+
+def _rounds(cache: Cache, config: ALConfig, backbone: Backbone, bank: ActivationBank | None, pool: tuple,
+            folder: Path, state: dict, seeds: list[int]) -> str | None:
+    """One round of each seed's run (their labelled sets as large: one batched model where it pays): draw the first
+    labelled set, or train on the labelled set and add the next budget's items; saved at once (a killed run
+    resumes here). Returns the file to fill in when the oracle has not labelled every item yet."""
+    jobs = []
+    for seed in seeds:
+        labelled = _prepare(cache, config, pool, folder, state, seed)
+        if isinstance(labelled, str):
+            return labelled
+        jobs.append((replace(config.train, blocks=config.blocks, seed=seed), TrainData(*labelled, bank=bank)))
+    results = ([train(cache, *jobs[0], backbone=backbone)] if len(jobs) == 1 else
+               train_runs(cache, jobs, backbone=backbone, batch_runs=len(jobs)))
+    for seed, (_, data), result in zip(seeds, jobs, results):
+        _finish(cache, config, bank, folder, state, seed, data.positions, result)
+    return None
+
+
+def _prepare(cache: Cache, config: ALConfig, pool: tuple, folder: Path, state: dict,
+             seed: int) -> tuple[np.ndarray, torch.Tensor] | str:
+    """A seed's labelled positions and labels for its next round (drawing the first set, saved at once), or the
+    file to fill in when the oracle has not labelled every item yet."""
+    (truth, names, ids), run = pool, state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
     if not run["labelled"]:
         rng = np.random.default_rng(seed)
         run["labelled"] = np.sort(rng.choice(len(ids), config.budgets[0], replace=False)).tolist()
@@ -201,15 +228,20 @@ def _round(cache: Cache, config: ALConfig, backbone: Backbone, bank: ActivationB
         labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, names)
         if len(missing):
             return _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
-    result = train(cache, replace(config.train, blocks=config.blocks, seed=seed),
-                   TrainData(labelled, labels, bank=bank), backbone=backbone)
+    return labelled, labels
+
+
+def _finish(cache: Cache, config: ALConfig, bank: ActivationBank | None, folder: Path, state: dict, seed: int,
+            labelled: np.ndarray, result: TrainResult) -> None:
+    """Record a seed's round and add the next budget's items (the most uncertain to its own model); saved."""
+    run = state["seeds"][str(seed)]
+    r = len(run["curve"])
     run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
     if r + 1 < len(config.budgets):
         extra = config.budgets[r + 1] - len(labelled)
         run["labelled"] = np.sort(np.concatenate(
             [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
     _save_state(folder, state)  # atomic: a killed run resumes at this round
-    return None
 
 
 def _check(config: ALConfig) -> None:
@@ -295,6 +327,7 @@ def _config_dict(config: ALConfig, backbone: Backbone) -> dict:
     d["budgets"] = list(config.budgets)
     d["blocks"] = list(parse_block_spec(config.blocks, backbone))
     d.pop("seeds")  # more seeds extend a finished run
+    d.pop("batch_runs")  # how runs are grouped does not change them
     return d
 
 

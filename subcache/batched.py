@@ -1,13 +1,14 @@
-"""Several runs as one: runs that share a window's shapes (a profile's seeds, rung members, AL repeats) train
-together as one batched model.
+"""Several runs as one: runs that share a window's shapes (a profile's seeds, rung members, AL repeats, a greedy
+candidate's folds) train together as one batched model.
 
-Each run is made as it would be alone (`Run.make`: its seeded head, its loader's batch order, its augmentation
-generator); then the runs' trainable weights and BatchNorm buffers are stacked along a new first axis and one
-`torch.func.functional_call` under `torch.func.vmap` trains them all: convolutions of K weight sets become one
-grouped convolution, the frozen tail one K-times-larger batch. Each run keeps its own optimiser state (AdamW is
-elementwise: one AdamW over stacked weights is K AdamWs), its own batch order and augmentation draws, so each
-result equals the run done alone to float tolerance. Frozen BatchNorms stay in eval mode; the tuned copies'
-statistics are per-run buffers, updated inside vmap.
+Each run is made as it would be alone (`Run.make`: its seeded head, its own training positions and labels, its
+loader's batch order, its augmentation generator, its scorer over its own held-out positions); then the runs'
+trainable weights and BatchNorm buffers are stacked along a new first axis and one `torch.func.functional_call`
+under `torch.func.vmap` trains them all: convolutions of K weight sets become one grouped convolution, the frozen
+tail one K-times-larger batch. Each run keeps its own optimiser state (AdamW is elementwise: one AdamW over
+stacked weights is K AdamWs), its own batch order and augmentation draws, so each result equals the run done
+alone to float tolerance. Frozen BatchNorms stay in eval mode; the tuned copies' statistics are per-run buffers,
+updated inside vmap.
 """
 from __future__ import annotations
 
@@ -72,21 +73,39 @@ def train_many(cache: Cache | str, configs: Sequence[TrainConfig], data: TrainDa
                backbone: Backbone | None = None, batch_runs: str | int = "auto") -> list[TrainResult]:
     """`train` for each config (same blocks and data; seeds differ), up to ``batch_runs`` at a time as one batched
     model; results in the configs' order, each as the run alone would give it."""
-    for config in configs:
+    return train_runs(cache, [(c, data) for c in configs], backbone=backbone, batch_runs=batch_runs)
+
+
+def train_runs(cache: Cache | str, jobs: Sequence[tuple[TrainConfig, TrainData]], *,
+               backbone: Backbone | None = None, batch_runs: str | int = "auto") -> list[TrainResult]:
+    """`train` for each (config, data) job, up to ``batch_runs`` neighbours at a time as one batched model where
+    they share a window's shapes: the same settings but the seed, and the same number of training positions —
+    each run its own positions, labels, held-out positions, batch order, draws and head. Results in the jobs'
+    order, each as the run alone would give it (AL repeats, greedy's folds, a profile's seeds)."""
+    for config, _ in jobs:
         check_train_config(config)
-    most = parse_batch_runs(batch_runs, resolve_device(configs[0].device)) if configs else 1
+    most = parse_batch_runs(batch_runs, resolve_device(jobs[0][0].device)) if jobs else 1
     cache, backbone = open_for_training(cache, backbone)
     results = []
-    for group in groups(list(configs), lambda c: replace(c, seed=0), most):
-        if len(group) == 1 or not batchable(group[0]):
-            results += [train(cache, c, data, backbone=backbone) for c in group]
+    for group in groups(list(jobs), _shape_key, most):
+        if len(group) == 1 or not batchable(group[0][0]):
+            results += [train(cache, c, d, backbone=backbone) for c, d in group]
             continue
-        runs = [Run.make(cache, c, data, None, backbone) for c in group]
-        if not all(isinstance(r.loader, DeviceLoader) for r in runs) or runs[0].ranks.active:
+        runs = [Run.make(cache, c, d, None, backbone) for c, d in group]
+        if (not all(isinstance(r.loader, DeviceLoader) for r in runs) or runs[0].ranks.active
+                or len({r.loader.num_samples for r in runs}) > 1):
             results += [r.result(*r.fit()) for r in runs]
             continue
         results += Stacked(runs).train()
     return results
+
+
+def _shape_key(job: tuple[TrainConfig, TrainData]) -> tuple:
+    """Jobs with equal keys can train as one batched model: same settings but the seed, as many positions."""
+    config, data = job
+    count = None if data.positions is None else len(data.positions)
+    return (replace(config, seed=0), count, data.bank is None, data.val_positions is None,
+            data.eval_positions is None)
 
 
 def run_windows(cache: Cache, configs: list[TrainConfig], backbone: Backbone, bank: "ActivationBank | None",
@@ -198,6 +217,8 @@ class Stacked:
             for run, history, run_sums in zip(self.runs, histories, sums):
                 history.append(_epoch_row(epoch, run_sums, seen, seconds, self.config.lr))
                 check_finite(run.model, epoch + 1, self.config.lr)
+                if run.monitor is not None:  # validation monitoring: each run keeps its own best epoch
+                    run.monitor(history[-1])
                 if run.score is not None and every and (epoch + 1) % every == 0:
                     history[-1]["test_accuracy"] = run.score()
         share = seconds / len(self.runs)  # each run's part of the batched time

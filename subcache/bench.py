@@ -179,7 +179,9 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
     run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))  # warm-up
     memory_s = run(lambda: DeviceLoader(in_memory, y.to(device), config.batch_size, 0))
     device_s = run(lambda: DeviceLoader.from_cache(cache, "train", None, y, config.batch_size, 0, device))
-    stream_s = run(lambda: StreamLoader(cache, "train", None, y, config.batch_size, 0, device))
+    streams: list[StreamLoader] = []  # the streamed run's loader: how long its steps waited, how many readers
+    stream_s = run(lambda: streams.append(StreamLoader(cache, "train", None, y, config.batch_size, 0, device))
+                   or streams[0])
     source = open_source(config.data, "train", limit=config.limit)
     images_s = run(lambda: ImageLoader(source, backbone, layer, None, y, config.batch_size, 0, device))
     n = config.epochs * len(y)
@@ -190,7 +192,8 @@ def bench_train(config: BenchConfig, progress: bool, *, root: Path) -> dict:
               "device_resident_samples_per_second": n / device_s, "streaming_samples_per_second": n / stream_s,
               "images_samples_per_second": n / images_s, "device_resident_ratio": memory_s / device_s,
               "streaming_ratio": memory_s / stream_s, "cache_speedup": images_s / device_s,
-              "stream_read_samples_per_second": len(y) / read[1], "stream_readers_speedup": read[1] / read[4]}
+              "stream_read_samples_per_second": len(y) / read[1], "stream_readers_speedup": read[1] / read[4],
+              "stream_wait_fraction": sum(streams[0].waits) / stream_s, "stream_readers": streams[0].reading}
     return {**result, **mfu(training_flops(backbone, tuned)[1] * n / device_s, device, tcfg.precision)}
 
 

@@ -14,8 +14,10 @@ of the first trainable block) or are the cache's activations; `bridge` gives the
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Protocol
 
@@ -155,22 +157,26 @@ class Stager:
 class StreamLoader:
     """Streams whole chunks: shuffled chunk order, then shuffled within a window of ``window`` chunks.
 
-    Background threads read and decompress chunks (``readers`` at once, handed over in order); each window goes to
-    the device in one staged copy, the next window's copy overlapping the current window's steps; batches are
-    gathered on the device along a permutation drawn there. Nothing in the step loop waits on the host.
+    Read-ahead: a background thread has ``readers`` threads read and decompress chunks at once (handed over in
+    order), joins each window and starts its copy to the device (through reused staging buffers: pinned and
+    copied on a side CUDA stream), keeping up to ``depth`` windows ready ahead of the step; batches are gathered
+    on the device along a permutation drawn there. ``readers`` None: one, doubled for the next epoch (up to
+    `max_readers`) whenever the step had to wait for a window this epoch — enough readers that it does not.
+    Each epoch's seconds of waiting (after its first window) are in ``waits``.
     """
 
     bridged = False  # the cache's activations
 
     def __init__(self, cache: Cache, split: str, indices: np.ndarray | None, labels: torch.Tensor, batch_size: int,
-                 seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 4,
-                 staging: bool | None = None, readers: int = 1):
+                 seed: int, device: torch.device, flip_views: bool = False, window: int = 8, depth: int = 2,
+                 staging: bool | None = None, readers: int | None = None):
         self.cache, self.split, self.device = cache, split, device
-        # chunks read and decoded at once: 1 by default, since on 2 CPU cores more readers did not read faster in
-        # steady state and their Python work competes for the GIL with the thread that launches the GPU's kernels
-        self.readers = readers
+        # chunks read and decoded at once: fixed, or (None) grown while the step waits — on 2 CPU cores more
+        # readers did not read faster in steady state, and their Python work competes for the GIL
+        self.readers, self.reading = readers, readers or 1
+        self.max_readers = min(8, os.cpu_count() or 1)
         self.batch_size, self.seed, self.window, self.depth = batch_size, seed, window, depth
-        self.flip_views = flip_views
+        self.flip_views, self.waits = flip_views, []
         n, clen = len(cache.split(split)), cache.split(split).chunk_len
         positions = np.arange(n) if indices is None else np.asarray(indices)
         self.labels = torch.full((n,), -1, dtype=torch.long)
@@ -181,7 +187,8 @@ class StreamLoader:
         self.num_samples = len(positions)
         full, rest = divmod(self.num_samples, batch_size)
         self.steps_per_epoch = full + (rest >= 2)
-        self.stagers = [Stager(device, staging=staging) for _ in range(3)]  # x, x_flip, y: reused across epochs
+        # x, x_flip, y: reused across epochs; a slot is refilled only once its last copy is done
+        self.stagers = [Stager(device, slots=depth + 2, staging=staging) for _ in range(3)]
 
     def _chunk(self, split, c: int) -> tuple:
         """One chunk's kept rows (x, x_flip or None, y) on the host; no copy when every row is kept."""
@@ -194,44 +201,56 @@ class StreamLoader:
         y = self.labels[a:b] if isinstance(rows, slice) else self.labels[a:b][torch.from_numpy(keep)]
         return load(split.x), load(split.x_flip) if self.flip_views else None, y
 
+    def _decoded(self, order: list[int], pool: ThreadPoolExecutor) -> Iterator[tuple]:
+        """The chunks of ``order``, in order, ``reading`` of them read and decoded at once."""
+        split = self.cache.split(self.split)  # opened once: opening the arrays costs more than a chunk
+        ahead: collections.deque = collections.deque()
+        for c in order:
+            ahead.append(pool.submit(self._chunk, split, c))
+            if len(ahead) > self.reading:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
     def _read(self, order: list[int], q: queue.Queue, stop: threading.Event) -> None:
-        """Chunks in ``order`` onto ``q``, read and decoded by ``readers`` threads at once (decoding releases the
-        GIL), handed over in order; ends early, its pool with it, once the consumer sets ``stop``."""
-        pool = ThreadPoolExecutor(self.readers)
+        """Windows of the chunks in ``order`` onto ``q``, joined and their copies to the device started; ends early,
+        its pool with it, once the consumer sets ``stop``."""
+        pool = ThreadPoolExecutor(self.reading)
         try:
-            split = self.cache.split(self.split)  # opened once: opening the arrays costs more than a chunk
-            ahead: collections.deque = collections.deque()
-            for c in order:
-                ahead.append(pool.submit(self._chunk, split, c))
-                if len(ahead) > self.readers and not _put(q, ahead.popleft().result(), stop):
-                    return
-            while ahead:
-                if not _put(q, ahead.popleft().result(), stop):
-                    return
+            pending = []
+            for chunk in self._decoded(order, pool):
+                pending.append(chunk)
+                if len(pending) == self.window:
+                    if not _put(q, self._upload(_join(pending)), stop):
+                        return
+                    pending = []
+            if pending and not _put(q, self._upload(_join(pending)), stop):
+                return
             _put(q, None, stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
             _put(q, exc, stop)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _windows(self, q: queue.Queue) -> Iterator[list]:
-        """Host windows of up to ``window`` chunks: [x, x_flip or None, y] each, concatenated."""
-        pending = []
-        while (item := q.get()) is not None:
+    def _upload(self, window: list) -> list:
+        """Start a window's host → device copy; [(tensor, event) or None] per field."""
+        return [None if t is None else stager.upload(t) for stager, t in zip(self.stagers, window)]
+
+    def _windows(self, q: queue.Queue, waited: list[float]) -> Iterator[list]:
+        """The staged windows from the reader, ready on this stream; adds the seconds spent waiting for them,
+        after the first, to ``waited``."""
+        first = True
+        while True:
+            t0 = time.perf_counter()
+            item = q.get()
+            if not first:
+                waited[0] += time.perf_counter() - t0
+            first = False
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 raise item
-            pending.append(item)
-            if len(pending) == self.window:
-                yield _join(pending)
-                pending = []
-        if pending:
-            yield _join(pending)
-
-    def _upload(self, window: list | None) -> list | None:
-        """Start a window's host → device copy; [(tensor, event) or None] per field."""
-        if window is None:
-            return None
-        return [None if t is None else stager.upload(t) for stager, t in zip(self.stagers, window)]
+            yield [None if u is None else stager.ready(*u) for stager, u in zip(self.stagers, item)]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         order = torch.randperm(len(self.chunks), generator=epoch_generator(self.seed, epoch)).tolist()  # for the reader
@@ -239,26 +258,31 @@ class StreamLoader:
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()  # set when this epoch ends, early too (an error, a closed generator)
         threading.Thread(target=self._read, args=(order, q, stop), daemon=True).start()
+        waited, t0 = [0.0], time.perf_counter()
         try:
-            yield from self._batches(self._windows(q), gen)
+            yield from self._batches(self._windows(q, waited), gen)
         finally:
             stop.set()
+        self.waits.append(waited[0])
+        if self.readers is None and waited[0] > 0.02 * (time.perf_counter() - t0):  # the step waited: read more
+            self.reading = min(self.max_readers, 2 * self.reading)
 
     def _batches(self, windows: Iterator[list], gen: torch.Generator) -> Iterator[Batch]:
-        """Batches of staged windows: each window shuffled on the device, its remainder carried into the next."""
-        upcoming = self._upload(next(windows, None))
+        """Batches of staged windows: each window shuffled on the device, its remainder carried into the next (the
+        next window is asked for only once this one's full batches are out)."""
         rest: list = [None, None, None]
-        while upcoming is not None:
-            current = [None if u is None else stager.ready(*u) for stager, u in zip(self.stagers, upcoming)]
-            upcoming = self._upload(next(windows, None))  # overlaps with this window's steps
+        for current in windows:
             x, xf, y = [c if r is None else torch.cat([r, c]) for r, c in zip(rest, current)]
             perm = torch.randperm(len(y), generator=gen, device=self.device)
-            cut = len(y) if upcoming is None else len(y) // self.batch_size * self.batch_size
+            cut = len(y) // self.batch_size * self.batch_size
             for idx in perm[:cut].split(self.batch_size):
-                if len(idx) >= 2:
-                    yield (self.cache.decode(x[idx]), None if xf is None else self.cache.decode(xf[idx]), y[idx])
-            left = perm[cut:]
-            rest = [None if t is None else t[left] for t in (x, xf, y)]
+                yield self._batch(x, xf, y, idx)
+            rest = [None if t is None else t[perm[cut:]] for t in (x, xf, y)]
+        if rest[2] is not None and len(rest[2]) >= 2:  # the epoch's short last batch
+            yield self._batch(*rest, torch.arange(len(rest[2]), device=self.device))
+
+    def _batch(self, x: torch.Tensor, xf: torch.Tensor | None, y: torch.Tensor, idx: torch.Tensor) -> Batch:
+        return self.cache.decode(x[idx]), None if xf is None else self.cache.decode(xf[idx]), y[idx]
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:

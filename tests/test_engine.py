@@ -140,3 +140,119 @@ def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_ca
     assert key == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
     assert [(r["blocks"], r["seed"]) for r in rows["two"]] == key
     assert [r["test_accuracy"] for r in rows["two"]] == [r["test_accuracy"] for r in rows["one"]]
+
+
+def counting_stacked(monkeypatch) -> list[int]:
+    """The sizes of the batched models trained from here on."""
+    from subcache import batched
+
+    stacked, real = [], batched.Stacked.train
+    monkeypatch.setattr(batched.Stacked, "train", lambda self: stacked.append(len(self.runs)) or real(self))
+    return stacked
+
+
+@pytest.mark.parametrize("augment", ["none", pytest.param("crop", marks=pytest.mark.slow)])
+def test_runs_on_their_own_positions_equal_the_runs_done_one_by_one(resnet_cache, resnet18, augment, monkeypatch):
+    """AL repeats and greedy's folds: each run trains on its own positions (and labels) and is scored on its own
+    held-out positions, with its own seed's batch order, draws and head — as it would be alone."""
+    import numpy as np
+
+    from subcache.batched import train_runs
+    from subcache.train import TrainData
+
+    rng = np.random.default_rng(5)
+    noise = torch.from_numpy(rng.integers(0, 4, 192))  # labels of their own: the last run learns noise
+    jobs = []
+    for seed, labels in ((0, None), (1, None), (1, noise)):  # the last two share a seed, not their data
+        chosen = np.sort(rng.choice(192, 72, replace=False))
+        data = TrainData(chosen[:40], labels, eval_positions=chosen[40:])
+        jobs.append((subcache.TrainConfig(blocks="6", seed=seed, augment=augment, **FAST), data))
+    alone = [subcache.train(resnet_cache, c, d, backbone=resnet18) for c, d in jobs]
+    stacked = counting_stacked(monkeypatch)
+    together = train_runs(resnet_cache, jobs, backbone=resnet18, batch_runs=3)
+    assert stacked == [3]
+    assert_same_runs(alone, together)
+    assert not torch.allclose(weights(together[1])["head.weight"], weights(together[2])["head.weight"], atol=1e-3)
+    assert len({r.test_accuracy for r in alone}) > 1  # scored on their own positions and labels
+
+
+def test_runs_of_unequal_sizes_train_one_by_one(resnet_cache, resnet18, monkeypatch):
+    """Only runs with as many positions share a batched model (their steps line up); the rest train alone."""
+    import numpy as np
+
+    from subcache.batched import train_runs
+    from subcache.train import TrainData
+
+    config = subcache.TrainConfig(blocks="none", **FAST)
+    jobs = [(config, TrainData(np.arange(n))) for n in (40, 41, 41)]
+    stacked = counting_stacked(monkeypatch)
+    results = train_runs(resnet_cache, jobs, backbone=resnet18, batch_runs=3)
+    assert stacked == [2] and [r.num_samples for r in results] == [40, 41, 41]
+
+
+def test_greedy_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
+    """`greedy --folds 2 --batch-runs 2`: each candidate's two folds as one batched model, the same path."""
+    from subcache.cli.main import main
+
+    stacked = counting_stacked(monkeypatch)
+    base = ["greedy", "--cache", resnet_cache, "--range", "7-7", "--folds", "2", "--epochs", "1", "--batch-size",
+            "16", "--examples", "40", "--device", "cpu", "--epsilon", "-1", "--json"]
+    paths = {}
+    for mode in ("off", "2"):
+        done = CliRunner().invoke(main, base + ["--batch-runs", mode, "--out", str(tmp_path / mode)])
+        assert done.exit_code == 0, done.output
+        paths[mode] = json.loads((tmp_path / mode / "greedy.json").read_text())["path"]
+    assert stacked == [2, 2]  # candidates none and 7: each one's two folds together; `off`: none
+    assert [p["blocks"] for p in paths["2"]] == [p["blocks"] for p in paths["off"]] == ["none", "7"]
+    assert [p["score"] for p in paths["2"]] == pytest.approx([p["score"] for p in paths["off"]], abs=1 / 20 + 1e-9)
+    bad = CliRunner().invoke(main, base + ["--batch-runs", "x", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "must be auto, off or a whole number" in bad.output
+
+
+def test_al_batch_runs_equals_off(resnet_cache, tmp_path, monkeypatch):
+    """`al --repeats 2 --batch-runs 2`: each round of both repeats as one batched model — each repeat its own
+    labelled set, its own model choosing its next items — with the same labelled sets and curve as one by one."""
+    from subcache.cli.main import main
+
+    stacked = counting_stacked(monkeypatch)
+    base = ["al", "--cache", resnet_cache, "--blocks", "6", "--budgets", "24,40", "--repeats", "2", "--epochs", "1",
+            "--batch-size", "16", "--device", "cpu", "--json"]
+    states, curves = {}, {}
+    for mode in ("off", "2"):
+        done = CliRunner().invoke(main, base + ["--batch-runs", mode, "--out", str(tmp_path / mode)])
+        assert done.exit_code == 0, done.output
+        states[mode] = json.loads((tmp_path / mode / "margin" / "state.json").read_text())["seeds"]
+        curves[mode] = json.loads((tmp_path / mode / "margin" / "curve.json").read_text())
+    assert stacked == [2, 2]  # round 1 and round 2, both repeats together
+    assert states["2"]["0"]["labelled"] != states["2"]["1"]["labelled"]
+    assert {s: v["labelled"] for s, v in states["2"].items()} == {s: v["labelled"] for s, v in states["off"].items()}
+    assert [(c["seed"], c["budget"]) for c in curves["2"]] == [(c["seed"], c["budget"]) for c in curves["off"]]
+    assert [c["accuracy"] for c in curves["2"]] == pytest.approx([c["accuracy"] for c in curves["off"]],
+                                                                 abs=1 / 96 + 1e-9)
+
+
+def test_stream_read_ahead_hands_windows_over_in_order_and_adds_readers_while_the_step_waits(chunked_cache):
+    """The read-ahead path (readers decoding chunks at once, windows joined and staged ahead in the background,
+    the staging ring the GPU uses): the same batches, in the same order, as one reader one window ahead — while
+    odd chunks decode last; and a step that waited gets more readers next epoch."""
+    import time
+
+    from subcache.loader import StreamLoader
+
+    cache = chunked_cache
+    y = cache.read_y("train")
+
+    def batches(loader, delay=0.0, epochs=3):
+        read = loader._chunk
+        loader._chunk = lambda split, c: time.sleep(delay * (c % 2)) or read(split, c)  # odd chunks finish last
+        return [b for epoch in range(epochs) for b in loader.epoch(epoch)]
+
+    plain = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=2, depth=1, readers=1)
+    ahead = StreamLoader(cache, "train", None, y, 16, 0, torch.device("cpu"), window=2, depth=3, staging=True)
+    ahead.max_readers = 4
+    one, many = batches(plain), batches(ahead, delay=0.03)
+    assert len(one) == len(many) == 3 * plain.steps_per_epoch
+    for (x1, _, y1), (x2, _, y2) in zip(one, many):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert ahead.waits[0] > 0 and ahead.reading > 1  # it waited on slow reads: more readers
+    assert plain.reading == 1  # a fixed count stays

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..backbones import Backbone
 from ..bank import shared_bank
+from ..batched import train_runs
 from ..errors import BlockError, ConfigError
 from ..evaluation import labels_for
 from ..plotting import describe_runs, new_figure, save_figure
@@ -95,6 +96,7 @@ class GreedyConfig:
     folds: int = 0  # ≥ 2: choose by k-fold cross-validation on the training split; 0: by test accuracy
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.0  # > 0: choose on a validation set carved from the training split
+    batch_runs: str = "auto"  # auto | off | K: a candidate's folds trained together as one batched model
 
 
 def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = GreedyConfig(), *,
@@ -127,9 +129,9 @@ def greedy_select(cache: Cache | str | os.PathLike, config: GreedyConfig = Greed
                 if folds is None:
                     memo[blocks] = train(cache, cfg, TrainData(bank=bank), backbone=backbone).test_accuracy
                 else:
-                    memo[blocks] = statistics.fmean(
-                        train(cache, cfg, TrainData(fit_idx, eval_positions=val_idx, bank=bank),
-                              backbone=backbone).test_accuracy for fit_idx, val_idx in folds)
+                    jobs = [(cfg, TrainData(fit, eval_positions=held_out, bank=bank)) for fit, held_out in folds]
+                    memo[blocks] = statistics.fmean(r.test_accuracy for r in train_runs(
+                        cache, jobs, backbone=backbone, batch_runs=config.batch_runs))
                 bar.advance(task, note=f"blocks {spec_of(blocks)}: score {memo[blocks]:.4f}")
             return memo[blocks]
 
