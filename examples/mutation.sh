@@ -20,7 +20,7 @@ command -v mutmut >/dev/null || { echo "Error: mutmut is not installed (pip inst
 # module → the tests that exercise it (a fast selection; mutmut runs, per mutant, those of them that reach it)
 tests_for() {
   case "$1" in
-    augment) echo "tests/test_train.py -k augmentations_or_crop_translates_or_flip_uses" ;;
+    augment) echo "tests/test_augment_unit.py tests/test_train.py -k augment_or_crop_translates_or_flip_uses" ;;
     labels) echo "tests/test_labels_unit.py tests/test_properties.py tests/test_active.py tests/test_safety.py -k label" ;;
     store) echo "tests/test_store_v2.py tests/test_reliability.py" ;;
     build) echo "tests/test_build.py tests/test_reliability.py tests/test_store_v2.py" ;;
