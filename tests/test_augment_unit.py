@@ -96,3 +96,12 @@ def test_apply_runs_only_the_named_augmentations_in_order():
 def test_default_pad_is_an_eighth_of_the_side_at_least_one():
     assert [default_pad((4, s, s)) for s in (1, 7, 8, 15, 16, 40)] == [1, 1, 1, 1, 2, 5]
     assert default_pad((4, 9, 24)) == 3 and default_pad((10, 4)) == 0
+
+
+def test_maps_on_another_device_than_the_generator_stay_there():
+    """A CPU generator with maps elsewhere (`meta` stands in for CUDA): the drawn mask and offsets move to the maps'
+    device before they meet them."""
+    x, views = torch.randn(4, 2, 5, 7, device="meta"), torch.randn(4, 2, 5, 7, device="meta")
+    gen = torch.Generator().manual_seed(0)
+    assert batch_flip(x, gen).device == x.device and batch_flip(x, gen, views).device == x.device
+    assert batch_crop(x, gen, 2).device == x.device
