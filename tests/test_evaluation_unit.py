@@ -149,3 +149,20 @@ def test_open_task_and_evaluate_task(tmp_path, resnet_cache, resnet18):
     tasks, backbone, dev = load_tasks([task, out], "cpu", identity=cache.backbone)
     assert [t.path for t in tasks] == [task.path, task.path] and dev == CPU
     assert backbone.identity() == resnet18.identity()
+
+
+def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(tmp_path, resnet_cache, resnet18,
+                                                                               monkeypatch, capsys):
+    import subcache.evaluation as evaluation
+
+    out = str(tmp_path / "t")
+    subcache.train(resnet_cache, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, device="cpu"), out=out,
+                   backbone=resnet18)
+    asked = []
+    monkeypatch.setattr(evaluation, "resolve_device", lambda device: asked.append(device) or CPU)
+    monkeypatch.setattr(evaluation, "backbone_for", lambda *a: pytest.fail("the given backbone must be used"))
+    capsys.readouterr()
+    acc = evaluate_task(out, resnet_cache, backbone=resnet18)
+    assert asked == ["auto"] and capsys.readouterr().err == ""
+    assert evaluate_task(out, resnet_cache, backbone=resnet18, progress=True) == acc
+    assert "inference on test" in capsys.readouterr().err
