@@ -40,7 +40,9 @@ def _run(h, ks):
 
 
 def test_prefix_features_and_forward_run_exactly_their_blocks():
-    b = toy(head=nn.Linear(4, 2))
+    head = nn.Linear(4, 2)
+    b = toy(head=head)
+    assert b.head is head and b.model.head is head
     x = torch.randn(3, 3, 8, 8)
     h = x[:, :1, 0, :4]
     assert torch.equal(b.prefix(x, 1), h)
@@ -89,6 +91,9 @@ def test_parse_block_spec_ranges_lists_and_probe():
     with pytest.raises(BlockError) as e:
         parse_block_spec("1,5-3", b)
     assert str(e.value) == "block range '5-3' is reversed; write low-high, e.g. 3-5"
+    with pytest.raises(BlockError) as e:  # one range per part: the second dash belongs to its upper end
+        parse_block_spec("1-2-3", b)
+    assert str(e.value) == "unknown block '2-3' for toy; valid: blocks.0 … blocks.5 or 1-6"
 
 
 def test_input_shape_from_images_or_from_a_start_shape():
