@@ -155,14 +155,24 @@ def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(t
                                                                                monkeypatch, capsys):
     import subcache.evaluation as evaluation
 
+    store = str(shutil.copytree(resnet_cache, tmp_path / "c.zarr"))
+    for split in ("train", "test"):  # a task trained on a label set is scored on that set, not on y
+        ids = subcache.open_cache(store).split(split).id[:]
+        (tmp_path / "l.csv").write_text("id,label\n" + "".join(f"{i},{'pq'[i % 2]}\n" for i in ids))
+        subcache.add_labels(store, "pq", tmp_path / "l.csv", split=split)
     out = str(tmp_path / "t")
-    subcache.train(resnet_cache, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, device="cpu"), out=out,
-                   backbone=resnet18)
+    subcache.train(store, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, device="cpu", labels="pq"),
+                   out=out, backbone=resnet18)
+    _, cache, model, _ = open_task(out, store, "cpu", resnet18)
+    pred = cached_logits(model, cache, "test").argmax(1)
+    want = (pred == labels_for(cache, "test", "pq")[0]).float().mean().item()
+    assert want != pytest.approx((pred == cache.read_y("test")).float().mean().item())
+    resnet_cache = store
     asked = []
     monkeypatch.setattr(evaluation, "resolve_device", lambda device: asked.append(device) or CPU)
     monkeypatch.setattr(evaluation, "backbone_for", lambda *a: pytest.fail("the given backbone must be used"))
     capsys.readouterr()
     acc = evaluate_task(out, resnet_cache, backbone=resnet18)
-    assert asked == ["auto"] and capsys.readouterr().err == ""
+    assert acc == pytest.approx(want) and asked == ["auto"] and capsys.readouterr().err == ""
     assert evaluate_task(out, resnet_cache, backbone=resnet18, progress=True) == acc
     assert "inference on test" in capsys.readouterr().err
