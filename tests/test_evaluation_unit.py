@@ -174,5 +174,8 @@ def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(t
     capsys.readouterr()
     acc = evaluate_task(out, resnet_cache, backbone=resnet18)
     assert acc == pytest.approx(want) and asked == ["auto"] and capsys.readouterr().err == ""
+    open_task(out, resnet_cache, backbone=resnet18)
+    load_tasks([out], backbone=resnet18)
+    assert asked == ["auto"] * 3
     assert evaluate_task(out, resnet_cache, backbone=resnet18, progress=True) == acc
     assert "inference on test" in capsys.readouterr().err
