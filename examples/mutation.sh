@@ -27,7 +27,7 @@ tests_for() {
     train | loader) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
     selection/*) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
-    active) echo "tests/test_active.py tests/test_properties.py" ;;
+    active) echo "tests/test_active_unit.py tests/test_active.py tests/test_properties.py" ;;
     multitask) echo "tests/test_multitask_unit.py tests/test_multitask.py tests/test_export.py" ;;
     export) echo "tests/test_export_unit.py tests/test_export.py" ;;
     backbones/*) echo "tests/test_backbones_unit.py tests/test_backbones.py tests/test_models.py" ;;
