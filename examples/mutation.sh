@@ -24,7 +24,8 @@ tests_for() {
     labels) echo "tests/test_labels_unit.py tests/test_properties.py tests/test_active.py tests/test_safety.py -k label" ;;
     store) echo "tests/test_store_v2.py tests/test_reliability.py" ;;
     build) echo "tests/test_build.py tests/test_reliability.py tests/test_store_v2.py" ;;
-    train | loader) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
+    train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
+    loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
     evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
     selection/*) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
     active) echo "tests/test_active_unit.py tests/test_active.py tests/test_properties.py" ;;
