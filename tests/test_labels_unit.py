@@ -230,3 +230,19 @@ def test_check_identity_names_what_differs():
              "t holds results from another cache (/d.zarr); use another --out for /c.zarr")
     _refused(lambda: check_identity({"labels": "s"}, now, "t"),
              "t holds results from another cache (unrecorded); use another --out for /c.zarr")
+
+
+def test_a_label_file_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Under LC_ALL=C (no UTF-8 mode) Python's default text encoding is ASCII: names such as `café` must still
+    read."""
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "l.csv"
+    f.write_text("id,label\n1,caf\u00e9\n2,na\u00efve\n", encoding="utf-8")
+    code = "import sys; from subcache.labels import read_label_file; print(ascii(read_label_file(sys.argv[1])[1]))"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, "-c", code, str(f)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ascii(["caf\u00e9", "na\u00efve"])
