@@ -22,7 +22,7 @@ tests_for() {
   case "$1" in
     augment) echo "tests/test_augment_unit.py tests/test_train.py -k augment_or_crop_translates_or_flip_uses" ;;
     labels) echo "tests/test_labels_unit.py tests/test_properties.py tests/test_active.py tests/test_safety.py -k label" ;;
-    store) echo "tests/test_store_v2.py tests/test_reliability.py" ;;
+    store) echo "tests/test_store_unit.py tests/test_store_v2.py tests/test_reliability.py" ;;
     build) echo "tests/test_build.py tests/test_reliability.py tests/test_store_v2.py" ;;
     train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
