@@ -45,8 +45,15 @@ def test_normalised_scales_and_normalises_uint8_images_in_the_graph():
     seen = []
     inner = Deployable(Two())
     inner.forward = lambda x: seen.append(x) or (x,)
-    model = Normalised(inner, PRE.mean, PRE.std)
-    assert model.names == ["b", "a"] and model.mean.shape == (1, 3, 1, 1) and model.mean.dtype == torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the buffers are float32 whatever the default
+    try:
+        model = Normalised(inner, PRE.mean, PRE.std)
+    finally:
+        torch.set_default_dtype(default)
+    assert model.names == ["b", "a"]
+    for buffer in (model.mean, model.std):
+        assert buffer.shape == (1, 3, 1, 1) and buffer.dtype == torch.float32
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     model(images)
     want = (images.float() / 255 - torch.tensor(PRE.mean).view(1, 3, 1, 1)) / torch.tensor(PRE.std).view(1, 3, 1, 1)

@@ -107,6 +107,10 @@ def test_predictions_rows_top_and_csv(tmp_path):
     top = p.rows(top=2)
     assert top[0]["t_top"] == [["y", 0.7], ["z", 0.2]] and "t_top" not in p.rows(top=1)[0]
     assert _predictions(labels=np.array([2, 0, 1])).rows()[0]["label"] == ""  # outside the data's classes
+    many = np.full((1, 40), 0.5 / 39)
+    many[0, 5] = 0.5
+    tied = _predictions(probabilities={"t": many}, task_classes={"t": [f"c{i}" for i in range(40)]})
+    assert [c for c, _ in tied.top("t", 5)[0]] == ["c5", "c0", "c1", "c2", "c3"]  # ties keep class order
     p.save(tmp_path / "out" / "p.csv")
     with open(tmp_path / "out" / "p.csv", newline="") as f:
         rows = list(csv.reader(f))
@@ -175,7 +179,7 @@ def test_the_grouped_rewrite_equals_the_task_and_the_original(window):
         b.bn.running_mean.uniform_(-1, 1)
     head = nn.Linear(2, 5)
     model = GroupedPairModel(bb, tuned, head).eval()
-    x = torch.randn(3, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4)  # a batch other than the channel count
     with torch.no_grad():
         out = model(x)
         assert torch.allclose(out["original"], bb(x), atol=1e-5)
@@ -200,7 +204,8 @@ def test_the_grouped_rewrite_refuses_other_windows_and_blocks():
     assert (paired.in_channels, paired.out_channels, paired.stride, paired.padding, paired.groups, paired.bias) == (
         4, 8, (2, 2), (1, 1), 4, None)
     bn = nn.BatchNorm2d(2, eps=1e-3, momentum=0.2)
-    assert (_paired(bn, nn.BatchNorm2d(2)).eps, _paired(bn, nn.BatchNorm2d(2)).momentum) == (1e-3, 0.2)
+    pair = _paired(bn, nn.BatchNorm2d(2))
+    assert (pair.num_features, pair.eps, pair.momentum) == (4, 1e-3, 0.2)
 
 
 def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
