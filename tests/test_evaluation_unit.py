@@ -59,13 +59,11 @@ def test_labels_for_accepts_0_to_n_minus_1_and_names_the_range_otherwise():
                                 "the label set")
 
 
-def test_labels_for_reads_a_named_label_set(resnet_cache, tmp_path):
-    store = str(shutil.copytree(resnet_cache, tmp_path / "c.zarr"))
-    ids = subcache.open_cache(store).split("train").id[:]
-    (tmp_path / "l.csv").write_text("id,label\n" + "".join(f"{i},{'pq'[i % 2]}\n" for i in ids))
-    subcache.add_labels(store, "pq", tmp_path / "l.csv")
-    y, n = labels_for(subcache.open_cache(store), "train", "pq")
-    assert n == 2 and y.tolist() == [int(i) % 2 for i in ids]
+def test_labels_for_reads_a_named_label_set(labelled_task):
+    store, _ = labelled_task
+    cache = subcache.open_cache(store)
+    y, n = labels_for(cache, "train", "pq")
+    assert n == 2 and y.tolist() == [int(i) % 2 for i in cache.split("train").id[:]]
 
 
 @pytest.mark.parametrize("batch", [1024, 40])
@@ -135,47 +133,51 @@ def test_scorer_scores_exactly_the_rows_asked_with_and_without_a_bank(cache, mod
     assert scorer(model, cache, "train", labels, None, bank, CPU)() == pytest.approx(whole)
 
 
-def test_open_task_and_evaluate_task(tmp_path, resnet_cache, resnet18):
-    out = str(tmp_path / "t")
-    subcache.train(resnet_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=64, device="cpu"), out=out,
-                   backbone=resnet18)
-    task, cache, model, dev = open_task(out, resnet_cache, "cpu", resnet18)
-    assert task.path == subcache.load_task(out).path and cache.path == subcache.open_cache(resnet_cache).path
+@pytest.fixture(scope="module")
+def labelled_task(resnet_cache, resnet18, tmp_path_factory):
+    """A block-8 task trained on label set `pq` (both splits) of a copy of the cache."""
+    root = tmp_path_factory.mktemp("labelled")
+    store = str(shutil.copytree(resnet_cache, root / "c.zarr"))
+    for split in ("train", "test"):
+        ids = subcache.open_cache(store).split(split).id[:]
+        (root / "l.csv").write_text("id,label\n" + "".join(f"{i},{'pq'[i % 2]}\n" for i in ids))
+        subcache.add_labels(store, "pq", root / "l.csv", split=split)
+    out = str(root / "t")
+    subcache.train(store, subcache.TrainConfig(blocks="8", epochs=1, batch_size=64, limit=64, device="cpu",
+                                               labels="pq"), out=out, backbone=resnet18)
+    return store, out
+
+
+def test_open_task_and_load_tasks(labelled_task, resnet18):
+    store, out = labelled_task
+    task, cache, model, dev = open_task(out, store, "cpu", resnet18)
+    assert task.path == subcache.load_task(out).path and cache.path == subcache.open_cache(store).path
     assert dev == CPU and model.start == cache.layer and model.tuned == (8,)
-    want = (cached_logits(model, cache, "test").argmax(1) == cache.read_y("test")).float().mean().item()
-    assert evaluate_task(out, cache, device="cpu", backbone=resnet18) == pytest.approx(want)
-    train_acc = (cached_logits(model, cache, "train").argmax(1) == cache.read_y("train")).float().mean().item()
-    assert evaluate_task(out, resnet_cache, split="train", device="cpu") == pytest.approx(train_acc)  # own backbone
+    assert open_task(out, cache, "cpu", resnet18)[1] is cache
+    want = (cached_logits(model, cache, "train").argmax(1) == labels_for(cache, "train", "pq")[0]).float().mean()
+    assert evaluate_task(out, store, split="train", device="cpu") == pytest.approx(want.item())  # own backbone
     tasks, backbone, dev = load_tasks([task, out], "cpu", identity=cache.backbone)
     assert [t.path for t in tasks] == [task.path, task.path] and dev == CPU
     assert backbone.identity() == resnet18.identity()
 
 
-def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(tmp_path, resnet_cache, resnet18,
-                                                                               monkeypatch, capsys):
+def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(labelled_task, resnet18, monkeypatch,
+                                                                               capsys):
     import subcache.evaluation as evaluation
 
-    store = str(shutil.copytree(resnet_cache, tmp_path / "c.zarr"))
-    for split in ("train", "test"):  # a task trained on a label set is scored on that set, not on y
-        ids = subcache.open_cache(store).split(split).id[:]
-        (tmp_path / "l.csv").write_text("id,label\n" + "".join(f"{i},{'pq'[i % 2]}\n" for i in ids))
-        subcache.add_labels(store, "pq", tmp_path / "l.csv", split=split)
-    out = str(tmp_path / "t")
-    subcache.train(store, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, device="cpu", labels="pq"),
-                   out=out, backbone=resnet18)
+    store, out = labelled_task  # a task trained on a label set is scored on that set, not on y
     _, cache, model, _ = open_task(out, store, "cpu", resnet18)
     pred = cached_logits(model, cache, "test").argmax(1)
     want = (pred == labels_for(cache, "test", "pq")[0]).float().mean().item()
     assert want != pytest.approx((pred == cache.read_y("test")).float().mean().item())
-    resnet_cache = store
     asked = []
     monkeypatch.setattr(evaluation, "resolve_device", lambda device: asked.append(device) or CPU)
     monkeypatch.setattr(evaluation, "backbone_for", lambda *a: pytest.fail("the given backbone must be used"))
     capsys.readouterr()
-    acc = evaluate_task(out, resnet_cache, backbone=resnet18)
+    acc = evaluate_task(out, store, backbone=resnet18)
     assert acc == pytest.approx(want) and asked == ["auto"] and capsys.readouterr().err == ""
-    open_task(out, resnet_cache, backbone=resnet18)
+    open_task(out, store, backbone=resnet18)
     load_tasks([out], backbone=resnet18)
     assert asked == ["auto"] * 3
-    assert evaluate_task(out, resnet_cache, backbone=resnet18, progress=True) == acc
+    assert evaluate_task(out, store, backbone=resnet18, progress=True) == acc
     assert "inference on test" in capsys.readouterr().err
