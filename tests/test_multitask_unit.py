@@ -223,3 +223,51 @@ def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
     assert model.names == ["t", "t_", "original_", "t__", "s"] and not model.training
     assert model.branch("s").siamese and not model.branch("t").siamese and model.branch("t").tuned == (3,)
     assert not model.include_original and MultiTaskModel.from_tasks(bb, ["/r/t"]).include_original
+
+
+@pytest.fixture(scope="module")
+def probe(resnet_cache, resnet18, tmp_path_factory):
+    import subcache
+
+    out = str(tmp_path_factory.mktemp("predict-unit") / "probe")
+    subcache.train(resnet_cache, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, limit=64, device="cpu",
+                                                      test_split=None), out=out, backbone=resnet18)
+    return out
+
+
+def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monkeypatch, capsys):
+    """Default split test, device auto, batches of 128, no progress; the given backbone, limit and workers are
+    used; the note names "the task" or "the tasks"."""
+    import subcache.data as data
+    import subcache.evaluation as evaluation
+    import subcache.inputs as inputs
+    import subcache.pipeline as pipeline
+    from subcache.multitask import predict
+
+    seen = {"device": [], "split": [], "what": [], "piece": [], "workers": []}
+    monkeypatch.setattr(evaluation, "resolve_device", lambda d: seen["device"].append(d) or torch.device("cpu"))
+    monkeypatch.setattr(evaluation, "backbone_for", lambda *a: pytest.fail("the given backbone must be used"))
+    real_split, real_note, real_ordered = data.default_split, inputs.note_mismatch, pipeline.ordered
+    monkeypatch.setattr(data, "default_split", lambda spec, *a: seen["split"].append(spec) or real_split(spec, *a))
+    monkeypatch.setattr(inputs, "note_mismatch", lambda rec, src, what: seen["what"].append(what))
+    monkeypatch.setattr(pipeline, "default_workers", lambda device: 3 if device == torch.device("cpu") else 7)
+    monkeypatch.setattr(pipeline, "decodes", lambda source: True)  # as for photos: workers decode them
+
+    def ordered(load, units, *, workers, piece, pin):
+        seen["piece"].append(piece)
+        seen["workers"].append(workers)
+        return real_ordered(load, units, workers=0, piece=piece, pin=pin)
+
+    monkeypatch.setattr(pipeline, "ordered", ordered)
+    capsys.readouterr()
+    one = predict([probe], npz_path, limit=5, backbone=resnet18)
+    assert capsys.readouterr().err == ""
+    assert len(one.ids) == 5 and one.split == "test" and list(one.preds) == ["probe"]
+    two = predict([probe, probe], npz_path, split="train", limit=3, backbone=resnet18, workers=2)
+    assert len(two.ids) == 3 and two.split == "train" and list(two.preds) == ["probe", "probe_"]
+    assert seen["device"] == ["auto", "auto"] and seen["split"] == [npz_path] and seen["piece"] == [128, 128]
+    assert seen["what"] == ["the task", "the tasks"] and seen["workers"] == [3, 2]  # default: for the device
+    with pytest.raises(Exception, match="--workers must be 0"):
+        predict([probe], npz_path, limit=2, backbone=resnet18, workers=-1)
+    predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
+    assert "predict test" in capsys.readouterr().err
