@@ -164,3 +164,13 @@ def test_timm_export_writes_a_state_dict_as_pth_or_safetensors(task, resnet18, t
         assert json.loads(f.metadata()["subcache"]) == meta
         assert sorted(f.keys()) == sorted(pth) and torch.equal(f.get_tensor("fc.weight"), pth["fc.weight"])
     assert pth["fc.weight"].shape == (4, 512)
+
+
+def test_onnx_names_its_dynamic_axis_batch_and_carries_the_record(task, resnet18, tmp_path):
+    import onnx
+
+    meta = export([task], "onnx", tmp_path / "m.onnx", backbone=resnet18)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    axes = {v.name: v.type.tensor_type.shape.dim[0].dim_param for v in [*proto.graph.input, *proto.graph.output]}
+    assert axes == {"images": "batch", "probe": "batch"}
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["subcache"]) == meta
