@@ -164,3 +164,38 @@ def test_select_random_is_seeded_per_round_and_skips_the_labelled(monkeypatch):
     monkeypatch.setattr(active, "cached_logits", lambda model, c, split, bank=None: seen.append((split, bank)) or logits)
     picked = _select("m", cache, ALConfig(strategy="margin"), 0, 0, labelled, 2, "bank")
     assert picked.tolist() == [7, 5] and seen == [("train", "bank")]
+
+
+def test_plot_curves_draws_mean_and_std_per_budget_for_each_strategy(tmp_path):
+    from subcache.active import plot_curves
+
+    runs = {"margin": [{"budget": 10, "accuracy": 0.5}, {"budget": 10, "accuracy": 0.7},
+                       {"budget": 100, "accuracy": 0.8}, {"budget": 100, "accuracy": 0.8}],
+            "random": [{"budget": 10, "accuracy": 0.4}, {"budget": 1000, "accuracy": 0.9}]}
+    fig = plot_curves(runs, tmp_path / "al.png")
+    assert (tmp_path / "al.png").stat().st_size > 0 and tuple(fig.get_size_inches()) == (6.5, 4.2)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["margin", "random"] and all(line.get_marker() == "o" for line in lines.values())
+    assert lines["margin"].get_xdata().tolist() == [10, 100]
+    assert lines["margin"].get_ydata() == pytest.approx([0.6, 0.8])
+    assert lines["random"].get_xdata().tolist() == [10, 1000] and lines["random"].get_ydata() == pytest.approx([0.4, 0.9])
+    band = ax.collections[0].get_paths()[0].vertices  # margin's mean ± std
+    assert {round(y, 6) for y in band[:, 1]} == {0.5, 0.7, 0.8}  # 0.6 ± 0.1 at 10, 0.8 ± 0 at 100
+    assert {round(x) for x in band[:, 0]} == {10, 100} and ax.collections[0].get_alpha() == 0.2
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["10", "100", "1,000"]
+    from matplotlib.ticker import NullLocator
+
+    assert isinstance(ax.xaxis.get_minor_locator(), NullLocator)
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("labelled examples", "test accuracy",
+                                                                 "Active learning")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["margin", "random"]
+    assert plot_curves(runs, None, "Mine").axes[0].get_title() == "Mine"
+
+
+def test_oracle_file_errors_name_the_file(tmp_path):
+    (tmp_path / "o.csv").write_text("id,label\n100,X1\n")
+    with pytest.raises(DataError) as e:
+        _oracle_labels(str(tmp_path / "o.csv"), np.array([100]), np.array([0]), torch.tensor([0]), ["a", "b"])
+    assert str(e.value) == (f"{tmp_path / 'o.csv'}: id 100 has label 'X1'; oracle labels must be class names (a, b…) or "
+                            "indices 0..1")

@@ -132,3 +132,23 @@ def test_put_stops_when_asked_and_join_concatenates_fields():
     a, b = [torch.ones(2), None, torch.zeros(2)], [torch.ones(1) * 2, None, torch.ones(1)]
     x, xf, y = _join([a, b])
     assert x.tolist() == [1, 1, 2] and xf is None and y.tolist() == [0, 0, 1]
+
+
+def test_stager_slots_go_round_in_order_and_an_exact_fit_is_reused():
+    stager = Stager(CPU, slots=3, staging=True)
+    slots = []
+    for _ in range(4):
+        stager.upload(torch.zeros(40, dtype=torch.uint8))
+        slots.append(stager.slot)
+    assert slots == [1, 2, 0, 1] and stager.allocations == 3
+    stager = Stager(CPU, slots=1, staging=True)
+    stager.upload(torch.zeros(40, dtype=torch.uint8))  # a 50-byte buffer
+    stager.upload(torch.zeros(50, dtype=torch.uint8))
+    assert stager.allocations == 1 and stager.buffers[0].numel() == 50
+
+
+def test_an_upload_never_aliases_the_buffer_it_is_staged_through():
+    stager = Stager(CPU, slots=1, staging=True)
+    first, _ = stager.upload(torch.ones(8))
+    stager.upload(torch.zeros(8))  # the same buffer, refilled
+    assert first.tolist() == [1.0] * 8
