@@ -251,7 +251,7 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     monkeypatch.setattr(data, "default_split", lambda spec, *a: seen["split"].append(spec) or real_split(spec, *a))
     monkeypatch.setattr(inputs, "note_mismatch", lambda rec, src, what: seen["what"].append(what))
     monkeypatch.setattr(pipeline, "default_workers", lambda device: 3 if device == torch.device("cpu") else 7)
-    monkeypatch.setattr(pipeline, "decodes", lambda source: True)  # as for photos: workers decode them
+    monkeypatch.setattr(pipeline, "decodes", lambda source: len(source) == 3)  # 3 items: as photos, decoded by workers
 
     def ordered(load, units, *, workers, piece, pin):
         seen["piece"].append(piece)
@@ -266,7 +266,9 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     two = predict([probe, probe], npz_path, split="train", limit=3, backbone=resnet18, workers=2)
     assert len(two.ids) == 3 and two.split == "train" and list(two.preds) == ["probe", "probe_"]
     assert seen["device"] == ["auto", "auto"] and seen["split"] == [npz_path] and seen["piece"] == [128, 128]
-    assert seen["what"] == ["the task", "the tasks"] and seen["workers"] == [3, 2]  # default: for the device
+    predict([probe], npz_path, limit=3, backbone=resnet18)
+    assert seen["what"] == ["the task", "the tasks", "the task"]
+    assert seen["workers"] == [0, 2, 3]  # arrays: the main process; photos: as asked, by default for the device
     with pytest.raises(Exception, match="--workers must be 0"):
         predict([probe], npz_path, limit=2, backbone=resnet18, workers=-1)
     predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
