@@ -199,3 +199,38 @@ def test_oracle_file_errors_name_the_file(tmp_path):
         _oracle_labels(str(tmp_path / "o.csv"), np.array([100]), np.array([0]), torch.tensor([0]), ["a", "b"])
     assert str(e.value) == (f"{tmp_path / 'o.csv'}: id 100 has label 'X1'; oracle labels must be class names (a, b…) or "
                             "indices 0..1")
+
+
+def test_compare_strategies_runs_each_strategy_in_its_folder_and_titles_the_plot(resnet_cache, resnet18, tmp_path,
+                                                                                monkeypatch):
+    import subcache
+    from subcache.active import ALResult, compare_strategies
+    from subcache.plotting import describe_runs
+
+    runs, plots = [], []
+    monkeypatch.setattr(active, "active_learning", lambda cache, config, *, out, backbone, progress: runs.append(
+        (config.strategy, out, backbone, progress)) or ALResult([{"budget": 2, "accuracy": 0.5}]))
+    monkeypatch.setattr(active, "plot_curves", lambda curves, path, title: plots.append((curves, path, title)))
+    config = ALConfig(budgets=(2, 4), seeds=2)
+    compare_strategies(resnet_cache, config, ("margin", "random"), out=tmp_path, backbone=resnet18, progress=True)
+    assert runs == [("margin", str(tmp_path / "margin"), resnet18, True), ("random", str(tmp_path / "random"), resnet18,
+                                                                          True)]
+    cache = subcache.open_cache(resnet_cache)
+    runs_line = describe_runs(cache, config.train, 2, examples=False)
+    assert plots == [({"margin": [{"budget": 2, "accuracy": 0.5}], "random": [{"budget": 2, "accuracy": 0.5}]},
+                      tmp_path / "al.png", f"Active learning: linear probe, resnet18\n{runs_line}")]
+    compare_strategies(resnet_cache, replace_config(config, blocks="7-8"), ("entropy",), out=tmp_path,
+                       backbone=resnet18)
+    assert plots[-1][2].startswith("Active learning: SubTuning blocks 7-8, resnet18\n") and runs[-1][3] is False
+    with pytest.raises(ConfigError) as e:
+        compare_strategies(resnet_cache, config, (), out=tmp_path, backbone=resnet18)
+    assert str(e.value) == "--strategy is empty; allowed: margin, entropy, least-confidence, random"
+    with pytest.raises(ConfigError, match="unknown strategy 'bogus'"):
+        compare_strategies(resnet_cache, config, ("margin", "bogus"), out=tmp_path, backbone=resnet18)
+    assert len(runs) == 3  # every strategy is checked before the first runs
+
+
+def replace_config(config, **kw):
+    from dataclasses import replace
+
+    return replace(config, **kw)

@@ -181,3 +181,16 @@ def test_evaluate_task_defaults_auto_device_no_progress_and_the_given_backbone(l
     assert asked == ["auto"] * 3
     assert evaluate_task(out, store, backbone=resnet18, progress=True) == acc
     assert "inference on test" in capsys.readouterr().err
+
+
+def test_load_tasks_builds_the_backbone_from_the_cache_or_the_first_task(labelled_task, resnet18, monkeypatch):
+    import subcache.evaluation as evaluation
+
+    _, out = labelled_task
+    first, second = subcache.load_task(out), subcache.load_task(out)
+    second.meta = {**second.meta, "backbone": {"model": "other"}}
+    asked = []
+    monkeypatch.setattr(evaluation, "backbone_for", lambda identity, what: asked.append((identity, what)) or resnet18)
+    load_tasks([first, second], "cpu")
+    load_tasks([first, second], "cpu", identity={"model": "cache's"})
+    assert asked == [(first.meta["backbone"], f"task {first.path}"), ({"model": "cache's"}, "the cache")]
