@@ -188,7 +188,7 @@ def test_load_tasks_builds_the_backbone_from_the_cache_or_the_first_task(labelle
 
     _, out = labelled_task
     first, second = subcache.load_task(out), subcache.load_task(out)
-    second.meta = {**second.meta, "backbone": {"model": "other"}}
+    second.meta, second.path = {**second.meta, "backbone": {"model": "other"}}, "/elsewhere/t"
     asked = []
     monkeypatch.setattr(evaluation, "backbone_for", lambda identity, what: asked.append((identity, what)) or resnet18)
     load_tasks([first, second], "cpu")
