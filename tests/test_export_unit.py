@@ -174,3 +174,13 @@ def test_onnx_names_its_dynamic_axis_batch_and_carries_the_record(task, resnet18
     axes = {v.name: v.type.tensor_type.shape.dim[0].dim_param for v in [*proto.graph.input, *proto.graph.output]}
     assert axes == {"images": "batch", "probe": "batch"}
     assert json.loads({p.key: p.value for p in proto.metadata_props}["subcache"]) == meta
+
+
+def test_pt2_carries_the_record_and_takes_a_batch_of_one(task, resnet18, tmp_path):
+    meta = export([task], "pt2", tmp_path / "m.pt2", backbone=resnet18)
+    files = {"subcache.json": ""}
+    program = torch.export.load(str(tmp_path / "m.pt2"), extra_files=files)
+    assert json.loads(files["subcache.json"]) == meta
+    run = program.module()
+    with torch.no_grad():
+        assert [run(torch.randn(b, 3, 32, 32))[0].shape[0] for b in (1, 3)] == [1, 3]
