@@ -20,16 +20,18 @@ command -v mutmut >/dev/null || { echo "Error: mutmut is not installed (pip inst
 # module → the tests that exercise it (a fast selection; mutmut runs, per mutant, those of them that reach it)
 tests_for() {
   case "$1" in
-    augment) echo "tests/test_train.py -k augmentations_or_crop_translates_or_flip_uses" ;;
-    labels) echo "tests/test_properties.py tests/test_active.py tests/test_safety.py -k label" ;;
-    store) echo "tests/test_store_v2.py tests/test_reliability.py" ;;
+    augment) echo "tests/test_augment_unit.py tests/test_train.py -k augment_or_crop_translates_or_flip_uses" ;;
+    labels) echo "tests/test_labels_unit.py tests/test_properties.py tests/test_active.py tests/test_safety.py -k label" ;;
+    store) echo "tests/test_store_unit.py tests/test_store_v2.py tests/test_reliability.py" ;;
     build) echo "tests/test_build.py tests/test_reliability.py tests/test_store_v2.py" ;;
-    train | loader) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
-    evaluation) echo "tests/test_properties.py tests/test_active.py tests/test_train.py" ;;
+    train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
+    loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
+    evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
     selection/*) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
-    active) echo "tests/test_active.py tests/test_properties.py" ;;
-    multitask | export) echo "tests/test_multitask.py tests/test_export.py tests/test_properties.py" ;;
-    backbones/*) echo "tests/test_backbones.py tests/test_models.py" ;;
+    active) echo "tests/test_active_unit.py tests/test_active.py tests/test_properties.py" ;;
+    multitask) echo "tests/test_multitask_unit.py tests/test_multitask.py tests/test_export.py" ;;
+    export) echo "tests/test_export_unit.py tests/test_export.py" ;;
+    backbones/*) echo "tests/test_backbones_unit.py tests/test_backbones.py tests/test_models.py" ;;
     *) echo "Error: no test selection for module '$1'; add it to tests_for in $0" >&2; return 2 ;;
   esac
 }

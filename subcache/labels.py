@@ -104,7 +104,8 @@ def _classes(cache: Cache, name: str, labels: list[str]) -> list[str]:
 
 
 def _natural(label: str) -> tuple:
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+    """Numbers by value (ties such as 1 and 01 by their text, so the order never depends on hashing), then names."""
+    return (0, int(label), label) if label.lstrip("-").isdigit() else (1, 0, label)
 
 
 def label_sets(cache: Cache, split: str) -> list[str]:

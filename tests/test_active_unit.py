@@ -1,0 +1,236 @@
+"""Active learning's pieces, exactly: uncertainty values, which items are picked, pool scores on disk, oracle
+files, the saved state and curve, and the messages (each test kills mutants that `examples/mutation.sh active`
+found surviving)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import subcache.active as active
+from subcache.active import (ALConfig, PoolScores, _ask, _check, _config_dict, _curve, _load_state, _oracle_labels,
+                             _oracle_rows, _save_state, _select, _write_curve, most_uncertain, uncertainty)
+from subcache.errors import ConfigError, DataError
+
+
+def test_uncertainty_values_per_metric():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, -1.0]], dtype=torch.float64)
+    p = logits.float().softmax(-1)
+    score, unc = uncertainty(logits, "margin")
+    top = p.topk(2).values
+    assert torch.allclose(score, top[:, 0] - top[:, 1]) and torch.equal(unc, -score) and score.dtype == torch.float32
+    score, unc = uncertainty(logits, "entropy")
+    assert torch.allclose(score, -(p * p.log()).sum(-1)) and torch.equal(unc, score)
+    score, unc = uncertainty(logits, "least-confidence")
+    assert torch.allclose(score, 1 - p.max(-1).values) and torch.equal(unc, score)
+    one = uncertainty(torch.tensor([[3.0], [-1.0]]), "margin")[0]  # one class: margin is its probability, 1
+    assert one.tolist() == [1.0, 1.0]
+    certain = uncertainty(torch.tensor([[0.0, -200.0]]), "entropy")[0]  # p = 0 contributes 0, not NaN
+    assert math.isfinite(certain.item()) and certain.item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError) as e:
+        uncertainty(logits, "variance")
+    assert str(e.value) == "unknown metric 'variance'; allowed: margin, entropy, least-confidence"
+
+
+def test_most_uncertain_picks_the_highest_and_breaks_ties_by_position():
+    values = np.array([0.5, 0.9, 0.9, 0.1, 0.9, 0.7])
+    candidates = np.array([5, 4, 2, 0, 3])
+    assert most_uncertain(values, candidates, 3).tolist() == [2, 4, 5]
+    assert most_uncertain(values, candidates, 5).tolist() == [2, 4, 5, 0, 3]
+    with pytest.raises(DataError) as e:
+        most_uncertain(values, candidates, 6)
+    assert str(e.value) == "asked for 6 items but only 5 remain unlabelled"
+
+
+def _scores():
+    return PoolScores(ids=np.array([7, 8, 9]), keys=np.array(["a", "b", "c"]), classes=["x", "y"],
+                      positions=np.array([0, 2, 1]), score=np.array([0.25, 0.5, 0.75]),
+                      uncertainty=np.array([0.5, 0.5, 0.75]), pred=np.array([1, 0, 1]), prob=np.array([0.5, 0.75, 1.0]),
+                      metric="margin")
+
+
+def test_pool_scores_top_names_and_files(tmp_path):
+    s = _scores()
+    assert s.top(2).tolist() == [2, 0] and s.top(3).tolist() == [2, 0, 1]
+    assert s.pred_names().tolist() == ["y", "x", "y"]
+    empty = PoolScores(*(np.array([], int) for _ in range(2)), ["x"], *(np.array([], int) for _ in range(5)), "margin")
+    assert empty.pred_names().tolist() == [] and empty.pred_names().dtype.kind == "U"
+    s.save(tmp_path / "o" / "s.csv")
+    with open(tmp_path / "o" / "s.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["id", "key", "score", "pred", "pred_index", "prob"],
+                                       ["7", "a", "0.25", "y", "1", "0.5"], ["8", "b", "0.5", "x", "0", "0.75"],
+                                       ["9", "c", "0.75", "y", "1", "1.0"]]
+    s.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as z:
+        assert sorted(z.files) == ["id", "key", "pred", "pred_index", "prob", "score"]
+        assert z["pred"].tolist() == ["y", "x", "y"] and z["id"].tolist() == [7, 8, 9]
+    with pytest.raises(DataError) as e:
+        s.save(tmp_path / "s.json")
+    assert str(e.value) == "unknown output format '.json'; use .csv or .npz"
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_check_refuses_unknown_strategies_and_bad_budgets():
+    _check(ALConfig(budgets=(2, 3), strategy="random"))
+    with pytest.raises(ConfigError) as e:
+        _check(ALConfig(strategy="greedy"))
+    assert str(e.value) == "unknown strategy 'greedy'; allowed: margin, entropy, least-confidence, random"
+    for budgets in ((), (1, 5), (5, 5), (5, 9, 7)):
+        with pytest.raises(DataError) as e:
+            _check(ALConfig(budgets=budgets))
+        assert str(e.value) == ("--budgets must be increasing labelled-set sizes starting at 2 or more, got "
+                                f"{','.join(map(str, budgets))}")
+
+
+def test_oracle_rows_take_names_or_indices_and_refuse_the_rest(tmp_path):
+    classes = ["cat", "dog", "7", "a", "b", "c"]
+    assert _oracle_rows("f", np.array([1, 2, 3, 4, 1]), ["dog", "0", "7", "5", "1"], classes) == {1: 1, 2: 0, 3: 2,
+                                                                                                  4: 5}
+    for bad in ("6", "-1", "cow"):
+        with pytest.raises(DataError) as e:
+            _oracle_rows("f.csv", np.array([3]), [bad], classes)
+        assert str(e.value) == (f"f.csv: id 3 has label {bad!r}; oracle labels must be class names (cat, dog, 7, a, b…) "
+                                "or indices 0..5")
+    with pytest.raises(DataError) as e:
+        _oracle_rows("f.csv", np.array([3, 3]), ["cat", "dog"], classes)
+    assert str(e.value) == "f.csv: id 3 is labelled both cat and dog; keep one row per id"
+
+
+def test_oracle_labels_fill_the_given_and_list_the_missing(tmp_path):
+    ids = np.array([100, 101, 102, 103])
+    truth = torch.tensor([0, 1, 1, 0])
+    labels, missing = _oracle_labels(str(tmp_path / "none.csv"), ids, np.array([1, 3]), truth, ["a", "b"])
+    assert labels.tolist() == [-1, -1, -1, -1] and missing.tolist() == [1, 3]
+    (tmp_path / "o.csv").write_text("id,label\n103,b\n100,a\n")
+    labels, missing = _oracle_labels(str(tmp_path / "o.csv"), ids, np.array([0, 1, 3]), truth, ["a", "b"])
+    assert labels.tolist() == [0, -1, -1, 1] and missing.tolist() == [1]
+
+
+def test_ask_writes_the_items_to_label(tmp_path):
+    path = _ask(tmp_path, np.array([5, 6]), np.array(["x/1.png", "2"]))
+    assert path == str(tmp_path / "to_label.csv")
+    assert (tmp_path / "to_label.csv").read_bytes() == b"id,key,label\r\n5,x/1.png,\r\n6,2,\r\n"
+
+
+def test_curve_state_and_files(tmp_path):
+    state = {"seeds": {"0": {"curve": [{"budget": 2, "accuracy": 0.5}, {"budget": 4, "accuracy": 0.75}]},
+                       "1": {"curve": [{"budget": 2, "accuracy": 0.25}]}}}
+    config = ALConfig(strategy="entropy")
+    curve = _curve(state, config)
+    assert curve == [{"budget": 2, "accuracy": 0.5, "strategy": "entropy", "seed": 0},
+                     {"budget": 4, "accuracy": 0.75, "strategy": "entropy", "seed": 0},
+                     {"budget": 2, "accuracy": 0.25, "strategy": "entropy", "seed": 1}]
+    _write_curve(tmp_path, curve, config)
+    assert json.loads((tmp_path / "curve.json").read_text()) == curve
+    assert (tmp_path / "curve.csv").read_text().splitlines() == [
+        "budget,accuracy,strategy,seed", "2,0.5,entropy,0", "4,0.75,entropy,0", "2,0.25,entropy,1"]
+    _save_state(tmp_path, state)
+    assert json.loads((tmp_path / "state.json").read_text()) == state and not (tmp_path / "state.json.tmp").exists()
+
+
+def test_config_and_state_resume_only_the_same_run(tmp_path, resnet18):
+    config = ALConfig(blocks="layer4.0", budgets=(2, 4), seeds=3)
+    settings = _config_dict(config, resnet18)
+    assert settings["blocks"] == [resnet18.resolve("layer4.0")] and settings["budgets"] == [2, 4] and "seeds" not in settings
+    assert settings["strategy"] == "margin" and settings["train"]["lr"] == config.train.lr
+    identity = {"path": "/c", "attrs_sha256": "A", "labels": None, "labels_sha256": "L"}
+    assert _load_state(tmp_path, settings, identity, resnet18) == {"config": settings, "identity": identity,
+                                                                   "seeds": {}}
+    saved = {"config": {**settings, "blocks": "layer4.0"}, "identity": identity, "seeds": {"0": {"curve": []}}}
+    _save_state(tmp_path, saved)
+    assert _load_state(tmp_path, settings, identity, resnet18) == {**saved, "config": settings}
+    with pytest.raises(DataError, match="holds results from another labels"):
+        _load_state(tmp_path, settings, {**identity, "labels_sha256": "M"}, resnet18)
+    with pytest.raises(Exception, match=f"{tmp_path} holds an active-learning run with other settings"):
+        _load_state(tmp_path, {**settings, "budgets": [2, 5]}, identity, resnet18)
+
+
+def test_select_random_is_seeded_per_round_and_skips_the_labelled(monkeypatch):
+    cache = SimpleNamespace(split=lambda name: range(10))
+    config = ALConfig(strategy="random")
+    labelled = np.array([0, 3, 4])
+    got = _select(None, cache, config, 2, 1, labelled, 3, None)
+    want = np.sort(np.random.default_rng([2, 1]).choice(np.setdiff1d(np.arange(10), labelled), 3, replace=False))
+    assert got.tolist() == want.tolist() and not set(got) & {0, 3, 4}
+    seen = []
+    logits = torch.tensor([[0.0, 0.1]] * 10)
+    logits[7] = torch.tensor([0.0, 0.0])  # the most uncertain by margin
+    logits[5] = torch.tensor([0.0, 0.05])
+    monkeypatch.setattr(active, "cached_logits", lambda model, c, split, bank=None: seen.append((split, bank)) or logits)
+    picked = _select("m", cache, ALConfig(strategy="margin"), 0, 0, labelled, 2, "bank")
+    assert picked.tolist() == [7, 5] and seen == [("train", "bank")]
+
+
+def test_plot_curves_draws_mean_and_std_per_budget_for_each_strategy(tmp_path):
+    from subcache.active import plot_curves
+
+    runs = {"margin": [{"budget": 10, "accuracy": 0.5}, {"budget": 10, "accuracy": 0.7},
+                       {"budget": 100, "accuracy": 0.8}, {"budget": 100, "accuracy": 0.8}],
+            "random": [{"budget": 10, "accuracy": 0.4}, {"budget": 1000, "accuracy": 0.9}]}
+    fig = plot_curves(runs, tmp_path / "al.png")
+    assert (tmp_path / "al.png").stat().st_size > 0 and tuple(fig.get_size_inches()) == (6.5, 4.2)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["margin", "random"] and all(line.get_marker() == "o" for line in lines.values())
+    assert lines["margin"].get_xdata().tolist() == [10, 100]
+    assert lines["margin"].get_ydata() == pytest.approx([0.6, 0.8])
+    assert lines["random"].get_xdata().tolist() == [10, 1000] and lines["random"].get_ydata() == pytest.approx([0.4, 0.9])
+    band = ax.collections[0].get_paths()[0].vertices  # margin's mean ± std
+    assert {round(y, 6) for y in band[:, 1]} == {0.5, 0.7, 0.8}  # 0.6 ± 0.1 at 10, 0.8 ± 0 at 100
+    assert {round(x) for x in band[:, 0]} == {10, 100} and ax.collections[0].get_alpha() == 0.2
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["10", "100", "1,000"]
+    from matplotlib.ticker import NullLocator
+
+    assert isinstance(ax.xaxis.get_minor_locator(), NullLocator)
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("labelled examples", "test accuracy",
+                                                                 "Active learning")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["margin", "random"]
+    assert plot_curves(runs, None, "Mine").axes[0].get_title() == "Mine"
+
+
+def test_oracle_file_errors_name_the_file(tmp_path):
+    (tmp_path / "o.csv").write_text("id,label\n100,X1\n")
+    with pytest.raises(DataError) as e:
+        _oracle_labels(str(tmp_path / "o.csv"), np.array([100]), np.array([0]), torch.tensor([0]), ["a", "b"])
+    assert str(e.value) == (f"{tmp_path / 'o.csv'}: id 100 has label 'X1'; oracle labels must be class names (a, b…) or "
+                            "indices 0..1")
+
+
+def test_compare_strategies_runs_each_strategy_in_its_folder_and_titles_the_plot(resnet_cache, resnet18, tmp_path,
+                                                                                monkeypatch):
+    import subcache
+    from subcache.active import ALResult, compare_strategies
+    from subcache.plotting import describe_runs
+
+    runs, plots = [], []
+    monkeypatch.setattr(active, "active_learning", lambda cache, config, *, out, backbone, progress: runs.append(
+        (config.strategy, out, backbone, progress)) or ALResult([{"budget": 2, "accuracy": 0.5}]))
+    monkeypatch.setattr(active, "plot_curves", lambda curves, path, title: plots.append((curves, path, title)))
+    config = ALConfig(budgets=(2, 4), seeds=2)
+    compare_strategies(resnet_cache, config, ("margin", "random"), out=tmp_path, backbone=resnet18, progress=True)
+    assert runs == [("margin", str(tmp_path / "margin"), resnet18, True), ("random", str(tmp_path / "random"), resnet18,
+                                                                          True)]
+    cache = subcache.open_cache(resnet_cache)
+    runs_line = describe_runs(cache, config.train, 2, examples=False)
+    assert plots == [({"margin": [{"budget": 2, "accuracy": 0.5}], "random": [{"budget": 2, "accuracy": 0.5}]},
+                      tmp_path / "al.png", f"Active learning: linear probe, resnet18\n{runs_line}")]
+    compare_strategies(resnet_cache, replace_config(config, blocks="7-8"), ("entropy",), out=tmp_path,
+                       backbone=resnet18)
+    assert plots[-1][2].startswith("Active learning: SubTuning blocks 7-8, resnet18\n") and runs[-1][3] is False
+    with pytest.raises(ConfigError) as e:
+        compare_strategies(resnet_cache, config, (), out=tmp_path, backbone=resnet18)
+    assert str(e.value) == "--strategy is empty; allowed: margin, entropy, least-confidence, random"
+    with pytest.raises(ConfigError, match="unknown strategy 'bogus'"):
+        compare_strategies(resnet_cache, config, ("margin", "bogus"), out=tmp_path, backbone=resnet18)
+    assert len(runs) == 3  # every strategy is checked before the first runs
+
+
+def replace_config(config, **kw):
+    from dataclasses import replace
+
+    return replace(config, **kw)

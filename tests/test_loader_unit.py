@@ -1,0 +1,154 @@
+"""Loaders, exactly: which rows each epoch yields, with which labels, in how many batches; the staging ring's
+buffer reuse (each test kills mutants that `examples/mutation.sh loader` found surviving)."""
+from __future__ import annotations
+
+import queue
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from subcache.loader import (DeviceLoader, Stager, StreamLoader, _join, _put, _unchanged, batch_order, bridge,
+                             epoch_generator, read_rows, split_nbytes)
+
+CPU = torch.device("cpu")
+
+
+def test_epoch_generator_and_batch_order():
+    g = epoch_generator(3, 2)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(3_000_011)))
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(7 * 1_000_003 + 1))
+    got = batch_order(11, 5, 7, 1)
+    assert [b.tolist() for b in got] == [perm[:5].tolist(), perm[5:10].tolist()]  # a lone last sample is dropped
+    assert [len(b) for b in batch_order(12, 5, 7, 1)] == [5, 5, 2]
+    assert [len(b) for b in batch_order(1, 5, 0, 0)] == [1] and [len(b) for b in batch_order(5, 5, 0, 0)] == [5]
+    assert batch_order(11, 5, 7, 2)[0].tolist() != got[0].tolist()
+
+
+def test_bridge_is_the_frozen_part_unless_bridged():
+    model = SimpleNamespace(frozen_part=lambda x: x + 1)
+    assert bridge(SimpleNamespace(bridged=True), model) is _unchanged and _unchanged(5) == 5
+    assert bridge(SimpleNamespace(bridged=False), model) is model.frozen_part
+
+
+def test_split_nbytes_and_read_rows(chunked_cache):
+    s = chunked_cache.split("train")
+    per = int(np.prod(s.x.shape[1:])) * 4
+    assert split_nbytes(chunked_cache, "train", 10) == 10 * per
+    x = chunked_cache.read_x("train")
+    assert torch.equal(read_rows(chunked_cache, "train", None), x)
+    assert torch.equal(read_rows(chunked_cache, "train", np.array([3, 40, 41])), x[[3, 40, 41]])
+
+
+def test_device_loader_yields_its_rows_and_labels_in_the_seeded_order(chunked_cache):
+    rows = np.array([5, 0, 17, 33, 34, 100, 101, 150, 2])
+    labels = torch.arange(len(rows)) * 10
+    loader = DeviceLoader.from_cache(chunked_cache, "train", rows, labels, 4, seed=3, device=CPU)
+    x = chunked_cache.read_x("train")[torch.from_numpy(rows)]
+    assert loader.num_samples == 9 and loader.steps_per_epoch == 2 and not loader.bridged
+    for epoch in (0, 1):
+        batches = list(loader.epoch(epoch))
+        order = batch_order(9, 4, 3, epoch)
+        assert len(batches) == 2
+        for (bx, bf, by), idx in zip(batches, order):
+            assert torch.equal(bx, x[idx]) and bf is None and torch.equal(by, labels[idx])
+    decoded = DeviceLoader(x, labels, 4, 3, x_flip=-x, decode=lambda t: t * 2, bridged=True)
+    bx, bf, _ = next(decoded.epoch(0))
+    idx = batch_order(9, 4, 3, 0)[0]
+    assert decoded.bridged and torch.equal(bx, x[idx] * 2) and torch.equal(bf, -x[idx] * 2)
+
+
+@pytest.mark.parametrize("rows,batch,window", [(None, 16, 3), (np.arange(3, 190, 2), 10, 2), (np.array([1, 2, 40]), 2, 8)])
+def test_stream_loader_yields_every_kept_row_once_with_its_label(chunked_cache, rows, batch, window):
+    n = len(chunked_cache.split("train"))
+    positions = np.arange(n) if rows is None else rows
+    labels = torch.from_numpy(positions * 7)
+    x = chunked_cache.read_x("train")
+    loader = StreamLoader(chunked_cache, "train", rows, labels, batch, seed=1, device=CPU, window=window, depth=2,
+                          staging=True)
+    assert loader.num_samples == len(positions) and not loader.bridged
+    for epoch in (0, 1):
+        seen = []
+        batches = list(loader.epoch(epoch))
+        for bx, bf, by in batches:
+            assert bf is None and 2 <= len(by) <= batch
+            pos = (by // 7).numpy()
+            assert torch.equal(bx, x[torch.from_numpy(pos)])
+            seen += pos.tolist()
+        assert len(batches) == loader.steps_per_epoch
+        lone = len(positions) % batch == 1
+        assert sorted(seen) == sorted(positions.tolist()) or (lone and len(seen) == len(positions) - 1)
+        assert len(set(seen)) == len(seen)
+    assert [len(b[2]) for b in loader.epoch(0)][:-1] == [batch] * (loader.steps_per_epoch - 1)
+
+
+def test_stream_loader_chunks_and_orders(chunked_cache):
+    rows = np.array([0, 1, 20, 47, 48])
+    loader = StreamLoader(chunked_cache, "train", rows, torch.arange(5), 2, seed=4, device=CPU)
+    assert [(a, b, keep.tolist()) for a, b, keep in loader.chunks] == [(0, 16, [0, 1]), (16, 32, [4]),
+                                                                     (32, 48, [15]), (48, 64, [0])]
+    assert loader.labels[[0, 1, 20, 47, 48]].tolist() == [0, 1, 2, 3, 4] and loader.labels[2].item() == -1
+    assert loader.steps_per_epoch == 2
+    assert StreamLoader(chunked_cache, "train", rows[:4], torch.arange(4), 2, 4, CPU).steps_per_epoch == 2
+    assert StreamLoader(chunked_cache, "train", rows[:3], torch.arange(3), 2, 4, CPU).steps_per_epoch == 1
+
+
+def test_stream_loader_reads_flip_views_and_passes_reader_errors(chunked_cache, monkeypatch):
+    loader = StreamLoader(chunked_cache, "train", None, torch.zeros(192, dtype=torch.long), 32, 0, CPU,
+                          flip_views=True)
+    broken = SimpleNamespace(x=chunked_cache.split("train").x, x_flip=None)
+    monkeypatch.setattr(loader.cache, "split", lambda name: broken)
+    with pytest.raises(Exception):
+        list(loader.epoch(0))
+
+
+def test_stager_reuses_its_ring_of_buffers_and_grows_with_headroom():
+    stager = Stager(CPU, slots=2, staging=True)
+    assert stager.staging and not stager.pin and stager.stream is None
+    t = torch.arange(10, dtype=torch.float32)
+    out, event = stager.upload(t)
+    assert torch.equal(out, t) and event is None and out.data_ptr() != t.data_ptr()
+    assert stager.buffers[0].numel() == 40 + 10 and stager.allocations == 1 and stager.slot == 1
+    stager.upload(t.clone())
+    stager.upload(torch.arange(12, dtype=torch.float32))  # slot 0 again: 48 bytes fit in 50
+    assert stager.allocations == 2 and stager.slot == 1
+    stager.upload(torch.arange(14, dtype=torch.float32))  # slot 1: 56 > 50 bytes, grows
+    assert stager.allocations == 3 and stager.buffers[1].numel() == 56 + 14
+    assert stager.ready(out, None) is out
+    plain = Stager(CPU)
+    assert not plain.staging and plain.upload(t) == (t, None)
+
+
+def test_put_stops_when_asked_and_join_concatenates_fields():
+    q = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    assert _put(q, 1, stop) and q.get() == 1
+    q.put(0)
+    threading.Timer(0.2, stop.set).start()
+    assert not _put(q, 2, stop)  # full until stopped
+    assert not _put(queue.Queue(), 3, stop)
+    a, b = [torch.ones(2), None, torch.zeros(2)], [torch.ones(1) * 2, None, torch.ones(1)]
+    x, xf, y = _join([a, b])
+    assert x.tolist() == [1, 1, 2] and xf is None and y.tolist() == [0, 0, 1]
+
+
+def test_stager_slots_go_round_in_order_and_an_exact_fit_is_reused():
+    stager = Stager(CPU, slots=3, staging=True)
+    slots = []
+    for _ in range(4):
+        stager.upload(torch.zeros(40, dtype=torch.uint8))
+        slots.append(stager.slot)
+    assert slots == [1, 2, 0, 1] and stager.allocations == 3
+    stager = Stager(CPU, slots=1, staging=True)
+    stager.upload(torch.zeros(40, dtype=torch.uint8))  # a 50-byte buffer
+    stager.upload(torch.zeros(50, dtype=torch.uint8))
+    assert stager.allocations == 1 and stager.buffers[0].numel() == 50
+
+
+def test_an_upload_never_aliases_the_buffer_it_is_staged_through():
+    stager = Stager(CPU, slots=1, staging=True)
+    first, _ = stager.upload(torch.ones(8))
+    stager.upload(torch.zeros(8))  # the same buffer, refilled
+    assert first.tolist() == [1.0] * 8
