@@ -84,6 +84,14 @@ def resnet_cache(tmp_path_factory, npz_path, resnet18):
     return out
 
 
+def quick_task(cache, backbone, out, blocks: str) -> str:
+    """A task trained for one epoch on 64 items of ``cache`` (tuned ``blocks``; "none": the probe), saved at ``out``."""
+    out = str(out)
+    subcache.train(cache, subcache.TrainConfig(blocks=blocks, epochs=1, batch_size=64, limit=64, device="cpu",
+                                               test_split=None), out=out, backbone=backbone)
+    return out
+
+
 @pytest.fixture(scope="session")
 def chunked_cache(tmp_path_factory, npz_path, resnet18):
     """float32 resnet18 cache at block 6 in 16-sample chunks: 12 chunks in the training split (stream tests)."""

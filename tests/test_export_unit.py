@@ -15,15 +15,14 @@ from subcache.errors import TaskError
 from subcache.export import Deployable, Normalised, _fold, export, fold_state, metadata
 from subcache.inputs import describe, resizing
 
+from conftest import quick_task
+
 PRE = Preprocess(4, (0.5, 0.25, 0.125), (0.5, 0.5, 0.25))
 
 
 @pytest.fixture(scope="module")
 def task(resnet_cache, resnet18, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("export-unit") / "probe")
-    subcache.train(resnet_cache, subcache.TrainConfig(blocks="8", epochs=1, batch_size=64, limit=64, device="cpu",
-                                                      test_split=None), out=out, backbone=resnet18)
-    return out
+    return quick_task(resnet_cache, resnet18, tmp_path_factory.mktemp("export-unit") / "probe", "8")
 
 
 class Two(nn.Module):

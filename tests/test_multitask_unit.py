@@ -16,6 +16,8 @@ from subcache.errors import TaskError
 from subcache.multitask import (GroupedPairModel, MultiTaskModel, Predictions, TaskBranch, _accuracy, _names,
                                 _paired, input_record)
 
+from conftest import quick_task
+
 PRE = Preprocess(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
@@ -227,12 +229,7 @@ def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
 
 @pytest.fixture(scope="module")
 def probe(resnet_cache, resnet18, tmp_path_factory):
-    import subcache
-
-    out = str(tmp_path_factory.mktemp("predict-unit") / "probe")
-    subcache.train(resnet_cache, subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, limit=64, device="cpu",
-                                                      test_split=None), out=out, backbone=resnet18)
-    return out
+    return quick_task(resnet_cache, resnet18, tmp_path_factory.mktemp("predict-unit") / "probe", "none")
 
 
 def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monkeypatch, capsys):
@@ -247,7 +244,7 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     seen = {"device": [], "split": [], "what": [], "piece": [], "workers": []}
     monkeypatch.setattr(evaluation, "resolve_device", lambda d: seen["device"].append(d) or torch.device("cpu"))
     monkeypatch.setattr(evaluation, "backbone_for", lambda *a: pytest.fail("the given backbone must be used"))
-    real_split, real_note, real_ordered = data.default_split, inputs.note_mismatch, pipeline.ordered
+    real_split, real_ordered = data.default_split, pipeline.ordered
     monkeypatch.setattr(data, "default_split", lambda spec, *a: seen["split"].append(spec) or real_split(spec, *a))
     monkeypatch.setattr(inputs, "note_mismatch", lambda rec, src, what: seen["what"].append(what))
     monkeypatch.setattr(pipeline, "default_workers", lambda device: 3 if device == torch.device("cpu") else 7)
