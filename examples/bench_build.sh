@@ -8,11 +8,11 @@ PHOTOS=${PHOTOS:-/tmp/subcache-photos}
 OUT=${OUT:-/tmp/subcache-bench-build}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-[ -d "$PHOTOS/train" ] || python examples/make_photos.py "$PHOTOS" --train 240 --test 60  # needs foolbox's files
+[ -d "$PHOTOS/train" ] || python examples/make_photos.py "$PHOTOS" --train 960 --test 60  # needs foolbox's files
 B="python -m subcache bench build --json"
-$B --data fashion-mnist --image-size 64 --layer 13 --limit 2000 > "$OUT/fmnist_64.json"
-$B --data "$PHOTOS" --image-size 224 --layer 9 --limit 240 --workers 0 > "$OUT/lite0_224_w0.json"
-$B --data "$PHOTOS" --image-size 224 --layer 9 --limit 240 --workers 2 > "$OUT/lite0_224_w2.json"
+$B --data fashion-mnist --image-size 64 --layer 13 --limit 10000 > "$OUT/fmnist_64.json"
+$B --data "$PHOTOS" --image-size 224 --layer 9 --limit 960 --workers 0 > "$OUT/lite0_224_w0.json"
+$B --data "$PHOTOS" --image-size 224 --layer 9 --limit 960 --workers 2 > "$OUT/lite0_224_w2.json"
 $B --model resnet50 --weights none --data "$PHOTOS" --image-size 224 --layer 9 --limit 64 --workers 0 \
   > "$OUT/r50_224_w0.json"
 python - "$OUT" <<'PY'

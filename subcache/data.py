@@ -52,6 +52,10 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getstate__(self) -> dict:
+        """Picklable for decode processes started from a fresh interpreter: the thread pool stays behind."""
+        return {**self.__dict__, "_pool": None}
+
     def subset(self, limit: int | None) -> "ImageSource":
         """The first ``limit`` items (all when None)."""
         if limit is None:

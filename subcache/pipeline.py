@@ -17,7 +17,9 @@ Writing: units are encoded (compression, crc32c) and written by a small thread p
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
+import pickle
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -133,11 +135,23 @@ def ordered(load: Callable[[int, int], Any], units: list[Range], *, workers: int
         return
     ranges = pieces(units, piece)
     loader = torch.utils.data.DataLoader(_Ranges(load, ranges), batch_size=None, num_workers=min(workers, len(ranges)),
-                                         prefetch_factor=depth, pin_memory=pin, multiprocessing_context="fork")
+                                         prefetch_factor=depth, pin_memory=pin, multiprocessing_context=_start(load))
     it = iter(loader)
     for a, b in units:
         parts = [_unwrap(next(it)) for _ in range(-(-(b - a) // piece))]
         yield (a, b), parts[0] if len(parts) == 1 else _join(parts)
+
+
+def _start(load: Callable[[int, int], Any]) -> str:
+    """How decode processes start: from the forkserver's small process when ``load`` pickles — a fork of this
+    process, whose heap keeps gigabytes of reused activation memory, would make every page it writes next a
+    copy-on-write fault — else (a dataset object that does not pickle) by fork."""
+    try:
+        pickle.dumps(load)
+    except Exception:  # noqa: BLE001 - any pickling failure means: fork
+        return "fork"
+    multiprocessing.set_forkserver_preload(["subcache.pipeline"])  # workers start with torch already imported
+    return "forkserver"
 
 
 def _unwrap(item: Any) -> Any:
