@@ -7,12 +7,13 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 import subcache
-from cli.main import main
+from subcache.cli.main import main
 from subcache.errors import ConfigError
 from subcache.loader import batch_order
 from subcache.selection import SelectConfig, select_window
@@ -151,7 +152,8 @@ def test_prequential_rungs_judge_each_batch_before_its_update(planted, selected)
                                                    y[order.batch(1)])
     assert list(two.checks) == [1] and two.checks[1] == pytest.approx(before.item(), rel=1e-5)
     # the probe head never saw the batches judged on: it is fitted on the first epoch's latter half
-    assert not torch.equal(head.weight, select_module._prior(setting, [(3,)], 1e30)[0].weight)
+    every_row = np.arange(len(setting.fit))
+    assert not torch.equal(head.weight, select_module._prior(setting, [(3,)], 1e30, every_row)[0].weight)
     rows = order.head_rows()
     assert sorted(rows.tolist()) == sorted(torch.cat(order.epoch(0)[order.steps_per_epoch // 2:]).tolist())
     assert not set(rows.tolist()) & set(torch.cat(order.epoch(0)[:order.steps_per_epoch // 2]).tolist())

@@ -285,21 +285,20 @@ def _full_profile_flops(s: _Setting, wins: list[tuple[int, ...]], order: SharedO
                      for w in wins))
 
 
-def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.ndarray | None = None
+def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.ndarray
            ) -> tuple[torch.nn.Linear, float, dict]:
-    """The probe head on the neck features of the fit set's ``head_rows`` (default all), and the prior's scores
+    """The probe head on the neck features of the fit set's ``head_rows``, and the prior's scores
     per window from samples outside them (a fitted head's own rows have memorised residuals), with their FLOPs:
     on ``config.samples`` examples, or fewer (not under 8) so that the prior takes at most ``config.prior_share``
     of ``cap`` (FLOPs); refused when even that passes ``cap``."""
     last, lo, hi = max(w[0] for w in wins), min(w[0] for w in wins), max(w[-1] for w in wins)
-    rows = np.arange(len(s.fit)) if head_rows is None else head_rows
-    x = s.inputs(last, s.fit)[torch.from_numpy(rows).to(s.device)]
+    at = torch.from_numpy(head_rows).to(s.device)
+    x = s.inputs(last, s.fit)[at]
     run = lambda h: s.backbone.neck(s.backbone.run_blocks(h, last, s.backbone.num_blocks))  # noqa: E731
     with torch.no_grad():
         neck = torch.cat([run(x[a:a + 1024].float()) for a in range(0, len(x), 1024)])
     y = s.targets(s.fit)
-    head = fit_head(neck.float(), y[torch.from_numpy(rows).to(s.device)], s.classes, s.config.head_l2,
-                    s.config.head_iters)
+    head = fit_head(neck.float(), y[at], s.classes, s.config.head_l2, s.config.head_iters)
     span, (n, d) = tuple(range(lo, hi + 1)), neck.shape
     fixed = n * window_flops(s.flops, (last,))[2] + head.evaluations * 6 * n * d * s.classes  # neck, probe
     backwards, forwards = passes((s.config.prior,))
@@ -310,8 +309,8 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.n
         raise ConfigError(f"--budget {s.config.budget} is below what the prior needs (the probe fit and "
                           f"{count} gradient samples take {(fixed + count * per_sample) / cap * s.config.budget:.3f} "
                           f"of the profile); raise --budget")
-    pool = np.setdiff1d(np.arange(len(y)), rows) if head_rows is not None else rows  # samples the head never saw
-    pool = pool if len(pool) else rows
+    pool = np.setdiff1d(np.arange(len(y)), head_rows)  # samples the head never saw (all of them: any)
+    pool = pool if len(pool) else head_rows
     some = balanced_subset(y[torch.from_numpy(pool).to(s.device)].cpu().numpy(), count, 0)
     some = pool if some is None else pool[some]
     sketch = gradient_sketch(s.backbone, head, s.inputs(lo, s.fit[some]).float(), y[torch.from_numpy(some).to(
