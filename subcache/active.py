@@ -26,8 +26,9 @@ from .progress import progress_bar
 from .settings import require_same, upgraded_train
 from .store import Cache, read
 from .task import atomic_write, check_out_dir
-from .batched import parse_batch_runs, train_runs
+from .batched import dealt, parse_batch_runs, train_runs
 from .devices import resolve_device
+from .distributed import Dist
 from .train import TrainConfig, TrainData, TrainResult, check_train_config, open_for_training, train
 from .tuned import TunedModel
 
@@ -158,11 +159,12 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
     # None with augmentation or when it would not fit
     bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
     most = 1 if config.oracle else parse_batch_runs(config.batch_runs, resolve_device(config.train.device))
-    with progress_bar(progress, "rounds/s", every=0) as bar:  # in logs: a line per round
+    ranks = Dist.from_env()
+    with progress_bar(progress and ranks.main, "rounds/s", every=0) as bar:  # in logs: a line per round
         task = bar.add_task(f"active learning ({config.strategy})", total=config.seeds * len(config.budgets),
                             completed=sum(len(s["curve"]) for s in state["seeds"].values()))
-        while group := _due(state, config, most):
-            waiting = _rounds(cache, config, backbone, bank, pool, folder, state, group)
+        while group := _due(state, config, most * ranks.world):
+            waiting = _rounds(cache, config, backbone, bank, pool, folder, state, group, most)
             if waiting:
                 return ALResult(_curve(state, config), waiting)
             for seed in group:
@@ -170,7 +172,8 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
                 bar.advance(task, note=f"seed {seed}, {done['budget']} labelled: test accuracy "
                                        f"{done['accuracy']:.4f}")
     curve = _curve(state, config)
-    _write_curve(folder, curve, config)
+    if ranks.main:
+        _write_curve(folder, curve, config)
     return ALResult(curve)
 
 
@@ -190,58 +193,69 @@ def _pool(cache: Cache, config: ALConfig) -> tuple[torch.Tensor, list[str], np.n
 
 def _due(state: dict, config: ALConfig, most: int) -> list[int]:
     """The seeds whose next round runs now: the first seed with rounds left and up to ``most`` - 1 later seeds due
-    the same round, as one batched model (``most`` 1: seed after seed, each through all its rounds)."""
+    the same round (``most`` 1: seed after seed, each through all its rounds)."""
     done = {s: len(state["seeds"].get(str(s), {}).get("curve", ())) for s in range(config.seeds)}
     left = [(s, r) for s, r in done.items() if r < len(config.budgets)]
     return [s for s, r in left if r == left[0][1]][:most] if left else []
 
 
 def _rounds(cache: Cache, config: ALConfig, backbone: Backbone, bank: ActivationBank | None, pool: tuple,
-            folder: Path, state: dict, seeds: list[int]) -> str | None:
-    """One round of each seed's run (their labelled sets as large: one batched model where it pays): draw the first
-    labelled set, or train on the labelled set and add the next budget's items; saved at once (a killed run
-    resumes here). Returns the file to fill in when the oracle has not labelled every item yet."""
-    jobs = []
+            folder: Path, state: dict, seeds: list[int], most: int) -> str | None:
+    """One round of each seed's run (their labelled sets as large): draw the first labelled set, or train on the
+    labelled set and add the next budget's items; saved at once (a killed run resumes here). Up to ``most`` seeds
+    train as one batched model; under torchrun such groups are dealt to ranks (each trains and scores alone),
+    every rank gets every seed's new state and rank 0 saves. Returns the file to fill in when the oracle has not
+    labelled every item yet."""
+    main, jobs = Dist.from_env().main, []
     for seed in seeds:
-        labelled = _prepare(cache, config, pool, folder, state, seed)
+        labelled = _prepare(cache, config, pool, folder, state, seed, main)
         if isinstance(labelled, str):
             return labelled
-        jobs.append((replace(config.train, blocks=config.blocks, seed=seed), TrainData(*labelled, bank=bank)))
-    results = ([train(cache, *jobs[0], backbone=backbone)] if len(jobs) == 1 else
-               train_runs(cache, jobs, backbone=backbone, batch_runs=len(jobs)))
-    for seed, (_, data), result in zip(seeds, jobs, results):
-        _finish(cache, config, bank, folder, state, seed, data.positions, result)
+        jobs.append((seed, TrainData(*labelled, bank=bank)))
+
+    def work(group: list[tuple[int, TrainData]]) -> list[dict]:
+        runs = [(replace(config.train, blocks=config.blocks, seed=seed), data) for seed, data in group]
+        results = ([train(cache, *runs[0], backbone=backbone)] if len(runs) == 1 else
+                   train_runs(cache, runs, backbone=backbone, batch_runs=len(runs)))
+        return [_advanced(cache, config, bank, state["seeds"][str(seed)], seed, data.positions, result)
+                for (seed, data), result in zip(group, results)]
+
+    for group, runs in dealt([jobs[i:i + most] for i in range(0, len(jobs), most)], work):
+        state["seeds"].update({str(seed): run for (seed, _), run in zip(group, runs)})
+        if main:
+            _save_state(folder, state)  # atomic: a killed run resumes at this round
     return None
 
 
-def _prepare(cache: Cache, config: ALConfig, pool: tuple, folder: Path, state: dict,
-             seed: int) -> tuple[np.ndarray, torch.Tensor] | str:
-    """A seed's labelled positions and labels for its next round (drawing the first set, saved at once), or the
-    file to fill in when the oracle has not labelled every item yet."""
+def _prepare(cache: Cache, config: ALConfig, pool: tuple, folder: Path, state: dict, seed: int,
+             main: bool = True) -> tuple[np.ndarray, torch.Tensor] | str:
+    """A seed's labelled positions and labels for its next round (drawing the first set, saved at once by the main
+    process), or the file to fill in when the oracle has not labelled every item yet."""
     (truth, names, ids), run = pool, state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
     if not run["labelled"]:
         rng = np.random.default_rng(seed)
         run["labelled"] = np.sort(rng.choice(len(ids), config.budgets[0], replace=False)).tolist()
-        _save_state(folder, state)
+        if main:
+            _save_state(folder, state)
     labelled, labels = np.asarray(run["labelled"]), truth
     if config.oracle:
         labels, missing = _oracle_labels(config.oracle, ids, labelled, truth, names)
         if len(missing):
-            return _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing])
+            return _ask(folder, ids[missing], cache.read_keys(config.train.train_split)[missing], main)
     return labelled, labels
 
 
-def _finish(cache: Cache, config: ALConfig, bank: ActivationBank | None, folder: Path, state: dict, seed: int,
-            labelled: np.ndarray, result: TrainResult) -> None:
-    """Record a seed's round and add the next budget's items (the most uncertain to its own model); saved."""
-    run = state["seeds"][str(seed)]
+def _advanced(cache: Cache, config: ALConfig, bank: ActivationBank | None, run: dict, seed: int,
+              labelled: np.ndarray, result: TrainResult) -> dict:
+    """A seed's run after this round: its accuracy recorded, the next budget's items added (the most uncertain to
+    its own model)."""
     r = len(run["curve"])
-    run["curve"].append({"budget": len(labelled), "accuracy": result.test_accuracy})
+    run = {**run, "curve": [*run["curve"], {"budget": len(labelled), "accuracy": result.test_accuracy}]}
     if r + 1 < len(config.budgets):
         extra = config.budgets[r + 1] - len(labelled)
         run["labelled"] = np.sort(np.concatenate(
             [labelled, _select(result.model, cache, config, seed, r, labelled, extra, bank)])).tolist()
-    _save_state(folder, state)  # atomic: a killed run resumes at this round
+    return run
 
 
 def _check(config: ALConfig) -> None:
@@ -295,9 +309,11 @@ def _oracle_rows(path: str, ids: np.ndarray, values: list[str], classes: list[st
     return given
 
 
-def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray) -> str:
+def _ask(folder: Path, ids: np.ndarray, keys: np.ndarray, write: bool = True) -> str:
     """to_label.csv: the items to label by id and source key; fill `label` with a class name or index."""
     path = folder / "to_label.csv"
+    if not write:
+        return str(path)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "key", "label"])

@@ -99,29 +99,33 @@ def test_compiled_step_equals_eager(resnet_cache, resnet18, blocks):
 
 COUNTING = """
 import os, sys
+import subcache.active as a
 import subcache.batched as b
-real = b.train_many
-def counted(cache, configs, *args, **kwargs):
-    with open("{log}-" + os.environ["RANK"], "a") as f:
-        f.write(" ".join(f"{{c.blocks}}:{{c.seed}}" for c in configs) + " ")
-    return real(cache, configs, *args, **kwargs)
-b.train_many = counted
+
+def counted(real, configs_of):
+    def run(cache, jobs, *args, **kwargs):
+        with open("{log}-" + os.environ["RANK"], "a") as f:
+            f.write(" ".join(f"{{c.blocks}}:{{c.seed}}:{{c.epochs}}" for c in configs_of(jobs)) + " ")
+        return real(cache, jobs, *args, **kwargs)
+    return run
+
+b.train_many = counted(b.train_many, lambda configs: configs)  # profile, halving
+a.train = counted(a.train, lambda config: [config])  # al
+a.train_runs = counted(a.train_runs, lambda jobs: [c for c, _ in jobs])
 from subcache.cli.main import main
 main(sys.argv[1:])
 """
 
 
-def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
-    """2 ranks (gloo, CPU): windows × seeds dealt to ranks, each rank training whole runs alone, rank 0 saving;
-    the same rows as one process (one thread each: the same kernels, the same float rounding)."""
+def one_and_two_ranks(tmp_path, args: list[str]) -> dict[int, list[str]]:
+    """The CLI run as one process into ``tmp_path/one`` and on 2 torchrun ranks (gloo, CPU) into ``tmp_path/two``,
+    one thread each (the same kernels, the same float rounding); the runs each rank trained, as blocks:seed:epochs."""
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    args = ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2", "--no-probe", "--epochs", "1",
-            "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"]
     one = subprocess.run([sys.executable, "-m", "subcache", *args, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -132,14 +136,55 @@ def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_ca
                          text=True, cwd=root, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert len(two.stdout.strip().splitlines()) == 1  # rank 0 reports, once
-    trained = {r: (tmp_path / f"trained-{r}").read_text().split() for r in (0, 1)}
-    assert sorted(trained[0] + trained[1]) == ["6:0", "6:1", "7:0", "7:1"]
+    return {r: (tmp_path / f"trained-{r}").read_text().split() for r in (0, 1)}
+
+
+def test_a_torchrun_profile_deals_runs_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
+    """2 ranks: windows × seeds dealt to ranks, each rank training whole runs alone, rank 0 saving; the same rows as
+    one process."""
+    trained = one_and_two_ranks(tmp_path, ["profile", "--cache", resnet_cache, "--range", "6-7", "--repeats", "2",
+                                           "--no-probe", "--epochs", "1", "--batch-size", "16", "--examples", "40",
+                                           "--device", "cpu", "--json"])
+    assert sorted(trained[0] + trained[1]) == ["6:0:1", "6:1:1", "7:0:1", "7:1:1"]
     assert len(trained[0]) == len(trained[1]) == 2  # dealt: each run trained once, on one rank
     rows = {k: json.loads((tmp_path / k / "profile.json").read_text())["runs"] for k in ("one", "two")}
     key = [(r["blocks"], r["seed"]) for r in rows["one"]]
     assert key == [("6", 0), ("6", 1), ("7", 0), ("7", 1)]
     assert [(r["blocks"], r["seed"]) for r in rows["two"]] == key
     assert [r["test_accuracy"] for r in rows["two"]] == [r["test_accuracy"] for r in rows["one"]]
+
+
+def test_a_torchrun_halving_deals_each_rung_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
+    """Rung by rung: a rung's windows × seeds dealt to ranks; every rank ranks the rung from all its rows, so the
+    survivors, rows and pick equal one process's."""
+    trained = one_and_two_ranks(tmp_path, ["profile", "--halving", "--cache", resnet_cache, "--range", "6-7",
+                                           "--repeats", "2", "--eta", "2", "--min-epochs", "1", "--epochs", "2",
+                                           "--batch-size", "16", "--examples", "40", "--device", "cpu", "--json"])
+    saved = {k: json.loads((tmp_path / k / "halving.json").read_text()) for k in ("one", "two")}
+    last = saved["one"]["rungs"][1]["windows"][0]
+    assert sorted(trained[0] + trained[1]) == sorted(["6:0:1", "6:1:1", "7:0:1", "7:1:1", f"{last}:0:2",
+                                                      f"{last}:1:2"])
+    assert len(trained[0]) == len(trained[1]) == 3  # dealt: each run trained once, on one rank
+    assert saved["two"]["complete"] and saved["two"]["rungs"] == saved["one"]["rungs"]
+    assert saved["two"]["best"] == saved["one"]["best"]
+    assert ([(r["rung"], r["blocks"], r["seed"], r["val_accuracy"], r["test_accuracy"]) for r in saved["two"]["runs"]]
+            == [(r["rung"], r["blocks"], r["seed"], r["val_accuracy"], r["test_accuracy"])
+                for r in saved["one"]["runs"]])
+
+
+def test_a_torchrun_al_deals_repeats_to_ranks_and_equals_one_process(resnet_cache, tmp_path):
+    """A round's repeats dealt to ranks: each rank trains its seeds' models and scores the pool with them; every
+    rank gets every seed's new labelled set, rank 0 saves; the same labelled sets and curves as one process."""
+    trained = one_and_two_ranks(tmp_path, ["al", "--cache", resnet_cache, "--blocks", "7", "--budgets", "16,32",
+                                           "--repeats", "2", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                                           "--json"])
+    assert sorted(trained[0] + trained[1]) == ["7:0:1", "7:0:1", "7:1:1", "7:1:1"]
+    assert len(trained[0]) == len(trained[1]) == 2  # each rank one seed a round
+    state = {k: json.loads((tmp_path / k / "margin" / "state.json").read_text()) for k in ("one", "two")}
+    assert [len(run["curve"]) for run in state["one"]["seeds"].values()] == [2, 2]
+    assert state["two"]["seeds"] == state["one"]["seeds"]
+    labelled = [state["one"]["seeds"][seed]["labelled"] for seed in ("0", "1")]
+    assert len(labelled[0]) == len(labelled[1]) == 32 and labelled[0] != labelled[1]
 
 
 def counting_stacked(monkeypatch) -> list[int]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable
 
 from ..backbones import Backbone
 from ..bank import shared_bank
-from ..batched import run_windows
+from ..batched import dealt, groups, parse_batch_runs, run_windows
+from ..devices import resolve_device
+from ..distributed import Dist
 from ..errors import BlockError
 from ..labels import data_identity
 from ..progress import progress_bar
@@ -87,14 +89,10 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     runner = _Rungs(cache, backbone, replace(config, val_fraction=fraction), rows, out, on_run)
     survivors = _prior(cache, config, backbone, wins) if config.prior else wins
     epochs, rungs = min(config.min_epochs, config.train.epochs), []
-    with progress_bar(progress, "runs/s", every=0) as bar:  # in logs: a line per run
+    with progress_bar(progress and runner.main, "runs/s", every=0) as bar:  # in logs: a line per run
         task = bar.add_task("halving", total=planned_runs(len(survivors), epochs, config))
         while True:
-            for win in survivors:  # a window's seeds: up to --batch-runs of them as one batched model
-                ran = runner.run(len(rungs), epochs, win, range(config.seeds))
-                for seed in range(config.seeds):
-                    note = run_note(_find(rows, len(rungs), win, seed)) + ("" if seed in ran else " (saved)")
-                    bar.advance(task, note=note)
+            runner.rung(len(rungs), epochs, survivors, lambda note: bar.advance(task, note=note))
             ranked = _rung_ranking(rows, len(rungs), survivors)
             keep = ranked[:max(1, math.ceil(len(ranked) / config.eta))]
             last = epochs >= config.train.epochs
@@ -107,18 +105,20 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     full = sum(config.seeds * config.train.epochs * n_fit * runner.flops(w) for w in wins)
     result = HalvingResult(rows, rungs, _best(rows, len(rungs) - 1, ranked[0]),
                            sum(r["flops"] for r in rows if _in_rungs(r, rungs)), full, out)
-    if out:
+    if out and runner.main:
         _save_halving(out, rows, runner.config, cache, result)
     return result
 
 
 class _Rungs:
-    """Runs of a halving: trains a (rung, window, seed) unless a saved run has it; saves after each."""
+    """Runs of a halving: trains a rung's (window, seed) runs that no saved run has, saving after each; under
+    torchrun the runs are dealt to ranks (each trains whole runs alone), every rank gets every row, rank 0 saves."""
 
     def __init__(self, cache: Cache, backbone: Backbone, config: ProfileConfig, rows: list[dict], out: str | None,
                  on_run: Callable[[dict], None] | None):
         self.cache, self.backbone, self.config, self.rows, self.out, self.on_run = (cache, backbone, config, rows,
                                                                                    out, on_run)
+        self.main = Dist.from_env().main
         self.split = validation_split(cache, config.train, config.val_fraction)
         self.bank = shared_bank(cache, backbone, config.train.augment, config.train.device)
         self._flops: dict[tuple[int, ...], int] = {}
@@ -129,21 +129,33 @@ class _Rungs:
             self._flops[win] = training_flops(self.backbone, win)[1]
         return self._flops[win]
 
-    def run(self, rung: int, epochs: int, win: tuple[int, ...], seeds: Sequence[int]) -> list[int]:
-        """Train (rung, window, seed) for the seeds no saved run has (as one batched model where they can);
-        returns the seeds trained."""
-        todo = [seed for seed in seeds if _find(self.rows, rung, win, seed) is None]
-        configs = [replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs) for seed in todo]
-        for seed, run in zip(todo, run_windows(self.cache, configs, self.backbone, self.bank, self.split,
-                                               self.config.batch_runs)):
-            row = {"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0], "width": len(win),
-                   "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win), **run}
-            self.rows.append(row)
-            if self.out:
-                _save_halving(self.out, self.rows, self.config, self.cache)
-            if self.on_run:
-                self.on_run(row)
-        return todo
+    def rung(self, rung: int, epochs: int, survivors: list[tuple[int, ...]], advance: Callable[[str], None]) -> None:
+        """Train the rung's (window, seed) runs that no saved run has: a window's seeds, up to ``--batch-runs`` of
+        them, as one batched model; ``advance`` gets a note per run (saved runs first)."""
+        seeds = range(self.config.seeds)
+        todo = [(win, seed) for win in survivors for seed in seeds if _find(self.rows, rung, win, seed) is None]
+        for row in (r for r in self.rows if r["rung"] == rung and r["blocks"] in {spec_of(w) for w in survivors}):
+            advance(run_note(row) + " (saved)")
+        most = parse_batch_runs(self.config.batch_runs, resolve_device(self.config.train.device))
+
+        def work(group: list[tuple]) -> list[dict]:
+            configs = [replace(self.config.train, blocks=spec_of(win), seed=seed, epochs=epochs)
+                       for win, seed in group]
+            return run_windows(self.cache, configs, self.backbone, self.bank, self.split, self.config.batch_runs)
+
+        for group, runs in dealt(groups(todo, lambda t: t[0], most), work):
+            for (win, seed), run in zip(group, runs):
+                self._add({"rung": rung, "epochs": epochs, "blocks": spec_of(win), "first": win[0],
+                           "width": len(win), "seed": seed, "flops": epochs * len(self.split[0]) * self.flops(win),
+                           **run})
+                advance(run_note(self.rows[-1]))
+
+    def _add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.out and self.main:
+            _save_halving(self.out, self.rows, self.config, self.cache)
+        if self.on_run:
+            self.on_run(row)
 
 
 def _find(rows: list[dict], rung: int, win: tuple[int, ...], seed: int) -> dict | None:
