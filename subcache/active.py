@@ -401,7 +401,7 @@ def compare_strategies(cache: Cache | str | os.PathLike, config: ALConfig, strat
     cache, backbone = open_for_training(cache, backbone)
     results = {s: active_learning(cache, replace(config, strategy=s), out=str(Path(out) / s), backbone=backbone,
                                   progress=progress) for s in strategies}
-    if not any(r.waiting for r in results.values()):
+    if not any(r.waiting for r in results.values()) and Dist.from_env().main:
         tuned = "linear probe" if config.blocks == "none" else f"SubTuning blocks {config.blocks}"
         plot_curves({s: r.curve for s, r in results.items()}, Path(out) / "al.png",
                     f"Active learning: {tuned}, {cache.backbone['model']}\n"
