@@ -172,12 +172,17 @@ def test_prior_samples_are_rows_the_probe_head_never_saw(planted, monkeypatch): 
     assert sampled <= set(setting.fit.tolist())
 
 
-def test_candidates_are_the_prior_best_and_the_widest_window_at_each_end():
+def test_candidates_are_the_prior_best_and_the_ends_among_the_widest_windows_only():
     wins = [(1,), (2,), (3,), (4,), (1, 2), (2, 3), (3, 4)]
-    scores = {w: {"drop": float(w == (2,))} for w in wins}
-    assert select_module._candidates(wins, scores, "drop", 1) == [(2,), (1, 2), (3, 4)]
-    assert select_module._candidates(wins, scores, "drop", 2)[:2] == [(2,), (1,)]  # ties: narrower, earlier
-    assert select_module._candidates([(1,), (2,)], scores, "drop", 1) == [(2,), (1,)]
+    scores = {w: {"drop": float(w == (2,))} for w in wins}  # the prior's best is a single block: not raced
+    assert select_module._candidates(wins, scores, "drop", 1) == [(1, 2), (3, 4)]  # ties among the widest: earlier
+    scores[(2, 3)] = {"drop": 0.5}
+    assert select_module._candidates(wins, scores, "drop", 1) == [(2, 3), (1, 2), (3, 4)]
+    assert select_module._candidates(wins, scores, "drop", 2) == [(2, 3), (1, 2), (3, 4)]
+    assert select_module._candidates([(1,), (2,), (3,)], scores, "drop", 1) == [(2,), (1,), (3,)]
+    wider = [(1,), (2,), (3,), (1, 2), (2, 3), (1, 2, 3)]  # the widest width fits once: the only candidate
+    assert select_module._candidates(wider, {w: {"drop": float(w == (2,))} for w in wider}, "drop", 1) == [
+        (1, 2, 3)]
 
 
 def test_budget_is_a_hard_cap(planted, selected):  # noqa: F811
