@@ -146,7 +146,7 @@ def rank(cache, block_range, widths, methods, val_fraction, samples, limit, labe
 @option("--prior", type=click.Choice(["drop", "align"]), of=SelectConfig,
         help="the prior score that picks the candidates")
 @option("--top", type=click.IntRange(min=1), of=SelectConfig,
-        help="candidates: the prior's best N, + the widest window at each end of the range")
+        help="candidates, windows of the widest --width only: the prior's best N, + the earliest and the latest")
 @option("--samples", type=click.IntRange(min=2), of=SelectConfig,
         help="training examples for the prior's per-sample gradients")
 @option("--epochs", type=click.IntRange(min=1), of=TrainConfig, help="the winner's schedule")

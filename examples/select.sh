@@ -15,7 +15,8 @@
 # Time on the project's shared 2-core CPU under a load of 10-16: 20-30 minutes per task's profile (21 runs of
 # 55-90 s), 3-10 minutes per `select`; about 2.5 hours for the defaults, one process at a time.
 # Every step resumes: rerun to finish (several TASKS may run as separate processes).
-# Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS
+# Knobs: LIMIT EXAMPLES VAL SEEDS EPOCHS RANGE WIDTH BATCH BUDGETS TASKS SELECT_SEEDS (select's seeds, e.g.
+# "$(seq 0 12)"; default: the profile's 0..SEEDS-1)
 # SELECT (0: ground truth only). Tiny mode for tests: QUICK=1.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a shared CPU, one thread per process trains ~8× faster here
@@ -95,7 +96,7 @@ for task in $TASKS; do
   fi
   [[ "$SELECT" == 1 ]] || continue
   for budget in $BUDGETS; do
-    for seed in $(seq 0 $((SEEDS - 1))); do
+    for seed in ${SELECT_SEEDS:-$(seq 0 $((SEEDS - 1)))}; do
       res="$OUT/$task/select-$budget-$seed.json"
       if [[ ! -e "$res" ]]; then
         run select "${common[@]}" --budget "$budget" --seed "$seed" --out "$OUT/$task/select-$budget-$seed" \
@@ -144,10 +145,12 @@ for task in tasks:
     row = {"profile_pick": pick, "best": best, "windows": stats,
            "tied": sorted(w for w in stats if judge(w)["right"]), "select": {}}
     for b in budgets:
-        sel = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/{task}/select-{b}-*.json"))]
-        row["select"][b] = [{**judge(d["blocks"]), "compute_fraction": d["compute_fraction"],
+        files = glob.glob(f"{out}/{task}/select-{b}-*.json")
+        seeds = sorted(int(f[len(f"{out}/{task}/select-{b}-"):-len(".json")]) for f in files)
+        sel = [(s, json.load(open(f"{out}/{task}/select-{b}-{s}.json"))) for s in seeds]
+        row["select"][b] = [{**judge(d["blocks"]), "seed": s, "compute_fraction": d["compute_fraction"],
                              "total_fraction": d["total_fraction"], "task_test_accuracy": d["test_accuracy"]}
-                            for d in sel]
+                            for s, d in sel]
     if os.path.exists(f"{out}/{task}/rank.out.json"):
         rank = json.load(open(f"{out}/{task}/rank.out.json"))
         row["rank"] = {m: judge(v["top"]) for m, v in rank["comparison"]["methods"].items()}
@@ -158,8 +161,8 @@ for task in tasks:
     print(f"{task}: profile picks {pick} ({stats[pick]['test']:.4f} test), best test window {best} "
           f"({stats[best]['test']:.4f} ± {stats[best]['se']:.4f} s.e.); within a s.e. of it: {', '.join(row['tied'])}")
     for b, sel in row["select"].items():
-        for i, v in enumerate(sel):
-            print(f"  select {b} seed {i}: picks {v['pick']:>5}  regret {v['regret']:+.2f} "
+        for v in sel:
+            print(f"  select {b} seed {v['seed']}: picks {v['pick']:>5}  regret {v['regret']:+.2f} "
                   f"(vs best {v['regret_best']:+.2f}"
                   f"{', right' if v['right'] else ''}) at {v['compute_fraction']:.3f} of the profile "
                   f"({v['total_fraction']:.3f} with the winner's training)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -172,12 +173,27 @@ def test_prior_samples_are_rows_the_probe_head_never_saw(planted, monkeypatch): 
     assert sampled <= set(setting.fit.tolist())
 
 
-def test_candidates_are_the_prior_best_and_the_widest_window_at_each_end():
+def test_candidates_are_the_prior_best_and_the_ends_among_the_widest_windows_only():
     wins = [(1,), (2,), (3,), (4,), (1, 2), (2, 3), (3, 4)]
-    scores = {w: {"drop": float(w == (2,))} for w in wins}
-    assert select_module._candidates(wins, scores, "drop", 1) == [(2,), (1, 2), (3, 4)]
-    assert select_module._candidates(wins, scores, "drop", 2)[:2] == [(2,), (1,)]  # ties: narrower, earlier
-    assert select_module._candidates([(1,), (2,)], scores, "drop", 1) == [(2,), (1,)]
+    scores = {w: {"drop": float(w == (2,))} for w in wins}  # the prior's best is a single block: not raced
+    assert select_module._candidates(wins, scores, "drop", 1) == [(1, 2), (3, 4)]  # ties among the widest: earlier
+    scores[(2, 3)] = {"drop": 0.5}
+    assert select_module._candidates(wins, scores, "drop", 1) == [(2, 3), (1, 2), (3, 4)]
+    assert select_module._candidates(wins, scores, "drop", 2) == [(2, 3), (1, 2), (3, 4)]
+    assert select_module._candidates([(1,), (2,), (3,)], scores, "drop", 1) == [(2,), (1,), (3,)]
+    wider = [(1,), (2,), (3,), (1, 2), (2, 3), (1, 2, 3)]  # the widest width fits once: the only candidate
+    assert select_module._candidates(wider, {w: {"drop": float(w == (2,))} for w in wider}, "drop", 1) == [
+        (1, 2, 3)]
+
+
+def test_select_races_and_returns_only_the_widest_windows(planted, monkeypatch):  # noqa: F811
+    cache, backbone = planted  # a prior whose best window is the planted single block: it must not race
+    monkeypatch.setattr(select_module, "prior_scores", lambda sketch, w, methods: {"drop": float(w == (3,))})
+    config = SelectConfig(**{**CONFIG.__dict__, "widths": (1, 2), "train": replace(FAST, epochs=4)})
+    result = select_window(cache, config, backbone=backbone)
+    assert {c["blocks"] for c in result.candidates} <= {"1-2", "2-3", "3-4"} and len(result.candidates) >= 2
+    assert all(set(g["windows"]) <= {"1-2", "2-3", "3-4"} for g in result.rungs) and result.rungs
+    assert 3 in result.blocks and len(result.blocks) == 2
 
 
 def test_budget_is_a_hard_cap(planted, selected):  # noqa: F811

@@ -4,15 +4,15 @@
    half of the batch order, then per-sample gradients of every block in the range at once, on rows the head was
    not fitted on → each window's ``align`` or ``drop`` score, on at most ``samples`` examples and at most
    ``prior_share`` of the budget (only the ``prior`` score's pass is made).
-2. **Racing at step granularity**: candidates are the best ``top`` windows by the ``prior`` score (``drop`` by
-   default) plus the widest window at each end of the range. Every candidate's head starts from the fitted probe
-   (LP-FT), every candidate follows one batch order (the one `train` draws for this seed) under one cosine
-   schedule over the *full* run; rung r trains the survivors to r0·2^r steps, ranks them by held-out loss, keeps
-   the better half. Held-out loss: while the rung ends in the first half of the first epoch, the *prequential*
-   loss — each batch of the rung's latter half scored in eval mode just before the update on it (no candidate
-   and not the probe head has seen it; every candidate is judged on the same batches; a forward per image, far
-   less than a validation pass); past that, the validation set's loss. The last survivor continues the same run
-   to the full schedule: its racing steps are not paid twice.
+2. **Racing at step granularity**: candidates are windows of the widest width only — the best ``top`` of them
+   by the ``prior`` score (``drop`` by default) plus the earliest and the latest (`_candidates` says why).
+   Every candidate's head starts from the fitted probe (LP-FT), every candidate follows one batch order (the one
+   `train` draws for this seed) under one cosine schedule over the *full* run; rung r trains the survivors to
+   r0·2^r steps, ranks them by held-out loss, keeps the better half. Held-out loss: while the rung ends in the first
+   half of the first epoch, the *prequential* loss — each batch of the rung's latter half scored in eval mode just
+   before the update on it (no candidate and not the probe head has seen it; every candidate is judged on the same
+   batches; a forward per image, far less than a validation pass); past that, the validation set's loss. The last
+   survivor continues the same run to the full schedule: its racing steps are not paid twice.
 3. **Honest compute**: the probe fit, the prior's forward and backward passes, every racing step, every scoring
    forward and every validation pass count, in FLOPs (`flops.window_flops`), against a full profile of the same
    windows and settings that selects on the same validation set (every window's training epochs + one validation
@@ -60,7 +60,7 @@ class SelectConfig:
     budget: float = 0.1  # hard cap on compute_fraction (selection FLOPs ÷ a full profile's)
     val_fraction: float = 0.2  # validation set carved from the training split (`validation_split`)
     prior: str = "drop"  # which prior score picks the candidates: drop | align
-    top: int = 1  # candidates: the prior's best `top` windows, + the widest earliest and the widest latest window
+    top: int = 1  # candidates (widest windows only): the prior's best `top`, + the earliest and the latest
     samples: int = 256  # training examples for the prior's per-sample gradients (fewer if `prior_share` needs)
     prior_share: float = 0.25  # the prior takes at most this share of the budget (if 8 samples fit in it)
     head_l2: float = 1e-3  # L2 penalty of the fitted probe head
@@ -319,11 +319,13 @@ def _prior(s: _Setting, wins: list[tuple[int, ...]], cap: float, head_rows: np.n
 
 
 def _candidates(wins: list[tuple[int, ...]], scores: dict, prior: str, top: int) -> list[tuple[int, ...]]:
-    """The prior's best ``top`` windows by its score ``prior``, then the widest window at the start of the range
-    and the widest at its end (input shift tends to favour early blocks, label shift late ones); no repeats."""
-    best = sorted(wins, key=lambda w: (-scores[w][prior], len(w), w[0]))[:top]
-    earliest, latest = min(wins, key=lambda w: (w[0], -len(w))), max(wins, key=lambda w: (w[-1], len(w)))
-    return list(dict.fromkeys([*best, earliest, latest]))
+    """Windows of the widest width only (a short race from the probe head favours fewer tuned blocks, which the
+    full schedule does not: windows of one width are the ones it can compare): the prior's best ``top`` of them
+    by its score ``prior``, then the earliest and the latest (input shift tends to favour early blocks, label
+    shift late ones); no repeats."""
+    widest = [w for w in wins if len(w) == max(map(len, wins))]
+    best = sorted(widest, key=lambda w: (-scores[w][prior], w[0]))[:top]
+    return list(dict.fromkeys([*best, min(widest), max(widest)]))
 
 
 def _model(s: _Setting, win: tuple[int, ...], head: torch.nn.Linear) -> TunedModel:
