@@ -446,13 +446,13 @@ def _scorer(model: TunedModel, cache: Cache, config: TrainConfig, train_labels: 
 
 
 def _save(out: str, cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, **meta) -> str:
-    """Save the task to ``out`` (returned) with its record (see `_meta`)."""
-    save_task(out, model, _meta(cache, backbone, model, config, **meta))
+    """Save the task to ``out`` (returned) with its record (see `task_record`)."""
+    save_task(out, model, task_record(cache, backbone, model, config, **meta))
     return out
 
 
-def _meta(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,
-          complete: bool, **extra) -> dict:
+def task_record(cache: Cache, backbone: Backbone, model: TunedModel, config: TrainConfig, metrics: dict, *,
+                complete: bool, **extra) -> dict:
     import zarr
 
     from .inputs import recorded

@@ -42,7 +42,7 @@ from ..progress import progress_bar
 from ..store import Cache
 from ..task import check_out_dir, check_task_out, save_task
 from ..step import optimizer
-from ..train import TrainConfig, _meta, balanced_subset, check_train_config, open_for_training
+from ..train import TrainConfig, balanced_subset, check_train_config, open_for_training, task_record
 from ..tuned import TunedModel
 from .flops import forward_flops, window_flops
 from .prior import PRIOR_METHODS, gradient_sketch, passes, prior_scores
@@ -428,5 +428,5 @@ def _save(s: _Setting, model: TunedModel, result: SelectResult, out: str) -> Non
     metrics = {"test_accuracy": result.test_accuracy, "blocks": list(result.blocks), "steps": result.steps,
                "trainable_params": model.trainable_params(), "compute_fraction": result.compute_fraction}
     selection = {k: v for k, v in result.to_dict().items() if k != "task"}
-    save_task(out, model, _meta(s.cache, s.backbone, model, config, metrics, complete=True, selected_by="select",
-                                selection=selection, head_init="probe"))
+    save_task(out, model, task_record(s.cache, s.backbone, model, config, metrics, complete=True,
+                                      selected_by="select", selection=selection, head_init="probe"))
