@@ -1,0 +1,306 @@
+"""Block selection, exactly: which windows a profile or a halving trains, with which seeds and epochs, what it keeps,
+saves, resumes, counts and draws (each test kills mutants that `examples/mutation.sh selection/...` found surviving).
+
+Training is replaced by a stub with known accuracies per (window, seed, epochs), so every pick is decided in advance
+and each test runs in well under a second on the planted cache of test_rank (blocks 1-4)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import subcache
+from subcache.errors import BlockError, SubcacheError
+from subcache.selection import ProfileConfig, halving_profile, profile_blocks, validation_split
+from subcache.selection import halving as halving_mod
+from subcache.selection import profile as profile_mod
+from subcache.selection.flops import training_flops
+from subcache.selection.halving import planned_runs, rung_epochs, run_note
+from subcache.train import TrainConfig
+from test_rank import planted  # noqa: F401  (the fixture)
+
+TRAIN = TrainConfig(epochs=4, batch_size=32, device="cpu")
+VAL = {"none": 0.30, "1": 0.50, "2": 0.90, "3": 0.70, "4": 0.60, "1-2": 0.55, "2-3": 0.80, "3-4": 0.65}
+
+
+class Stub:
+    """run_windows with known results: val = VAL[window] + epochs/100 + seed/1000, test = val - 0.1; records the
+    calls as [(window, seed, epochs), ...] per call and the fit positions it was given."""
+
+    def __init__(self, val=VAL):
+        self.val, self.calls, self.fits = val, [], []
+
+    def __call__(self, cache, configs, backbone, bank, split, batch_runs="off"):
+        self.calls.append([(c.blocks, c.seed, c.epochs) for c in configs])
+        self.fits.append(None if split is None else split[0])
+        rows = []
+        for c in configs:
+            val = self.val[c.blocks] + c.epochs / 100 + c.seed / 1000
+            rows.append({"test_accuracy": round(val - 0.1, 6), "trainable_params": 10 * len(c.blocks),
+                         "seconds": 0.5, **({} if split is None else {"val_accuracy": round(val, 6)})})
+        return rows
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    s = Stub()
+    monkeypatch.setattr(profile_mod, "run_windows", s)
+    monkeypatch.setattr(halving_mod, "run_windows", s)
+    return s
+
+
+# -- profile --------------------------------------------------------------------------------------------------------
+def test_profile_trains_the_probe_then_each_width_in_order_every_seed(planted, stub):
+    cache, backbone = planted
+    seen = []
+    result = profile_blocks(cache, ProfileConfig(blocks="2-4", widths=(2, 1, 2), seeds=2, train=TRAIN,
+                                                 batch_runs="off"), backbone=backbone, on_run=seen.append)
+    trained = [run for call in stub.calls for run in call]
+    assert trained == [(b, s, 4) for b in ("none", "2", "3", "4", "2-3", "3-4") for s in (0, 1)]
+    assert all(len(call) == 1 for call in stub.calls)  # --batch-runs off: each run alone
+    assert seen == result.rows
+    assert [(r["blocks"], r["first"], r["width"], r["seed"]) for r in result.rows[:4]] == [
+        ("none", 0, 0, 0), ("none", 0, 0, 1), ("2", 2, 1, 0), ("2", 2, 1, 1)]
+    assert result.rows[-1]["first"] == 3 and result.rows[-1]["width"] == 2 and result.rows[-1]["test_accuracy"] == \
+        pytest.approx(0.65 + 0.04 + 0.001 - 0.1)
+    assert result.best()["blocks"] == "2" and result.out is None
+
+
+def test_profile_batches_a_windows_seeds_up_to_batch_runs_and_skips_the_probe(planted, stub):
+    cache, backbone = planted
+    profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=3, probe=False, train=TRAIN, batch_runs="2"),
+                   backbone=backbone)
+    assert [[(b, s) for b, s, _ in call] for call in stub.calls] == [
+        [("3", 0), ("3", 1)], [("3", 2)], [("4", 0), ("4", 1)], [("4", 2)]]
+
+
+def test_profile_without_a_range_covers_the_cached_layer_to_the_last_block(planted, stub):
+    cache, backbone = planted
+    result = profile_blocks(cache, ProfileConfig(probe=False, train=TRAIN), backbone=backbone)
+    assert [r["blocks"] for r in result.rows] == ["1", "2", "3", "4"]
+
+
+def test_profile_selects_on_the_validation_split_it_was_given(planted, stub):
+    cache, backbone = planted
+    result = profile_blocks(cache, ProfileConfig(blocks="3-4", probe=False, val_fraction=0.25, train=TRAIN),
+                            backbone=backbone)
+    fit, _ = validation_split(subcache.open_cache(cache), TRAIN, 0.25)
+    assert all((f == fit).all() for f in stub.fits) and len(stub.fits) == 2
+    assert all("val_accuracy" in r for r in result.rows)
+
+
+@pytest.mark.parametrize("seeds", [0, -1])
+def test_profile_refuses_fewer_than_one_seed(planted, stub, seeds):
+    cache, backbone = planted
+    with pytest.raises(BlockError, match=f"--seeds must be at least 1, got {seeds}"):
+        profile_blocks(cache, ProfileConfig(seeds=seeds, train=TRAIN), backbone=backbone)
+    assert stub.calls == []
+
+
+def test_profile_one_seed_is_allowed(planted, stub):
+    cache, backbone = planted
+    result = profile_blocks(cache, ProfileConfig(blocks="4-4", seeds=1, probe=False, train=TRAIN), backbone=backbone)
+    assert [(r["blocks"], r["seed"]) for r in result.rows] == [("4", 0)]
+
+
+def test_profile_with_halving_hands_over_to_successive_halving(planted, stub):
+    cache, backbone = planted
+    result = profile_blocks(cache, ProfileConfig(blocks="3-4", halving=True, eta=2, train=TRAIN), backbone=backbone)
+    assert isinstance(result, halving_mod.HalvingResult) and result.best["blocks"] == "3"
+
+
+def test_profile_saves_each_run_resumes_and_plots(planted, stub, tmp_path):
+    cache, backbone = planted
+    config = ProfileConfig(blocks="3-4", seeds=2, train=TRAIN, batch_runs="off")
+
+    def kill_after_three(row, seen=[]):
+        seen.append(row)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_blocks(cache, config, out=tmp_path, backbone=backbone, on_run=kill_after_three)
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert [(r["blocks"], r["seed"]) for r in saved["runs"]] == [("none", 0), ("none", 1), ("3", 0)]
+    assert not (tmp_path / "profile.png").exists()
+    stub.calls.clear()
+    result = profile_blocks(cache, config, out=tmp_path, backbone=backbone)
+    assert [run for call in stub.calls for run in call] == [("3", 1, 4), ("4", 0, 4), ("4", 1, 4)]
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["runs"] == result.rows and len(result.rows) == 6 and result.out == tmp_path
+    c = subcache.open_cache(cache)
+    assert (saved["cache"], saved["backbone"], saved["layer"]) == (c.path, c.backbone, c.layer)
+    assert saved["config"]["seeds"] == 2 and saved["config"]["train"]["epochs"] == 4
+    assert saved["identity"] == subcache.labels.data_identity(c, None)
+    assert (tmp_path / "profile.csv").read_text().splitlines()[1].startswith("none,0,0,0,")
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    with pytest.raises(SubcacheError, match="other settings"):
+        profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=2, train=TRAIN, val_fraction=0.25), out=tmp_path,
+                       backbone=backbone)
+
+
+def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(planted):
+    cache, backbone = planted
+    rows = [{"blocks": b, "first": f, "width": w, "seed": s, "test_accuracy": a, "trainable_params": 1}
+            for b, f, w, accs in [("none", 0, 0, (0.4, 0.6)), ("3", 3, 1, (0.7, 0.9)), ("4", 4, 1, (0.6, 0.6)),
+                                  ("3-4", 3, 2, (0.5, 0.7))]
+            for s, a in enumerate(accs)]
+    c = subcache.open_cache(cache)
+    fig = profile_mod.plot_profile(subcache.selection.ProfileResult(rows), None, c, ProfileConfig(seeds=2))
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["1 block", "2 blocks", "linear probe (± std)", "best: blocks 3 (0.800)"]
+    one = ax.get_lines()[0]
+    assert list(one.get_xdata()) == [3, 4] and list(one.get_ydata()) == pytest.approx([0.8, 0.6])
+    probe = next(a for a in ax.get_children() if a.get_gid() == "probe")
+    assert probe.get_ydata()[0] == pytest.approx(0.5)
+    band = next(a for a in ax.get_children() if a.get_gid() == "probe-band")
+    assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((0.5 - 0.1414, 0.5 + 0.1414), abs=1e-3)
+    bands = [a for a in ax.collections if a.get_gid() is None]  # the widths' mean ± std bands
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert (min(ys), max(ys)) == pytest.approx((0.6, 0.8 + 0.1414), abs=1e-3)  # 3: 0.8 ± 0.14, 4: 0.6 ± 0
+    star = next(a for a in ax.get_lines() if a.get_gid() == "best-window")
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (3, pytest.approx(0.8))
+    assert ax.get_ylabel() == "test accuracy (mean ± std over 2 seeds)"
+    assert ax.get_xlabel() == "first block of the tuned window"
+    assert ax.get_title().startswith("Finetuning profile: planted, cache at block 1\n")
+    one_seed = profile_mod.plot_profile(subcache.selection.ProfileResult(rows[2:3]), None, c, ProfileConfig())
+    assert one_seed.axes[0].get_ylabel() == "test accuracy (mean ± std over 1 seed)"
+    assert all(a.get_gid() not in ("probe", "probe-band") for a in one_seed.axes[0].get_children())
+
+
+# -- halving --------------------------------------------------------------------------------------------------------
+def _halving(planted, eta=2, seeds=1, epochs=4, min_epochs=1, **kw):
+    cache, backbone = planted
+    config = ProfileConfig(halving=True, eta=eta, seeds=seeds, min_epochs=min_epochs,
+                           train=TrainConfig(epochs=epochs, batch_size=32, device="cpu"), **kw)
+    return config, lambda **more: halving_profile(cache, config, backbone=backbone, **more)
+
+
+def test_halving_keeps_the_best_ceil_n_over_eta_and_multiplies_epochs_by_eta(planted, stub):
+    config, run = _halving(planted, eta=2, epochs=4, widths=(1, 2))
+    result = run()
+    assert [(r["epochs"], r["windows"], r["kept"]) for r in result.rungs] == [
+        (1, ["1", "2", "3", "4", "1-2", "2-3", "3-4"], ["2", "2-3", "3", "3-4"]),  # ⌈7/2⌉ = 4, best first
+        (2, ["2", "2-3", "3", "3-4"], ["2", "2-3"]),
+        (4, ["2", "2-3"], ["2"])]
+    assert [run for call in stub.calls for run in call][-2:] == [("2", 0, 4), ("2-3", 0, 4)]
+    assert result.best == {"blocks": "2", "width": 1, "epochs": 4, "val_accuracy": pytest.approx(0.94),
+                           "test_accuracy": pytest.approx(0.84)}
+    assert len(result.rows) == planned_runs(7, 1, config) == 13
+
+
+def test_halving_with_eta_three_keeps_a_third_and_a_lone_survivor_goes_straight_to_the_end(planted, stub):
+    _, run = _halving(planted, eta=3, epochs=9, blocks="1-4")
+    result = run()
+    assert [(r["epochs"], r["kept"]) for r in result.rungs] == [(1, ["2", "3"]), (3, ["2"]), (9, ["2"])]
+
+
+def test_halving_ranks_by_mean_validation_over_seeds_ties_to_the_earlier_narrower_window(planted, monkeypatch):
+    tie = {**VAL, "1": 0.7, "3": 0.7, "1-2": 0.7, "2": 0.1}
+    stub = Stub(tie)
+    monkeypatch.setattr(halving_mod, "run_windows", stub)
+    _, run = _halving(planted, eta=2, seeds=2, epochs=1, widths=(2, 1), blocks="1-3")
+    result = run()
+    assert result.rungs[0]["windows"] == ["1", "2", "3", "1-2", "2-3"]
+    assert result.rungs[0]["kept"] == ["2-3"]  # 0.8 beats the three-way tie at 0.7
+    tie["2-3"] = 0.7
+    result = run()
+    assert result.rungs[0]["kept"] == ["1"]  # a tie: the narrowest, then the earliest
+    assert result.best["val_accuracy"] == pytest.approx(0.7 + 0.01 + 0.0005)  # the mean over seeds 0 and 1
+    assert result.best["test_accuracy"] == pytest.approx(0.6 + 0.01 + 0.0005)
+
+
+def test_halving_counts_training_flops_of_its_runs_against_a_full_profile(planted, stub):
+    cache, backbone = planted
+    _, run = _halving(planted, eta=2, epochs=4, seeds=2, blocks="2-4", val_fraction=0.25)
+    result = run()
+    n_fit = len(validation_split(subcache.open_cache(cache), TRAIN, 0.25)[0])
+    flops = {w: training_flops(backbone, w)[1] for w in [(2,), (3,), (4,)]}
+    assert [r["flops"] for r in result.rows if r["rung"] == 1] == [2 * n_fit * flops[w] for w in [(2,), (2,), (3,), (3,)]]
+    spent = 2 * n_fit * (1 * sum(flops.values()) + 2 * (flops[(2,)] + flops[(3,)]) + 4 * flops[(2,)])
+    full = 2 * 4 * n_fit * sum(flops.values())
+    assert (result.train_flops, result.full_flops) == (spent, full)
+    assert result.compute_fraction == spent / full
+    d = result.to_dict()
+    assert (d["train_flops"], d["full_profile_flops"], d["runs"], d["best"]) == (spent, full, 12, result.best)
+
+
+def test_halving_validates_on_a_fifth_without_val_fraction(planted, stub):
+    cache, _ = planted
+    _, run = _halving(planted, blocks="4-4")
+    run()
+    assert all((f == validation_split(subcache.open_cache(cache), TRAIN, 0.2)[0]).all() for f in stub.fits)
+
+
+@pytest.mark.parametrize("eta, min_epochs", [(1, 1), (2, 0)])
+def test_halving_refuses_eta_below_two_or_no_first_epochs(planted, stub, eta, min_epochs):
+    _, run = _halving(planted, eta=eta, min_epochs=min_epochs)
+    with pytest.raises(BlockError, match=f"got {eta}, {min_epochs}"):
+        run()
+
+
+def test_halving_first_rung_epochs_capped_at_the_final_epochs(planted, stub):
+    _, run = _halving(planted, eta=2, epochs=2, min_epochs=5, blocks="3-4")
+    assert [r["epochs"] for r in run().rungs] == [2]
+
+
+def test_rung_epochs_and_planned_runs():
+    assert rung_epochs(1, 9, 3, 2) == 3 and rung_epochs(3, 9, 3, 2) == 9 and rung_epochs(4, 9, 3, 2) == 9
+    assert rung_epochs(1, 9, 3, 1) == 9  # a lone survivor goes to the end
+    config = ProfileConfig(eta=3, seeds=2, train=TrainConfig(epochs=9))
+    assert planned_runs(7, 1, config) == 2 * (7 + 3 + 1)
+    assert planned_runs(7, 9, config) == 2 * 7
+    assert planned_runs(2, 1, ProfileConfig(eta=2, train=TrainConfig(epochs=8))) == 2 + 1
+
+
+def test_run_note_is_a_runs_progress_line():
+    row = {"rung": 1, "epochs": 3, "blocks": "3-4", "seed": 0, "val_accuracy": 0.8125, "test_accuracy": None}
+    assert run_note(row) == "rung 1 (3 epochs) blocks 3-4 seed 0: val 0.8125 test –"
+
+
+def test_halving_saves_resumes_and_marks_the_file_complete(planted, stub, tmp_path, capsys):
+    _, run = _halving(planted, eta=2, blocks="2-4")
+    whole = run()
+    def kill_after_two(row, seen=[]):
+        seen.append(row)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(out=str(tmp_path), on_run=kill_after_two)
+    saved = json.loads((tmp_path / "halving.json").read_text())
+    assert saved["complete"] is False and [r["blocks"] for r in saved["runs"]] == ["2", "3"]
+    stub.calls.clear()
+    capsys.readouterr()
+    resumed = run(out=str(tmp_path), progress=True)
+    lines = capsys.readouterr().err.splitlines()  # off a terminal: a line per run
+    assert [run for call in stub.calls for run in call][0] == ("4", 0, 1)  # rung 0's two saved runs are not retrained
+    assert [line.split(" (")[0] for line in lines] == [f"halving {i}/6" for i in range(1, 7)]  # 3 + 2 + 1 planned
+    assert ["(saved)" in line for line in lines] == [True, True, False, False, False, False]
+    assert "halving 1/6 (17%) rung 0 (1 epochs) blocks 2 seed 0: val 0.9100 test 0.8100 (saved)" in lines[0]
+    saved = json.loads((tmp_path / "halving.json").read_text())
+    assert saved["complete"] is True and saved["best"] == whole.best == resumed.best
+    assert saved["runs"] == resumed.rows and saved["rungs"] == whole.rungs
+    assert saved["config"]["eta"] == 2 and saved["layer"] == 1 and saved["backbone"]["model"] == "planted"
+    assert saved["compute_fraction"] == pytest.approx(whole.compute_fraction)
+    assert (tmp_path / "halving.csv").read_text().splitlines()[0] == ",".join(halving_mod.HALVING_FIELDS)
+
+
+def test_halving_prior_keeps_ranks_best_windows_in_window_order(planted, stub, monkeypatch):
+    ranking = [(4,), (2,), (1,), (3,)]
+    seen = []
+
+    def rank_windows(cache, config, backbone=None):
+        seen.append(config)
+        return type("R", (), {"ranking": [{"window": list(w)} for w in ranking]})()
+
+    monkeypatch.setattr(halving_mod, "rank_windows", rank_windows)
+    _, run = _halving(planted, eta=3, epochs=1, prior="rank")
+    assert run().rungs[0]["windows"] == ["2", "4"]  # ⌈4/3⌉ = 2 of rank's order, trained in window order
+    assert seen[0].val_fraction == 0.2 and seen[0].widths == (1,)
+    _, run = _halving(planted, eta=3, epochs=1, prior="fisher")
+    with pytest.raises(BlockError, match="--prior must be rank, got 'fisher'"):
+        run()
+    assert math.ceil(4 / 3) == 2
