@@ -43,6 +43,21 @@ class Stub:
         return rows
 
 
+@pytest.fixture(scope="module")
+def relabelled(planted, tmp_path_factory):
+    """A copy of the planted cache with a label set `half` (class // 2) on both splits: (cache, backbone)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("relabelled")
+    store = str(shutil.copytree(planted[0], root / "c.zarr"))
+    c = subcache.open_cache(store)
+    for split in ("train", "test"):
+        ids, y = c.split(split).id[:], c.read_y(split).tolist()
+        (root / "l.csv").write_text("id,label\n" + "".join(f"{i},{'ab'[k // 2]}\n" for i, k in zip(ids, y)))
+        subcache.labels.add_labels(store, "half", root / "l.csv", split)
+    return store, planted[1]
+
+
 @pytest.fixture
 def stub(monkeypatch):
     s = Stub()
@@ -111,9 +126,10 @@ def test_profile_with_halving_hands_over_to_successive_halving(planted, stub):
     assert isinstance(result, halving_mod.HalvingResult) and result.best["blocks"] == "3"
 
 
-def test_profile_saves_each_run_resumes_and_plots(planted, stub, tmp_path):
-    cache, backbone = planted
-    config = ProfileConfig(blocks="3-4", seeds=2, train=TRAIN, batch_runs="off")
+def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path):
+    cache, backbone = relabelled
+    train = TrainConfig(epochs=4, batch_size=32, device="cpu", labels="half")
+    config = ProfileConfig(blocks="3-4", seeds=2, train=train, batch_runs="off")
 
     def kill_after_three(row, seen=[]):
         seen.append(row)
@@ -133,12 +149,14 @@ def test_profile_saves_each_run_resumes_and_plots(planted, stub, tmp_path):
     c = subcache.open_cache(cache)
     assert (saved["cache"], saved["backbone"], saved["layer"]) == (c.path, c.backbone, c.layer)
     assert saved["config"]["seeds"] == 2 and saved["config"]["train"]["epochs"] == 4
-    assert saved["identity"] == subcache.labels.data_identity(c, None)
+    assert saved["identity"] == subcache.labels.data_identity(c, "half") and saved["identity"]["labels"] == "half"
     assert (tmp_path / "profile.csv").read_text().splitlines()[1].startswith("none,0,0,0,")
     assert (tmp_path / "profile.png").stat().st_size > 0
     with pytest.raises(SubcacheError, match="other settings"):
-        profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=2, train=TRAIN, val_fraction=0.25), out=tmp_path,
+        profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=2, train=train, val_fraction=0.25), out=tmp_path,
                        backbone=backbone)
+    with pytest.raises(SubcacheError, match="labels"):  # the same settings on other labels
+        profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=2, train=TRAIN), out=tmp_path, backbone=backbone)
 
 
 def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(planted):
@@ -165,10 +183,33 @@ def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(plante
     assert (star.get_xdata()[0], star.get_ydata()[0]) == (3, pytest.approx(0.8))
     assert ax.get_ylabel() == "test accuracy (mean ± std over 2 seeds)"
     assert ax.get_xlabel() == "first block of the tuned window"
-    assert ax.get_title().startswith("Finetuning profile: planted, cache at block 1\n")
+    assert ax.get_title() == "Finetuning profile: planted, cache at block 1\nplanted.npz, 240 training examples, " \
+                             "10 epochs, 2 seeds"
     one_seed = profile_mod.plot_profile(subcache.selection.ProfileResult(rows[2:3]), None, c, ProfileConfig())
     assert one_seed.axes[0].get_ylabel() == "test accuracy (mean ± std over 1 seed)"
     assert all(a.get_gid() not in ("probe", "probe-band") for a in one_seed.axes[0].get_children())
+
+
+def test_profile_plot_can_be_read_points_bands_probe_and_star_visible(planted, tmp_path):
+    """What a reader needs to see: marked points, translucent bands (the lines show through), a gray dashed probe,
+    a large star drawn above the lines, whole-number block ticks; written to the path given."""
+    from matplotlib.colors import to_rgba
+
+    rows = [{"blocks": b, "first": f, "width": w, "seed": 0, "test_accuracy": a, "trainable_params": 1}
+            for b, f, w, a in [("none", 0, 0, 0.5), ("3", 3, 1, 0.8), ("4", 4, 1, 0.6)]]
+    c = subcache.open_cache(planted[0])
+    fig = profile_mod.plot_profile(subcache.selection.ProfileResult(rows), tmp_path / "p.png", c, ProfileConfig())
+    ax = fig.axes[0]
+    line, star = ax.get_lines()[0], next(a for a in ax.get_lines() if a.get_gid() == "best-window")
+    probe = next(a for a in ax.get_children() if a.get_gid() == "probe")
+    probe_band = next(a for a in ax.get_children() if a.get_gid() == "probe-band")
+    band = next(a for a in ax.collections if a.get_gid() is None)
+    assert line.get_marker() == "o" and star.get_marker() == "*" and star.get_markersize() >= 12
+    assert star.get_zorder() > line.get_zorder() and star.get_linestyle() == "None"
+    assert star.get_color() == "crimson" and to_rgba(probe.get_color()) == to_rgba("gray")
+    assert probe.get_linestyle() == "--" and to_rgba(probe_band.get_facecolor()[:3]) == to_rgba("gray")
+    assert 0 < band.get_alpha() < 0.5 and 0 < probe_band.get_alpha() < 0.5
+    assert ax.xaxis.get_major_locator()._integer and (tmp_path / "p.png").stat().st_size > 0
 
 
 # -- halving --------------------------------------------------------------------------------------------------------
