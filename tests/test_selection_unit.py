@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import subcache
 from subcache.errors import BlockError, SubcacheError
@@ -91,6 +92,25 @@ def test_profile_batches_a_windows_seeds_up_to_batch_runs_and_skips_the_probe(pl
         [("3", 0), ("3", 1)], [("3", 2)], [("4", 0), ("4", 1)], [("4", 2)]]
 
 
+def test_profile_shares_frozen_activations_unless_runs_augment_and_batches_seeds_on_cuda(planted, stub, monkeypatch):
+    from subcache.bank import ActivationBank
+
+    cache, backbone = planted
+    banks = []
+    real = stub.__call__
+    monkeypatch.setattr(profile_mod, "run_windows", lambda c, cf, b, bank, *a: banks.append(bank) or real(c, cf, b,
+                                                                                                       bank, *a))
+    profile_blocks(cache, ProfileConfig(blocks="4-4", probe=False, train=TRAIN), backbone=backbone)
+    assert isinstance(banks[-1], ActivationBank)
+    flip = TrainConfig(epochs=4, batch_size=32, device="cpu", augment="flip")
+    profile_blocks(cache, ProfileConfig(blocks="4-4", probe=False, train=flip), backbone=backbone)
+    assert banks[-1] is None  # an augmented run computes its frozen activations itself
+    stub.calls.clear()
+    monkeypatch.setattr(profile_mod, "resolve_device", lambda d: torch.device("cuda"))  # `auto` batches on CUDA
+    profile_blocks(cache, ProfileConfig(blocks="4-4", seeds=3, probe=False, train=TRAIN), backbone=backbone)
+    assert [len(call) for call in stub.calls] == [3]
+
+
 def test_profile_without_a_range_covers_the_cached_layer_to_the_last_block(planted, stub):
     cache, backbone = planted
     result = profile_blocks(cache, ProfileConfig(probe=False, train=TRAIN), backbone=backbone)
@@ -162,7 +182,7 @@ def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path):
 def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(planted):
     cache, backbone = planted
     rows = [{"blocks": b, "first": f, "width": w, "seed": s, "test_accuracy": a, "trainable_params": 1}
-            for b, f, w, accs in [("none", 0, 0, (0.4, 0.6)), ("3", 3, 1, (0.7, 0.9)), ("4", 4, 1, (0.6, 0.6)),
+            for b, f, w, accs in [("none", 0, 0, (0.4, 0.6)), ("3", 3, 1, (0.7, 0.9)), ("4", 4, 1, (0.5, 0.7)),
                                   ("3-4", 3, 2, (0.5, 0.7))]
             for s, a in enumerate(accs)]
     c = subcache.open_cache(cache)
@@ -178,7 +198,7 @@ def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(plante
     assert (band.get_y(), band.get_y() + band.get_height()) == pytest.approx((0.5 - 0.1414, 0.5 + 0.1414), abs=1e-3)
     bands = [a for a in ax.collections if a.get_gid() is None]  # the widths' mean ± std bands
     ys = bands[0].get_paths()[0].vertices[:, 1]
-    assert (min(ys), max(ys)) == pytest.approx((0.6, 0.8 + 0.1414), abs=1e-3)  # 3: 0.8 ± 0.14, 4: 0.6 ± 0
+    assert (min(ys), max(ys)) == pytest.approx((0.6 - 0.1414, 0.8 + 0.1414), abs=1e-3)  # 0.8 ± 0.14, 0.6 ± 0.14
     star = next(a for a in ax.get_lines() if a.get_gid() == "best-window")
     assert (star.get_xdata()[0], star.get_ydata()[0]) == (3, pytest.approx(0.8))
     assert ax.get_ylabel() == "test accuracy (mean ± std over 2 seeds)"
@@ -511,3 +531,22 @@ def test_greedy_search_empty_ties_go_to_the_earlier_blocks_and_an_exact_epsilon_
     assert greedy_search(score, [3, 4, 5], epsilon=0.1250001).blocks == (3,)
     assert greedy_search(score, [3, 4, 5], epsilon=0.01, max_blocks=2).blocks == (3, 4)
     assert greedy_search(score, [3, 4, 5], epsilon=0.01, max_blocks=0).blocks == ()
+
+
+def test_halving_saves_its_label_sets_identity_and_resumes_only_the_same_settings(relabelled, stub, tmp_path):
+    cache, backbone = relabelled
+    half = TrainConfig(epochs=2, batch_size=32, device="cpu", labels="half")
+    config = ProfileConfig(blocks="3-4", halving=True, eta=2, train=half)
+    halving_profile(cache, config, out=str(tmp_path), backbone=backbone)
+    saved = json.loads((tmp_path / "halving.json").read_text())
+    assert saved["identity"] == subcache.labels.data_identity(subcache.open_cache(cache), "half")
+    stub.calls.clear()
+    halving_profile(cache, config, out=str(tmp_path), backbone=backbone)
+    assert not any(stub.calls)  # every run read back, none trained
+    for other in (ProfileConfig(blocks="3-4", halving=True, eta=2, train=TrainConfig(epochs=2, batch_size=32,
+                                                                                     device="cpu")),
+                  ProfileConfig(blocks="3-4", halving=True, eta=2, train=half, min_epochs=2),
+                  ProfileConfig(blocks="3-4", halving=True, eta=2, train=half, val_fraction=0.3)):
+        with pytest.raises(SubcacheError, match="labels|other settings"):
+            halving_profile(cache, other, out=str(tmp_path), backbone=backbone)
+    assert not any(stub.calls)

@@ -185,7 +185,7 @@ def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
 def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cache,
                   result: HalvingResult | None = None) -> None:
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels), "backbone": cache.backbone,
-            "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)},
+            "layer": cache.layer, "config": asdict(config),
             **({**result.to_dict(), "complete": True} if result else {"complete": False}),
             "runs": rows}  # every run's row (to_dict's "runs" is their count): what a rerun reads back
     save_runs(out, "halving", meta, HALVING_FIELDS, rows)
