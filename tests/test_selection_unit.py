@@ -34,6 +34,7 @@ class Stub:
         self.val, self.calls, self.fits = val, [], []
 
     def __call__(self, cache, configs, backbone, bank, split, batch_runs="off"):
+        self.batch_runs = batch_runs
         self.calls.append([(c.blocks, c.seed, c.epochs) for c in configs])
         self.fits.append(None if split is None else split[0])
         rows = []
@@ -90,6 +91,32 @@ def test_profile_batches_a_windows_seeds_up_to_batch_runs_and_skips_the_probe(pl
                    backbone=backbone)
     assert [[(b, s) for b, s, _ in call] for call in stub.calls] == [
         [("3", 0), ("3", 1)], [("3", 2)], [("4", 0), ("4", 1)], [("4", 2)]]
+    assert stub.batch_runs == "2"  # and each group trains as one batched model
+
+
+def test_profile_is_silent_by_default_and_writes_a_line_per_run_with_progress(planted, stub, capsys):
+    import re
+
+    cache, backbone = planted
+    config = ProfileConfig(blocks="3-4", probe=False, train=TRAIN)
+    capsys.readouterr()
+    profile_blocks(cache, config, backbone=backbone)
+    assert capsys.readouterr().err == ""
+    profile_blocks(cache, config, backbone=backbone, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["profile 1/2", "profile 2/2"]
+    assert "blocks 3 seed 0: test accuracy 0.6400" in lines[0] and "blocks 4 seed 0" in lines[1]
+    assert all(re.search(r" (runs/s|s/run)$", line) for line in lines)
+
+
+def test_profile_with_halving_passes_its_output_progress_and_callback_on(planted, stub, tmp_path, capsys):
+    cache, backbone = planted
+    seen = []
+    capsys.readouterr()
+    result = profile_blocks(cache, ProfileConfig(blocks="3-4", halving=True, eta=2, train=TRAIN), out=tmp_path,
+                            backbone=backbone, progress=True, on_run=seen.append)
+    assert seen == result.rows and (tmp_path / "halving.json").is_file()
+    assert capsys.readouterr().err.startswith("halving 1/")
 
 
 def test_profile_shares_frozen_activations_unless_runs_augment_and_batches_seeds_on_cuda(planted, stub, monkeypatch):
@@ -177,6 +204,16 @@ def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path):
                        backbone=backbone)
     with pytest.raises(SubcacheError, match="labels"):  # the same settings on other labels
         profile_blocks(cache, ProfileConfig(blocks="3-4", seeds=2, train=TRAIN), out=tmp_path, backbone=backbone)
+
+
+def test_profile_resumes_only_from_the_same_cache_and_validation_fraction(planted, relabelled, stub, tmp_path):
+    config = ProfileConfig(blocks="4-4", probe=False, train=TRAIN, val_fraction=0.25)
+    profile_blocks(planted[0], config, out=tmp_path, backbone=planted[1])
+    stub.calls.clear()
+    assert len(profile_blocks(planted[0], config, out=tmp_path, backbone=planted[1]).rows) == 1
+    assert not any(stub.calls)  # the same fraction: read back
+    with pytest.raises(SubcacheError, match="cache"):  # a copy of the cache: another cache, the same settings
+        profile_blocks(relabelled[0], config, out=tmp_path, backbone=planted[1])
 
 
 def test_profile_plot_shows_each_width_the_probe_band_and_the_best_window(planted):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
@@ -69,13 +70,14 @@ def run_note(row: dict) -> str:
             f"val {acc('val_accuracy')} test {acc('test_accuracy')}")
 
 
-def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | None = None,
+def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | os.PathLike | None = None,
                     backbone: Backbone | None = None, progress: bool = False,
                     on_run: Callable[[dict], None] | None = None) -> HalvingResult:
     """Successive halving over the windows: train all briefly, keep the best 1/eta on validation, train those
     eta× longer (from scratch: the cosine schedule depends on the length), … until the survivors reach
     ``train.epochs``. Resumable through ``out`` (``halving.json``): finished runs are read back and skipped."""
     cache, backbone = open_for_training(cache, backbone)
+    out = os.fspath(out) if out else None  # a str in the result (a Path would not serialise into halving.json)
     if config.eta < 2 or config.min_epochs < 1:
         raise BlockError(f"--eta must be at least 2 and --min-epochs at least 1, got {config.eta}, "
                          f"{config.min_epochs}")
