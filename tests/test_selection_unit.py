@@ -173,8 +173,11 @@ def test_profile_with_halving_hands_over_to_successive_halving(planted, stub):
     assert isinstance(result, halving_mod.HalvingResult) and result.best["blocks"] == "3"
 
 
-def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path):
+def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path, capsys, monkeypatch):
     cache, backbone = relabelled
+    plotted = []
+    real_plot = profile_mod.plot_profile
+    monkeypatch.setattr(profile_mod, "plot_profile", lambda *a, **k: plotted.append(real_plot(*a, **k)))
     train = TrainConfig(epochs=4, batch_size=32, device="cpu", labels="half")
     config = ProfileConfig(blocks="3-4", seeds=2, train=train, batch_runs="off")
 
@@ -189,8 +192,12 @@ def test_profile_saves_each_run_resumes_and_plots(relabelled, stub, tmp_path):
     assert [(r["blocks"], r["seed"]) for r in saved["runs"]] == [("none", 0), ("none", 1), ("3", 0)]
     assert not (tmp_path / "profile.png").exists()
     stub.calls.clear()
-    result = profile_blocks(cache, config, out=tmp_path, backbone=backbone)
+    capsys.readouterr()
+    result = profile_blocks(cache, config, out=tmp_path, backbone=backbone, progress=True)
     assert [run for call in stub.calls for run in call] == [("3", 1, 4), ("4", 0, 4), ("4", 1, 4)]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["profile 4/6", "profile 5/6", "profile 6/6"]  # 3 done
+    assert plotted[0].axes[0].get_ylabel() == "test accuracy (mean ± std over 2 seeds)"
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert saved["runs"] == result.rows and len(result.rows) == 6 and result.out == tmp_path
     c = subcache.open_cache(cache)
