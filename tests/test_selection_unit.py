@@ -6,7 +6,6 @@ and each test runs in well under a second on the planted cache of test_rank (blo
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -395,21 +394,23 @@ def test_halving_saves_resumes_and_marks_the_file_complete(planted, stub, tmp_pa
 
 
 def test_halving_prior_keeps_ranks_best_windows_in_window_order(planted, stub, monkeypatch):
-    ranking = [(4,), (2,), (1,), (3,)]
+    ranking = [(2, 3), (4,), (1, 2), (2,), (1,), (3,), (3, 4)]
     seen = []
 
     def rank_windows(cache, config, backbone=None):
         seen.append(config)
-        return type("R", (), {"ranking": [{"window": list(w)} for w in ranking]})()
+        return type("R", (), {"ranking": [{"window": list(w)} for w in ranking if len(w) in config.widths]})()
 
     monkeypatch.setattr(halving_mod, "rank_windows", rank_windows)
-    _, run = _halving(planted, eta=3, epochs=1, prior="rank")
-    assert run().rungs[0]["windows"] == ["2", "4"]  # ⌈4/3⌉ = 2 of rank's order, trained in window order
-    assert seen[0].val_fraction == 0.2 and seen[0].widths == (1,)
+    _, run = _halving(planted, eta=3, epochs=1, prior="rank", widths=(1, 2), blocks="1-4")
+    assert run().rungs[0]["windows"] == ["4", "1-2", "2-3"]  # ⌈7/3⌉ = 3 of rank's order, trained in window order
+    assert (seen[0].blocks, seen[0].widths, seen[0].val_fraction) == ("1-4", (1, 2), 0.2)
+    assert seen[0].train == TrainConfig(epochs=1, batch_size=32, device="cpu")
+    _, run = _halving(planted, eta=5, epochs=1, prior="rank", widths=(1,))
+    assert run().rungs[0]["windows"] == ["4"]  # ⌈4/5⌉ = 1
     _, run = _halving(planted, eta=3, epochs=1, prior="fisher")
     with pytest.raises(BlockError, match="--prior must be rank, got 'fisher'"):
         run()
-    assert math.ceil(4 / 3) == 2
 
 
 # -- greedy ---------------------------------------------------------------------------------------------------------
@@ -594,3 +595,59 @@ def test_halving_saves_its_label_sets_identity_and_resumes_only_the_same_setting
         with pytest.raises(SubcacheError, match="labels|other settings"):
             halving_profile(cache, other, out=str(tmp_path), backbone=backbone)
     assert not any(stub.calls)
+
+
+def test_halving_refuses_to_resume_another_range_widths_or_prior(planted, stub, tmp_path, monkeypatch):
+    """Its rungs depend on the windows: a folder of another range's halving would hand back runs of another
+    schedule (a rung trained for other epochs)."""
+    _, run = _halving(planted, eta=2, epochs=4)
+    run(out=str(tmp_path))
+    for kw in ({"blocks": "3-4"}, {"widths": (1, 2)}, {"prior": "rank"}):
+        _, other = _halving(planted, eta=2, epochs=4, **kw)
+        with pytest.raises(SubcacheError, match="other settings"):
+            other(out=str(tmp_path))
+    stub.calls.clear()
+    assert len(run(out=str(tmp_path)).rows) == 7 and not any(stub.calls)  # the same halving: all read back
+
+
+def test_halving_counts_only_the_runs_of_its_own_schedule(planted, stub, tmp_path):
+    """A resumed folder may hold runs the schedule no longer makes (a killed run whose rung 0 came out otherwise):
+    they are kept in the file but not counted as compute."""
+    _, run = _halving(planted, eta=2, epochs=4, blocks="3-4")
+    whole = run(out=str(tmp_path))
+    assert [r["windows"] for r in whole.rungs] == [["3", "4"], ["3"]]
+    saved = json.loads((tmp_path / "halving.json").read_text())
+    stale = [{**saved["runs"][0], "rung": 1, "blocks": "4", "first": 4, "flops": 10 ** 12},
+             {**saved["runs"][0], "rung": 2, "flops": 10 ** 12}]
+    (tmp_path / "halving.json").write_text(json.dumps({**saved, "runs": saved["runs"] + stale}))
+    resumed = run(out=str(tmp_path))
+    assert len(resumed.rows) == len(whole.rows) + 2 and resumed.train_flops == whole.train_flops
+    assert resumed.best == whole.best
+
+
+def test_halving_shares_frozen_activations_unless_runs_augment_and_passes_batch_runs(planted, stub, monkeypatch):
+    from subcache.bank import ActivationBank
+
+    banks = []
+    real = stub.__call__
+    monkeypatch.setattr(halving_mod, "run_windows", lambda c, cf, b, bank, split, batch_runs: banks.append(
+        (bank, batch_runs)) or real(c, cf, b, bank, split, batch_runs))
+    _, run = _halving(planted, blocks="4-4", batch_runs="3")
+    run()
+    assert isinstance(banks[-1][0], ActivationBank) and banks[-1][1] == "3"
+    cache, backbone = planted
+    flip = TrainConfig(epochs=2, batch_size=32, device="cpu", augment="flip")
+    halving_profile(cache, ProfileConfig(blocks="4-4", halving=True, train=flip), backbone=backbone)
+    assert banks[-1][0] is None  # an augmented run computes its frozen activations itself
+
+
+def test_halving_rows_name_their_window_and_it_is_silent_by_default(planted, stub, tmp_path, capsys):
+    _, run = _halving(planted, eta=2, epochs=1, widths=(2,), blocks="2-4")
+    capsys.readouterr()
+    result = run(out=tmp_path)
+    assert capsys.readouterr().err == ""
+    assert [(r["blocks"], r["first"], r["width"]) for r in result.rows] == [("2-3", 2, 2), ("3-4", 3, 2)]
+    assert result.to_dict()["out"] == str(tmp_path) and result.out == str(tmp_path)
+    saved = json.loads((tmp_path / "halving.json").read_text())
+    assert saved["cache"] == subcache.open_cache(planted[0]).path and saved["out"] == str(tmp_path)
+    assert (tmp_path / "halving.csv").read_text().splitlines()[1].startswith("0,1,2-3,2,2,0,")

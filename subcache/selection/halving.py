@@ -85,7 +85,8 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | os.
     wins = [win for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     fraction = config.val_fraction or DEFAULT_VAL_FRACTION
     rows = load_rows(out, config.train, data_identity(cache, config.train.labels), "halving.json",
-                      extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs})
+                      extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs,
+                             "blocks": config.blocks, "widths": list(config.widths), "prior": config.prior})
     runner = _Rungs(cache, backbone, replace(config, val_fraction=fraction), rows, out, on_run)
     survivors = _prior(cache, config, backbone, wins) if config.prior else wins
     epochs, rungs = min(config.min_epochs, config.train.epochs), []
