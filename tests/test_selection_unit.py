@@ -283,9 +283,15 @@ def _halving(planted, eta=2, seeds=1, epochs=4, min_epochs=1, **kw):
     return config, lambda **more: halving_profile(cache, config, backbone=backbone, **more)
 
 
-def test_halving_keeps_the_best_ceil_n_over_eta_and_multiplies_epochs_by_eta(planted, stub):
+def test_halving_keeps_the_best_ceil_n_over_eta_and_multiplies_epochs_by_eta(planted, stub, capsys):
+    import re
+
     config, run = _halving(planted, eta=2, epochs=4, widths=(1, 2))
-    result = run()
+    capsys.readouterr()
+    result = run(progress=True)
+    lines = capsys.readouterr().err.splitlines()  # a line per run, also when a run is under 10 % of them
+    assert [line.split(" (")[0] for line in lines] == [f"halving {i}/13" for i in range(1, 14)]
+    assert all(re.search(r" (runs/s|s/run)$", line) for line in lines)
     assert [(r["epochs"], r["windows"], r["kept"]) for r in result.rungs] == [
         (1, ["1", "2", "3", "4", "1-2", "2-3", "3-4"], ["2", "2-3", "3", "3-4"]),  # ⌈7/2⌉ = 4, best first
         (2, ["2", "2-3", "3", "3-4"], ["2", "2-3"]),
