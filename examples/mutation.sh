@@ -57,6 +57,7 @@ also_copy = ["cli/", "subcache/cli/"]  # mutmut walks subcache/ without followin
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "-q"]
 pytest_add_cli_args_test_selection = [${args%, }]
 timeout_constant = 30.0  # seconds: importing torch in each mutant's worker counts against its CPU limit
+timeout_multiplier = 4.0  # × the tests' own CPU time (default 15): a mutant that loops forever ends in minutes
 EOF
   mkdir "$scratch/mutants"  # before Python starts: a PYTHONPATH folder that does not exist yet is never searched
   echo "== $module: mutating subcache/$module.py, tests: $selection (in $scratch)" >&2

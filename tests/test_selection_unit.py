@@ -372,6 +372,8 @@ def test_run_note_is_a_runs_progress_line():
 
 
 def test_halving_saves_resumes_and_marks_the_file_complete(planted, stub, tmp_path, capsys):
+    import re
+
     _, run = _halving(planted, eta=2, blocks="2-4")
     whole = run()
     def kill_after_two(row, seen=[]):
@@ -391,6 +393,8 @@ def test_halving_saves_resumes_and_marks_the_file_complete(planted, stub, tmp_pa
     assert [line.split(" (")[0] for line in lines] == [f"halving {i}/6" for i in range(1, 7)]  # 3 + 2 + 1 planned
     assert ["(saved)" in line for line in lines] == [True, True, False, False, False, False]
     assert "halving 1/6 (17%) rung 0 (1 epochs) blocks 2 seed 0: val 0.9100 test 0.8100 (saved)" in lines[0]
+    assert re.fullmatch(r"halving 3/6 \(50%\) rung 0 \(1 epochs\) blocks 4 seed 0: val 0.6100 test 0.5100 "
+                        r"[\d.]+ (runs/s|s/run)", lines[2])
     saved = json.loads((tmp_path / "halving.json").read_text())
     assert saved["complete"] is True and saved["best"] == whole.best == resumed.best
     assert saved["runs"] == resumed.rows and saved["rungs"] == whole.rungs
