@@ -588,7 +588,8 @@ def test_greedy_search_empty_ties_go_to_the_earlier_blocks_and_an_exact_epsilon_
     assert greedy_search(score, [3, 4, 5], epsilon=0.01, max_blocks=0).blocks == ()
 
 
-def test_halving_saves_its_label_sets_identity_and_resumes_only_the_same_settings(relabelled, stub, tmp_path):
+def test_halving_saves_its_label_sets_identity_and_resumes_only_the_same_settings(planted, relabelled, stub,
+                                                                                 tmp_path):
     cache, backbone = relabelled
     half = TrainConfig(epochs=2, batch_size=32, device="cpu", labels="half")
     config = ProfileConfig(blocks="3-4", halving=True, eta=2, train=half)
@@ -605,6 +606,10 @@ def test_halving_saves_its_label_sets_identity_and_resumes_only_the_same_setting
         with pytest.raises(SubcacheError, match="labels|other settings"):
             halving_profile(cache, other, out=str(tmp_path), backbone=backbone)
     assert not any(stub.calls)
+    same = ProfileConfig(blocks="3-4", halving=True, eta=2, train=TrainConfig(epochs=2, batch_size=32, device="cpu"))
+    halving_profile(planted[0], same, out=str(tmp_path / "p"), backbone=backbone)
+    with pytest.raises(SubcacheError, match="cache"):  # a copy of the cache: another cache, the same settings
+        halving_profile(cache, same, out=str(tmp_path / "p"), backbone=backbone)
 
 
 def test_halving_refuses_to_resume_another_range_widths_or_prior(planted, stub, tmp_path, monkeypatch):
