@@ -46,7 +46,8 @@ class Stub:
 
 @pytest.fixture(scope="module")
 def relabelled(planted, tmp_path_factory):
-    """A copy of the planted cache with a label set `half` (class // 2) on both splits: (cache, backbone)."""
+    """A copy of the planted cache with label sets `half` (class // 2) and `zero` (class 0 or not) on both splits:
+    (cache, backbone)."""
     import shutil
 
     root = tmp_path_factory.mktemp("relabelled")
@@ -56,6 +57,8 @@ def relabelled(planted, tmp_path_factory):
         ids, y = c.split(split).id[:], c.read_y(split).tolist()
         (root / "l.csv").write_text("id,label\n" + "".join(f"{i},{'ab'[k // 2]}\n" for i, k in zip(ids, y)))
         subcache.labels.add_labels(store, "half", root / "l.csv", split)
+        (root / "z.csv").write_text("id,label\n" + "".join(f"{i},{'ab'[k > 0]}\n" for i, k in zip(ids, y)))
+        subcache.labels.add_labels(store, "zero", root / "z.csv", split)
     return store, planted[1]
 
 
@@ -666,3 +669,34 @@ def test_halving_rows_name_their_window_and_it_is_silent_by_default(planted, stu
     saved = json.loads((tmp_path / "halving.json").read_text())
     assert saved["cache"] == subcache.open_cache(planted[0]).path and saved["out"] == str(tmp_path)
     assert (tmp_path / "halving.csv").read_text().splitlines()[1].startswith("0,1,2-3,2,2,0,")
+
+
+def test_greedy_folds_draw_the_limited_pool_balanced_over_the_label_set_trained_on(relabelled):
+    from subcache.selection.greedy import _folds
+
+    c = subcache.open_cache(relabelled[0])
+    y = c.read_y("train").numpy()
+    for labels, zeros in ((None, 10), ("zero", 20)):  # 40 of 4 classes: 10 of class 0; of `zero`'s 2: 20
+        held = np.concatenate([v for _, v in _folds(c, TrainConfig(limit=40, labels=labels), 2)])
+        assert len(held) == 40 and (y[held] == 0).sum() == zeros
+
+
+def test_greedy_search_takes_a_small_gain_by_default():
+    from subcache.selection.greedy import greedy_search
+
+    assert greedy_search(lambda b: 0.5 + 0.02 * len(b), [3, 4]).blocks == (3, 4)  # default ε = 0.01
+
+
+def test_greedy_plot_marks_each_step_and_centres_its_label_just_above_it(planted, tmp_path, monkeypatch, trained):
+    import subcache.selection.greedy as greedy
+
+    plotted = []
+    real_plot = greedy.plot_greedy
+    monkeypatch.setattr(greedy, "plot_greedy", lambda *a, **k: plotted.append(real_plot(*a, **k)))
+    _greedy(planted, blocks="3-4", val_fraction=0.25, epsilon=0.05, out=tmp_path / "g")
+    ax = plotted[0].axes[0]
+    assert ax.get_ylabel() == "validation accuracy"  # drawn with the run's own config
+    assert ax.get_lines()[0].get_marker() == "o"
+    for t in ax.texts:
+        assert t.anncoords == "offset points" and t.xyann[0] == 0 and 3 <= t.xyann[1] <= 12 and t.get_ha() == "center"
+    assert 0.1 <= ax.margins()[1] <= 0.5  # room above the top point for its label, the points not squashed
