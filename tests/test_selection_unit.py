@@ -397,7 +397,7 @@ def test_halving_saves_resumes_and_marks_the_file_complete(planted, stub, tmp_pa
     assert ["(saved)" in line for line in lines] == [True, True, False, False, False, False]
     assert "halving 1/6 (17%) rung 0 (1 epochs) blocks 2 seed 0: val 0.9100 test 0.8100 (saved)" in lines[0]
     assert re.fullmatch(r"halving 3/6 \(50%\) rung 0 \(1 epochs\) blocks 4 seed 0: val 0.6100 test 0.5100 "
-                        r"[\d.]+ (runs/s|s/run)", lines[2])
+                        r"[\d.,]+ (runs/s|s/run)", lines[2])
     saved = json.loads((tmp_path / "halving.json").read_text())
     assert saved["complete"] is True and saved["best"] == whole.best == resumed.best
     assert saved["runs"] == resumed.rows and saved["rungs"] == whole.rungs
@@ -435,9 +435,10 @@ class TrainStub:
     per held-out fold index; records (blocks, fit positions, held-out positions) per run."""
 
     def __init__(self):
-        self.runs = []
+        self.runs, self.banks, self.seen = [], [], []
 
     def _result(self, config, data, fold=0):
+        self.banks.append(data.bank)
         blocks = () if config.blocks == "none" else tuple(int(b) for b in config.blocks.replace("-", ",").split(","))
         if config.blocks.count("-"):
             blocks = tuple(range(blocks[0], blocks[1] + 1))
@@ -445,9 +446,11 @@ class TrainStub:
         return type("Run", (), {"test_accuracy": GAIN.get(blocks, 0.2) + fold / 100})()
 
     def train(self, cache, config, data, backbone=None):
+        self.seen.append((cache, backbone, None))
         return self._result(config, data)
 
     def train_runs(self, cache, jobs, backbone=None, batch_runs="off"):
+        self.seen.append((cache, backbone, batch_runs))
         return [self._result(config, data, i) for i, (config, data) in enumerate(jobs)]
 
 
@@ -700,3 +703,63 @@ def test_greedy_plot_marks_each_step_and_centres_its_label_just_above_it(planted
     for t in ax.texts:
         assert t.anncoords == "offset points" and t.xyann[0] == 0 and 3 <= t.xyann[1] <= 12 and t.get_ha() == "center"
     assert 0.1 <= ax.margins()[1] <= 0.5  # room above the top point for its label, the points not squashed
+
+
+def test_greedy_search_keeps_a_consecutive_set_a_window_growing_at_either_end():
+    from subcache.selection.greedy import greedy_search
+
+    value = {(): 0.5, (3,): 0.75, (3, 4): 0.875, (2, 3): 0.8125, (3, 5): 0.9375}
+    score = lambda b: value.get(b, 0.0)  # noqa: E731
+    assert greedy_search(score, [2, 3, 4, 5], epsilon=0.01, max_blocks=2).blocks == (3, 5)
+    assert greedy_search(score, [2, 3, 4, 5], epsilon=0.01, max_blocks=2, consecutive=True).blocks == (3, 4)
+    value[(3, 4)] = 0.5
+    assert greedy_search(score, [2, 3, 4, 5], epsilon=0.01, max_blocks=2, consecutive=True).blocks == (2, 3)
+
+
+def test_greedy_select_trains_on_its_cache_and_backbone_sharing_activations_and_batching_folds(planted, trained):
+    from subcache.bank import ActivationBank
+
+    cache, backbone = planted
+    _greedy(planted, blocks="3-4", folds=2, max_blocks=1, batch_runs="2")
+    assert all(c.path == subcache.open_cache(cache).path and b is backbone for c, b, _ in trained.seen)
+    assert [r for _, _, r in trained.seen][:-1] == ["2"] * (len(trained.seen) - 1)  # each candidate's folds
+    assert trained.banks and all(isinstance(b, ActivationBank) for b in trained.banks)
+    trained.banks.clear()
+    _greedy(planted, blocks="3-4", max_blocks=1)  # by test accuracy, then the final run
+    assert len(trained.banks) == 4 and all(isinstance(b, ActivationBank) for b in trained.banks)
+    trained.banks.clear()
+    flip = TrainConfig(epochs=4, batch_size=32, device="cpu", augment="flip")
+    subcache.selection.greedy.greedy_select(cache, subcache.selection.greedy.GreedyConfig(
+        blocks="4-4", train=flip), backbone=backbone)
+    assert trained.banks and all(b is None for b in trained.banks)  # augmented runs compute their own
+
+
+def test_greedy_select_passes_consecutive_on(planted, trained, monkeypatch):
+    monkeypatch.setitem(GAIN, (1, 3), 0.75)
+    assert _greedy(planted, epsilon=0.05, max_blocks=2).blocks == (1, 3)
+    assert _greedy(planted, epsilon=0.05, max_blocks=2, consecutive=True).blocks == (3, 4)
+
+
+def test_greedy_select_is_silent_by_default_and_writes_a_line_per_run_with_progress(planted, trained, capsys):
+    import re
+
+    from subcache.selection.greedy import GreedyConfig, greedy_select
+
+    cache, backbone = planted
+    capsys.readouterr()
+    greedy_select(cache, GreedyConfig(blocks="3-4", max_blocks=1, train=TRAIN), backbone=backbone)
+    assert capsys.readouterr().err == ""
+    greedy_select(cache, GreedyConfig(blocks="3-4", max_blocks=1, train=TRAIN), backbone=backbone, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.sub(r" [\d.,]+ (runs/s|s/run)$", "", line) for line in lines] == [
+        "greedy run 1 blocks none: score 0.4000", "greedy run 2 blocks 3: score 0.6000",
+        "greedy run 3 blocks 4: score 0.5500"]
+    assert all(re.search(r" (runs/s|s/run)$", line) for line in lines)
+
+
+def test_greedy_select_refuses_folds_with_a_validation_fraction_in_one_line(planted, trained):
+    from subcache.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _greedy(planted, folds=2, val_fraction=0.2)
+    assert str(e.value) == "--folds and --val-fraction both choose on held-out training data; give one of them"
