@@ -217,7 +217,8 @@ def test_factory_module_is_cut_by_its_family_and_frozen(factories):
     assert b.weights_sha256 == state_dict_sha256(b.model)
     tv = factory.load("subcache_test_factories:tv_net", "imagenet", 48)
     assert tv.num_blocks == 8 and tv.block_names[0] == "layer1.0" and not tv.model.training
-    assert tv.preprocess.image_size == 48 and tv.weights_id == "factory"
+    assert tv.preprocess.image_size == 48 and tv.weights_id == "factory" and tv.model_id == \
+        "subcache_test_factories:tv_net"
     assert factory.load("subcache_test_factories:tv_net", "default", None).weights_id == "factory"
 
 
@@ -255,3 +256,13 @@ def test_factory_errors_say_what_to_fix(factories, spec, message):
     with pytest.raises(UnknownModelError) as e:
         factory.load(spec, "none", None)
     assert str(e.value).startswith(message) or message in str(e.value)
+
+
+def test_factory_weights_that_do_not_fit_name_the_factory(factories, tmp_path):
+    from subcache.backbones import factory
+    from subcache.errors import WeightsError
+
+    path = tmp_path / "other.pth"
+    torch.save({k: torch.zeros(2) for k in toy(3).model.state_dict()}, path)  # every weight the wrong size
+    with pytest.raises(WeightsError, match="weights .*other.pth do not fit subcache_test_factories:backbone"):
+        factory.load("subcache_test_factories:backbone", str(path), None)
