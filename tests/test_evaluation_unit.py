@@ -114,6 +114,7 @@ def test_evaluate_and_accuracy_count_exact_matches(cache, model):
     flipped = (pred + 1) % 4
     flipped[:10] = pred[:10]
     assert evaluate(model, cache, "test", labels=flipped, device=CPU) == pytest.approx(10 / len(y))
+    assert evaluate(model, cache, labels=flipped) == pytest.approx(10 / len(y))  # the test split by default
     x = cache.read_x("test").float()
     model.train()
     assert accuracy(model, x, flipped, model, batch=40) == pytest.approx(10 / len(y)) and model.training
