@@ -113,8 +113,12 @@ def test_predictions_rows_top_and_csv(tmp_path):
     many[0, 5] = 0.5
     tied = _predictions(probabilities={"t": many}, task_classes={"t": [f"c{i}" for i in range(40)]})
     assert [c for c, _ in tied.top("t", 5)[0]] == ["c5", "c0", "c1", "c2", "c3"]  # ties keep class order
-    p.save(tmp_path / "out" / "p.csv")
-    with open(tmp_path / "out" / "p.csv", newline="") as f:
+    third = np.array([[1 / 3, 2 / 3, 0.0]] * 3)  # probabilities as written: 6 decimals
+    thirds = _predictions(probs={"t": third.max(1)}, preds={"t": third.argmax(1)}, probabilities={"t": third})
+    assert thirds.rows()[0]["t_prob"] == 0.666667 and thirds.rows(top=2)[0]["t_top"] == [["y", 0.666667],
+                                                                                         ["x", 0.333333]]
+    p.save(tmp_path / "out" / "deep" / "p.csv")  # folders made as needed
+    with open(tmp_path / "out" / "deep" / "p.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [["id", "key", "label", "t", "t_prob"], ["10", "a.png", "dog", "y", "0.7"],
                     ["11", "b.png", "", "x", "0.5"], ["12", "2", "cat", "z", "0.4"]]
