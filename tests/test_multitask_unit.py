@@ -136,6 +136,9 @@ def test_accuracy_only_for_tasks_trained_on_the_datas_labels_and_why_not():
                    "other": "no accuracy for other: its classes (p, q) are not the data's (a, b, c, d, … (5 in all))"}
     unlabelled = SimpleNamespace(classes=["a"], labels=np.array([-1, -1]))
     assert _accuracy({"set": tasks["set"]}, preds, unlabelled) == ({}, {})
+    assert _accuracy(tasks, {**preds, "same": np.array([0, 1, 2, 0])}, source)[0] == {"same": 0.75}
+    class_zero = SimpleNamespace(classes=source.classes, labels=np.array([0, -1]))  # labelled: one item, class 0
+    assert list(_accuracy({"set": tasks["set"]}, preds, class_zero)[1]) == ["set"]
     assert _accuracy({"set": tasks["set"]}, preds, SimpleNamespace(classes=[], labels=np.array([0]))) == ({}, {})
     assert _names(["a", "b", "c", "d"]) == "a, b, c, d" and _names([1, 2, 3], show=2) == "1, 2, … (3 in all)"
 
@@ -146,6 +149,8 @@ def test_input_record_must_agree_across_tasks():
     tasks = [SimpleNamespace(input_record=rec, path="/a"), SimpleNamespace(input_record={**rec, "source": "file"},
                                                                           path="/b")]
     assert input_record(tasks) is rec
+    with pytest.raises(TaskError, match=r"tasks /a and /b .* \(frame vs crop resize\)"):  # the second differs
+        input_record([tasks[0], SimpleNamespace(input_record={**rec, "resize": "crop"}, path="/b")])
     for key, value in [("image_size", 64), ("resize", "crop"), ("crop_pct", 0.9), ("interpolation", "bicubic"),
                        ("mean", [0.4] * 3), ("std", [0.3] * 3)]:
         with pytest.raises(TaskError) as e:
@@ -242,6 +247,7 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     import subcache.data as data
     import subcache.evaluation as evaluation
     import subcache.inputs as inputs
+    import subcache.multitask as multitask
     import subcache.pipeline as pipeline
     from subcache.multitask import predict
 
@@ -272,5 +278,9 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     assert seen["workers"] == [0, 2, 3]  # arrays: the main process; photos: as asked, by default for the device
     with pytest.raises(Exception, match="--workers must be 0"):
         predict([probe], npz_path, limit=2, backbone=resnet18, workers=-1)
-    predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
-    assert "predict test" in capsys.readouterr().err
+    clock = iter([100.0, 100.5])  # predicting takes 0.5 s
+    monkeypatch.setattr(multitask, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    shown = predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
+    assert "predict test 2/2 (100%)" in capsys.readouterr().err
+    assert shown.images_per_second == 4.0
+    assert shown.probabilities["probe"].shape == (2, 4) and np.allclose(shown.probabilities["probe"].sum(1), 1)
