@@ -234,6 +234,7 @@ def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
     assert model.names == ["t", "t_", "original_", "t__", "s"] and not model.training
     assert model.branch("s").siamese and not model.branch("t").siamese and model.branch("t").tuned == (3,)
     assert not model.include_original and MultiTaskModel.from_tasks(bb, ["/r/t"]).include_original
+    assert MultiTaskModel.from_tasks(bb, ["/", "/"]).names == ["task", "task_"]  # a path with no folder name
 
 
 @pytest.fixture(scope="module")
