@@ -84,6 +84,19 @@ def test_without_the_original_the_trunk_is_dropped_once_no_task_needs_it(forks):
     assert MultiTaskModel(bb, branches, True)._keep_original_until == bb.num_blocks
 
 
+def test_the_frozen_tail_runs_once_per_task_without_the_original():
+    """Forks at 2 and 4, no original output: after block 3 nothing needs the original branch, so frozen block 4 runs
+    on task 0's rows alone and block 5 on both tasks' (rows per call, batch 2)."""
+    bb = toy()
+    rows = {i: [] for i in range(1, 6)}
+    for i in rows:
+        bb.block(i).register_forward_hook(lambda m, args, out, i=i: rows[i].append(args[0].shape[0]))
+    model = MultiTaskModel(bb, {"t0": _branch([2, 3]), "t1": _branch([4])}, include_original=False)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 4, 4))
+    assert rows == {1: [2], 2: [2], 3: [2], 4: [2], 5: [4]}
+
+
 def test_branch_first_last_and_an_empty_model():
     assert (_branch([3, 1]).first, _branch([3, 1]).last, _branch([3, 1]).tuned) == (1, 3, (1, 3))
     assert (_branch([]).first, _branch([]).last) == (-1, -1)
@@ -227,7 +240,8 @@ def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
     def fake(path):
         tuned = {3: Step(0.3)}
         model = SimpleNamespace(tuned_blocks={"3": tuned[3]}, head=nn.Linear(8, 2))
-        return SimpleNamespace(path=path, blocks=(3,), meta={"siamese": path.endswith("s")}, model=lambda b: model)
+        meta = {"siamese": True} if path.endswith("s") else {}  # a task record without the key: not siamese
+        return SimpleNamespace(path=path, blocks=(3,), meta=meta, model=lambda b: model)
 
     monkeypatch.setattr(multitask, "load_task", fake)
     model = MultiTaskModel.from_tasks(bb, ["/r/t", "/q/t", "/r/original", "/r/t_", "/r/s"], include_original=False)
