@@ -1,6 +1,6 @@
 """The backbone contract, exactly, on a hand-made backbone whose blocks are distinguishable: which blocks run for
 a prefix / features / forward, how blocks are addressed, the fingerprint, the per-block facts and the cut check
-(each test kills mutants that `examples/mutation.sh backbones/core` found surviving)."""
+(each test kills mutants that `examples/mutation.sh backbones/core` and `backbones/factory` found surviving)."""
 from __future__ import annotations
 
 import hashlib
