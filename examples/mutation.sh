@@ -27,7 +27,7 @@ tests_for() {
     train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
     evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
-    selection/*) echo "tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
+    selection/*) echo "tests/test_selection_unit.py tests/test_greedy_unit.py tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
     active) echo "tests/test_active_unit.py tests/test_active.py tests/test_properties.py" ;;
     multitask) echo "tests/test_multitask_unit.py tests/test_multitask.py tests/test_export.py" ;;
     export) echo "tests/test_export_unit.py tests/test_export.py" ;;
@@ -43,6 +43,8 @@ run_module() {
   scratch=$(mktemp -d "${TMPDIR:-/tmp}/subcache-mutation-${module//\//-}.XXXXXX")
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) |
     tar -xf - -C "$scratch"
+  # setup.cfg installs cli/ as subcache.cli; the scratch copy is not installed, so it maps it the same way by a link
+  [ -e "$scratch/subcache/cli" ] || ln -s ../cli "$scratch/subcache/cli"
   # the selection as a TOML list: "-k EXPR" keeps EXPR as one argument (underscores in it stand for spaces)
   local args="" word
   for word in $selection; do args+="\"${word//_or_/ or }\", "; done
@@ -51,10 +53,11 @@ run_module() {
 [tool.mutmut]
 source_paths = ["subcache"]
 only_mutate = ["subcache/$module.py"]
-also_copy = ["cli/"]
+also_copy = ["cli/", "subcache/cli/"]  # mutmut walks subcache/ without following the link
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "-q"]
 pytest_add_cli_args_test_selection = [${args%, }]
 timeout_constant = 30.0  # seconds: importing torch in each mutant's worker counts against its CPU limit
+timeout_multiplier = 4.0  # × the tests' own CPU time (default 15): a mutant that loops forever ends in minutes
 EOF
   mkdir "$scratch/mutants"  # before Python starts: a PYTHONPATH folder that does not exist yet is never searched
   echo "== $module: mutating subcache/$module.py, tests: $selection (in $scratch)" >&2

@@ -1,6 +1,6 @@
 """The backbone contract, exactly, on a hand-made backbone whose blocks are distinguishable: which blocks run for
 a prefix / features / forward, how blocks are addressed, the fingerprint, the per-block facts and the cut check
-(each test kills mutants that `examples/mutation.sh backbones/core` found surviving)."""
+(each test kills mutants that `examples/mutation.sh backbones/core` and `backbones/factory` found surviving)."""
 from __future__ import annotations
 
 import hashlib
@@ -171,3 +171,98 @@ def test_describe_blocks_counts_params_shapes_and_flops_per_block():
     infos = describe_blocks(b)
     assert [(i.index, i.name, i.params, i.input_shape, i.flops) for i in infos] == [
         (1, "blocks.0", 8 * 6 + 6, (8,), 2 * 8 * 6), (2, "blocks.1", 6 * 2, (6,), 2 * 6 * 2)]
+
+
+# -- factory: `--model package.module:factory` ----------------------------------------------------------------------
+@pytest.fixture
+def factories(monkeypatch):
+    """An importable module `subcache_test_factories` holding factories of each kind (no file on disk)."""
+    import sys
+    import types
+
+    import timm
+    import torchvision
+
+    mod = types.ModuleType("subcache_test_factories")
+    mod.made = []
+
+    def remember(net):
+        mod.made.append(net)
+        return net.train()  # left in train mode on purpose
+
+    mod.timm_net = lambda: remember(timm.create_model("test_efficientnet", num_classes=4))
+    mod.tv_net = lambda: remember(torchvision.models.resnet18(num_classes=4))
+    mod.backbone = lambda: toy(3)
+    mod.number = lambda: 42
+    monkeypatch.setitem(sys.modules, "subcache_test_factories", mod)
+    return mod
+
+
+def test_factory_matches_only_module_colon_function():
+    from subcache.backbones import factory
+
+    assert factory.matches("pkg.sub_mod:make_net") and factory.matches("m:f")
+    assert not factory.matches("resnet18") and not factory.matches("pkg.mod:") and not factory.matches("a:b:c")
+    assert factory.known() == ["package.module:factory (your own model)"]
+
+
+def test_factory_module_is_cut_by_its_family_and_frozen(factories):
+    from subcache.backbones import factory
+
+    b = factory.load("subcache_test_factories:timm_net", "none", None)
+    assert b.block_names == ["blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0", "blocks.4.0"]  # timm's cut
+    assert b.model is factories.made[0] and not b.model.training  # eval: never built from batch statistics
+    assert b.model_id == "subcache_test_factories:timm_net" and b.weights_id == "factory"
+    assert b.preprocess.image_size == factories.made[0].pretrained_cfg["input_size"][-1]
+    assert b.weights_sha256 == state_dict_sha256(b.model)
+    tv = factory.load("subcache_test_factories:tv_net", "imagenet", 48)
+    assert tv.num_blocks == 8 and tv.block_names[0] == "layer1.0" and not tv.model.training
+    assert tv.preprocess.image_size == 48 and tv.weights_id == "factory" and tv.model_id == \
+        "subcache_test_factories:tv_net"
+    assert factory.load("subcache_test_factories:tv_net", "default", None).weights_id == "factory"
+
+
+def test_factory_backbone_keeps_its_preprocess_unless_a_size_is_given(factories):
+    from subcache.backbones import factory
+
+    b = factory.load("subcache_test_factories:backbone", "none", None)
+    assert b.model_id == "subcache_test_factories:backbone" and b.preprocess == PRE and b.weights_id == "factory"
+    assert factory.load("subcache_test_factories:backbone", "none", 16).preprocess == Preprocess(
+        16, PRE.mean, PRE.std)
+
+
+def test_factory_weights_file_is_loaded_on_top(factories, tmp_path):
+    from subcache.backbones import factory
+
+    made = toy(3)
+    with torch.no_grad():
+        for p in made.model.parameters():
+            p.add_(1.0)
+    path = tmp_path / "w.pth"
+    torch.save(made.model.state_dict(), path)
+    b = factory.load("subcache_test_factories:backbone", str(path), None)
+    assert b.weights_id == "file:w.pth" and b.weights_sha256 == state_dict_sha256(made.model)
+    assert all(torch.equal(p, q) for p, q in zip(b.model.parameters(), made.model.parameters()))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("subcache_no_such_module:f", "cannot load model factory subcache_no_such_module:f (No module named"),
+    ("subcache_test_factories:missing", "must be importable (on PYTHONPATH) and define missing()"),
+    ("subcache_test_factories:number", "subcache_test_factories:number() returned int; it must return an nn.Module "
+                                       "or a subcache.Backbone")])
+def test_factory_errors_say_what_to_fix(factories, spec, message):
+    from subcache.backbones import factory
+
+    with pytest.raises(UnknownModelError) as e:
+        factory.load(spec, "none", None)
+    assert str(e.value).startswith(message) or message in str(e.value)
+
+
+def test_factory_weights_that_do_not_fit_name_the_factory(factories, tmp_path):
+    from subcache.backbones import factory
+    from subcache.errors import WeightsError
+
+    path = tmp_path / "other.pth"
+    torch.save({k: torch.zeros(2) for k in toy(3).model.state_dict()}, path)  # every weight the wrong size
+    with pytest.raises(WeightsError, match="weights .*other.pth do not fit subcache_test_factories:backbone"):
+        factory.load("subcache_test_factories:backbone", str(path), None)

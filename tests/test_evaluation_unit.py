@@ -106,7 +106,7 @@ def test_batched_runs_every_slice_in_eval_mode_and_restores_the_mode():
     assert mod.training
 
 
-def test_evaluate_and_accuracy_count_exact_matches(cache, model):
+def test_evaluate_and_accuracy_count_exact_matches(cache, model, capsys):
     logits = _reference(model, cache.read_x("test"))
     pred = logits.argmax(1)
     y = cache.read_y("test")
@@ -114,6 +114,9 @@ def test_evaluate_and_accuracy_count_exact_matches(cache, model):
     flipped = (pred + 1) % 4
     flipped[:10] = pred[:10]
     assert evaluate(model, cache, "test", labels=flipped, device=CPU) == pytest.approx(10 / len(y))
+    capsys.readouterr()
+    assert evaluate(model, cache, labels=flipped) == pytest.approx(10 / len(y))  # the test split by default
+    assert capsys.readouterr().err == ""  # no progress by default
     x = cache.read_x("test").float()
     model.train()
     assert accuracy(model, x, flipped, model, batch=40) == pytest.approx(10 / len(y)) and model.training

@@ -84,6 +84,19 @@ def test_without_the_original_the_trunk_is_dropped_once_no_task_needs_it(forks):
     assert MultiTaskModel(bb, branches, True)._keep_original_until == bb.num_blocks
 
 
+def test_the_frozen_tail_runs_once_per_task_without_the_original():
+    """Forks at 2 and 4, no original output: after block 3 nothing needs the original branch, so frozen block 4 runs
+    on task 0's rows alone and block 5 on both tasks' (rows per call, batch 2)."""
+    bb = toy()
+    rows = {i: [] for i in range(1, 6)}
+    for i in rows:
+        bb.block(i).register_forward_hook(lambda m, args, out, i=i: rows[i].append(args[0].shape[0]))
+    model = MultiTaskModel(bb, {"t0": _branch([2, 3]), "t1": _branch([4])}, include_original=False)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 4, 4))
+    assert rows == {1: [2], 2: [2], 3: [2], 4: [2], 5: [4]}
+
+
 def test_branch_first_last_and_an_empty_model():
     assert (_branch([3, 1]).first, _branch([3, 1]).last, _branch([3, 1]).tuned) == (1, 3, (1, 3))
     assert (_branch([]).first, _branch([]).last) == (-1, -1)
@@ -113,8 +126,12 @@ def test_predictions_rows_top_and_csv(tmp_path):
     many[0, 5] = 0.5
     tied = _predictions(probabilities={"t": many}, task_classes={"t": [f"c{i}" for i in range(40)]})
     assert [c for c, _ in tied.top("t", 5)[0]] == ["c5", "c0", "c1", "c2", "c3"]  # ties keep class order
-    p.save(tmp_path / "out" / "p.csv")
-    with open(tmp_path / "out" / "p.csv", newline="") as f:
+    third = np.array([[1 / 3, 2 / 3, 0.0]] * 3)  # probabilities as written: 6 decimals
+    thirds = _predictions(probs={"t": third.max(1)}, preds={"t": third.argmax(1)}, probabilities={"t": third})
+    assert thirds.rows()[0]["t_prob"] == 0.666667 and thirds.rows(top=2)[0]["t_top"] == [["y", 0.666667],
+                                                                                         ["x", 0.333333]]
+    p.save(tmp_path / "out" / "deep" / "p.csv")  # folders made as needed
+    with open(tmp_path / "out" / "deep" / "p.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows == [["id", "key", "label", "t", "t_prob"], ["10", "a.png", "dog", "y", "0.7"],
                     ["11", "b.png", "", "x", "0.5"], ["12", "2", "cat", "z", "0.4"]]
@@ -132,6 +149,9 @@ def test_accuracy_only_for_tasks_trained_on_the_datas_labels_and_why_not():
                    "other": "no accuracy for other: its classes (p, q) are not the data's (a, b, c, d, … (5 in all))"}
     unlabelled = SimpleNamespace(classes=["a"], labels=np.array([-1, -1]))
     assert _accuracy({"set": tasks["set"]}, preds, unlabelled) == ({}, {})
+    assert _accuracy(tasks, {**preds, "same": np.array([0, 1, 2, 0])}, source)[0] == {"same": 0.75}
+    class_zero = SimpleNamespace(classes=source.classes, labels=np.array([0, -1]))  # labelled: one item, class 0
+    assert list(_accuracy({"set": tasks["set"]}, preds, class_zero)[1]) == ["set"]
     assert _accuracy({"set": tasks["set"]}, preds, SimpleNamespace(classes=[], labels=np.array([0]))) == ({}, {})
     assert _names(["a", "b", "c", "d"]) == "a, b, c, d" and _names([1, 2, 3], show=2) == "1, 2, … (3 in all)"
 
@@ -142,6 +162,8 @@ def test_input_record_must_agree_across_tasks():
     tasks = [SimpleNamespace(input_record=rec, path="/a"), SimpleNamespace(input_record={**rec, "source": "file"},
                                                                           path="/b")]
     assert input_record(tasks) is rec
+    with pytest.raises(TaskError, match=r"tasks /a and /b .* \(frame vs crop resize\)"):  # the second differs
+        input_record([tasks[0], SimpleNamespace(input_record={**rec, "resize": "crop"}, path="/b")])
     for key, value in [("image_size", 64), ("resize", "crop"), ("crop_pct", 0.9), ("interpolation", "bicubic"),
                        ("mean", [0.4] * 3), ("std", [0.3] * 3)]:
         with pytest.raises(TaskError) as e:
@@ -218,13 +240,15 @@ def test_from_tasks_names_each_task_by_its_folder_uniquely(monkeypatch):
     def fake(path):
         tuned = {3: Step(0.3)}
         model = SimpleNamespace(tuned_blocks={"3": tuned[3]}, head=nn.Linear(8, 2))
-        return SimpleNamespace(path=path, blocks=(3,), meta={"siamese": path.endswith("s")}, model=lambda b: model)
+        meta = {"siamese": True} if path.endswith("s") else {}  # a task record without the key: not siamese
+        return SimpleNamespace(path=path, blocks=(3,), meta=meta, model=lambda b: model)
 
     monkeypatch.setattr(multitask, "load_task", fake)
     model = MultiTaskModel.from_tasks(bb, ["/r/t", "/q/t", "/r/original", "/r/t_", "/r/s"], include_original=False)
     assert model.names == ["t", "t_", "original_", "t__", "s"] and not model.training
     assert model.branch("s").siamese and not model.branch("t").siamese and model.branch("t").tuned == (3,)
     assert not model.include_original and MultiTaskModel.from_tasks(bb, ["/r/t"]).include_original
+    assert MultiTaskModel.from_tasks(bb, ["/", "/"]).names == ["task", "task_"]  # a path with no folder name
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +262,7 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     import subcache.data as data
     import subcache.evaluation as evaluation
     import subcache.inputs as inputs
+    import subcache.multitask as multitask
     import subcache.pipeline as pipeline
     from subcache.multitask import predict
 
@@ -268,5 +293,9 @@ def test_predict_defaults_and_what_it_passes_on(probe, resnet18, npz_path, monke
     assert seen["workers"] == [0, 2, 3]  # arrays: the main process; photos: as asked, by default for the device
     with pytest.raises(Exception, match="--workers must be 0"):
         predict([probe], npz_path, limit=2, backbone=resnet18, workers=-1)
-    predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
-    assert "predict test" in capsys.readouterr().err
+    clock = iter([100.0, 100.5])  # predicting takes 0.5 s
+    monkeypatch.setattr(multitask, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    shown = predict([probe], npz_path, limit=2, backbone=resnet18, progress=True)
+    assert "predict test 2/2 (100%)" in capsys.readouterr().err
+    assert shown.images_per_second == 4.0
+    assert shown.probabilities["probe"].shape == (2, 4) and np.allclose(shown.probabilities["probe"].sum(1), 1)

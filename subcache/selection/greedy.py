@@ -161,7 +161,7 @@ def _save_greedy(out: str, result: GreedyResult, config: GreedyConfig, cache: Ca
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "greedy.json").write_text(json.dumps(
-        {"cache": cache.path, "config": {**asdict(config), "train": asdict(config.train)}, "path": result.path,
+        {"cache": cache.path, "config": asdict(config), "path": result.path,
          "blocks": list(result.blocks), "score": result.score, "test_accuracy": result.test_accuracy}, indent=1))
     atomic_write(folder / "greedy.csv", lambda tmp: write_csv(tmp, ("step", "blocks", "change", "score"),
                                                               result.path))

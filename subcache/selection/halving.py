@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -71,13 +72,14 @@ def run_note(row: dict) -> str:
             f"val {acc('val_accuracy')} test {acc('test_accuracy')}")
 
 
-def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | None = None,
+def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | os.PathLike | None = None,
                     backbone: Backbone | None = None, progress: bool = False,
                     on_run: Callable[[dict], None] | None = None) -> HalvingResult:
     """Successive halving over the windows: train all briefly, keep the best 1/eta on validation, train those
     eta× longer (from scratch: the cosine schedule depends on the length), … until the survivors reach
     ``train.epochs``. Resumable through ``out`` (``halving.json``): finished runs are read back and skipped."""
     cache, backbone = open_for_training(cache, backbone)
+    out = os.fspath(out) if out else None  # a str in the result (a Path would not serialise into halving.json)
     if config.eta < 2 or config.min_epochs < 1:
         raise BlockError(f"--eta must be at least 2 and --min-epochs at least 1, got {config.eta}, "
                          f"{config.min_epochs}")
@@ -85,7 +87,8 @@ def halving_profile(cache: Cache | str, config: ProfileConfig, *, out: str | Non
     wins = [win for w in sorted(set(config.widths)) for win in windows(lo, hi, w)]
     fraction = config.val_fraction or DEFAULT_VAL_FRACTION
     rows = load_rows(out, config.train, data_identity(cache, config.train.labels), "halving.json",
-                      extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs})
+                      extra={"val_fraction": fraction, "eta": config.eta, "min_epochs": config.min_epochs,
+                             "blocks": config.blocks, "widths": list(config.widths), "prior": config.prior})
     runner = _Rungs(cache, backbone, replace(config, val_fraction=fraction), rows, out, on_run)
     survivors = _prior(cache, config, backbone, wins) if config.prior else wins
     epochs, rungs = min(config.min_epochs, config.train.epochs), []
@@ -197,7 +200,7 @@ def _prior(cache: Cache, config: ProfileConfig, backbone: Backbone,
 def _save_halving(out: str, rows: list[dict], config: ProfileConfig, cache: Cache,
                   result: HalvingResult | None = None) -> None:
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels), "backbone": cache.backbone,
-            "layer": cache.layer, "config": {**asdict(config), "train": asdict(config.train)},
+            "layer": cache.layer, "config": asdict(config),
             **({**result.to_dict(), "complete": True} if result else {"complete": False}),
             "runs": rows}  # every run's row (to_dict's "runs" is their count): what a rerun reads back
     save_runs(out, "halving", meta, HALVING_FIELDS, rows)

@@ -86,7 +86,7 @@ def _run_all(cache: Cache, config: ProfileConfig, backbone: Backbone, split, tod
 def save_profile(out: str, rows: list[dict], config: ProfileConfig, cache: Cache) -> None:
     meta = {"cache": cache.path, "identity": data_identity(cache, config.train.labels),
             "backbone": cache.backbone, "layer": cache.layer,
-            "config": {**asdict(config), "train": asdict(config.train)}, "runs": rows}
+            "config": asdict(config), "runs": rows}
     save_runs(out, "profile", meta, FIELDS, rows)
 
 

@@ -416,7 +416,7 @@ def save_rank(out: str, result: RankResult, cache: Cache) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"cache": cache.path, "backbone": cache.backbone, "layer": cache.layer,
-            "config": {**asdict(result.config), "train": asdict(result.config.train)}, **result.to_dict()}
+            "config": asdict(result.config), **result.to_dict()}
     (folder / "rank.json").write_text(json.dumps(meta, indent=1))
     methods = list(result.config.methods)
     with open(folder / "rank.csv", "w", newline="") as f:
