@@ -104,7 +104,7 @@ class DeviceLoader:
 class Stager:
     """Host → device copies through a ring of reused host buffers: pinned, copied on a side stream and fenced with
     events on CUDA. Off the GPU it passes tensors through, unless ``staging=True`` (the tests): then plain buffers and
-    a synchronous copy run the same ring logic the GPU runs.
+    torch.cpu's stand-in streams and events (no-ops, copies are synchronous) run the same code the GPU runs.
 
     `upload` returns the device tensor and an event; `ready` makes the current stream wait for that event. A buffer
     is reused only after the copy that last read it has finished (its event), normally long done.
@@ -114,7 +114,8 @@ class Stager:
         self.device = device
         self.staging = device.type == "cuda" if staging is None else staging  # off the GPU only when asked (tests)
         self.pin = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.backend = torch.get_device_module(device)  # torch.cuda, or torch.cpu: device-agnostic stand-ins
+        self.stream = self.backend.Stream(device) if self.staging else None
         self.buffers: list[torch.Tensor | None] = [None] * slots  # flat uint8 host buffers
         self.events: list[torch.cuda.Event | None] = [None] * slots
         self.slot, self.allocations = 0, 0
@@ -136,11 +137,9 @@ class Stager:
         i, buffer = self._buffer(nbytes)
         host = buffer[:nbytes].view(t.dtype).view(t.shape)
         host.copy_(t)
-        if self.stream is None:
-            return host.to(self.device, copy=True), None
-        with torch.cuda.stream(self.stream):
-            out = host.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
+        with self.backend.stream(self.stream):
+            out = host.to(self.device, non_blocking=True, copy=True)  # copy: on the CPU ``host`` is the buffer
+            event = self.backend.Event()
             event.record(self.stream)
         self.events[i] = event
         return out, event
@@ -148,9 +147,10 @@ class Stager:
     def ready(self, t: torch.Tensor, event: "torch.cuda.Event | None") -> torch.Tensor:
         """``t`` usable on the current stream: wait for its copy (a device-side wait, no host sync)."""
         if event is not None:
-            current = torch.cuda.current_stream(self.device)
+            current = self.backend.current_stream(self.device)
             current.wait_event(event)
-            t.record_stream(current)  # allocated on the side stream, used on this one
+            if t.is_cuda:  # the caching allocator's bookkeeping; no such thing for CPU tensors
+                t.record_stream(current)  # allocated on the side stream, used on this one
         return t
 
 

@@ -2,6 +2,7 @@
 buffer reuse (each test kills mutants that `examples/mutation.sh loader` found surviving)."""
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from types import SimpleNamespace
@@ -106,19 +107,19 @@ def test_stream_loader_reads_flip_views_and_passes_reader_errors(chunked_cache, 
 
 def test_stager_reuses_its_ring_of_buffers_and_grows_with_headroom():
     stager = Stager(CPU, slots=2, staging=True)
-    assert stager.staging and not stager.pin and stager.stream is None
+    assert stager.staging and not stager.pin and stager.backend is torch.cpu and stager.stream is not None
     t = torch.arange(10, dtype=torch.float32)
     out, event = stager.upload(t)
-    assert torch.equal(out, t) and event is None and out.data_ptr() != t.data_ptr()
+    assert torch.equal(out, t) and event is not None and out.data_ptr() != t.data_ptr()
     assert stager.buffers[0].numel() == 40 + 10 and stager.allocations == 1 and stager.slot == 1
     stager.upload(t.clone())
     stager.upload(torch.arange(12, dtype=torch.float32))  # slot 0 again: 48 bytes fit in 50
     assert stager.allocations == 2 and stager.slot == 1
     stager.upload(torch.arange(14, dtype=torch.float32))  # slot 1: 56 > 50 bytes, grows
     assert stager.allocations == 3 and stager.buffers[1].numel() == 56 + 14
-    assert stager.ready(out, None) is out
+    assert stager.ready(out, None) is out and stager.ready(out, event) is out
     plain = Stager(CPU)
-    assert not plain.staging and plain.upload(t) == (t, None)
+    assert not plain.staging and plain.stream is None and plain.upload(t) == (t, None)
 
 
 def test_put_stops_when_asked_and_join_concatenates_fields():
@@ -152,3 +153,61 @@ def test_an_upload_never_aliases_the_buffer_it_is_staged_through():
     first, _ = stager.upload(torch.ones(8))
     stager.upload(torch.zeros(8))  # the same buffer, refilled
     assert first.tolist() == [1.0] * 8
+
+
+class _SpyBackend:
+    """torch.cpu's stand-in streams and events, logging what a Stager asks of them (on CUDA: torch.cuda's)."""
+
+    def __init__(self):
+        self.log, self.active, self.events = [], None, 0
+
+    def stream(self, s):
+        @contextlib.contextmanager
+        def on():
+            self.active = s
+            yield
+            self.active = None
+        return on()
+
+    def Event(self):  # noqa: N802 - the name torch.cuda uses
+        spy, n = self, self.events
+        self.events += 1
+        return SimpleNamespace(n=n, record=lambda stream: spy.log.append(("record", n, stream, spy.active)),
+                               synchronize=lambda: spy.log.append(("sync", n)))
+
+    def current_stream(self, device):
+        self.log.append(("current", device))
+        return SimpleNamespace(wait_event=lambda event: self.log.append(("wait", event.n)))
+
+
+def test_the_staged_copy_is_fenced_and_a_buffer_waits_for_its_last_copy(monkeypatch):
+    """The ring's CUDA logic, on the CPU: each copy records an event on the side stream (inside it), `ready` makes
+    the current stream wait for that event, and a slot's buffer is refilled only after its last copy's event."""
+    stager = Stager(CPU, slots=2, staging=True)
+    spy = _SpyBackend()
+    stager.backend, stager.stream = spy, "side"
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, src: copies.append(len(spy.log)) or real_copy(t, src))
+    a, ea = stager.upload(torch.ones(4))
+    b, eb = stager.upload(torch.ones(4) * 2)
+    assert spy.log == [("record", 0, "side", "side"), ("record", 1, "side", "side")] and spy.active is None
+    assert stager.events == [ea, eb] and (ea.n, eb.n) == (0, 1)
+    assert stager.ready(a, ea) is a and spy.log[-2:] == [("current", CPU), ("wait", 0)]
+    spy.log.clear()
+    c, _ = stager.upload(torch.ones(4) * 3)  # slot 0 again: waits for copy 0 before refilling its buffer
+    assert spy.log[0] == ("sync", 0) and copies[-1] == 1 and spy.log[1] == ("record", 2, "side", "side")
+    assert a.tolist() == [1.0] * 4 and b.tolist() == [2.0] * 4 and c.tolist() == [3.0] * 4
+
+
+def test_staged_stream_loader_gives_the_same_batches_as_the_unstaged_one(chunked_cache):
+    """`staging=True` (the GPU's pinned ring, streams and events; torch.cpu's stand-ins here) changes no batch."""
+    y = chunked_cache.read_y("train")
+    made = [StreamLoader(chunked_cache, "train", np.arange(1, 150, 3), y[1:150:3], 8, seed=2, device=CPU, window=2,
+                         depth=1, staging=staging) for staging in (False, True)]
+    assert [s.staging for s in made[1].stagers] == [True] * 3 and made[0].stagers[0].stream is None
+    for epoch in (0, 1):
+        plain, staged = (list(loader.epoch(epoch)) for loader in made)
+        assert len(plain) == len(staged) == made[0].steps_per_epoch
+        for (x1, f1, y1), (x2, f2, y2) in zip(plain, staged):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2) and f1 is None and f2 is None
