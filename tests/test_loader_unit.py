@@ -8,6 +8,8 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
+import zarr
+import zarr.storage
 import pytest
 import torch
 
@@ -211,3 +213,63 @@ def test_staged_stream_loader_gives_the_same_batches_as_the_unstaged_one(chunked
         assert len(plain) == len(staged) == made[0].steps_per_epoch
         for (x1, f1, y1), (x2, f2, y2) in zip(plain, staged):
             assert torch.equal(x1, x2) and torch.equal(y1, y2) and f1 is None and f2 is None
+
+
+class _FakeSplit:
+    """A split in memory (zarr arrays, 4-row chunks): bfloat16 rows stored as their uint16 bits, and mirrored views."""
+
+    def __init__(self, n=22):
+        bits = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3).to(torch.bfloat16).view(torch.uint16).numpy()
+        self.x, self.x_flip = (zarr.create_array(zarr.storage.MemoryStore(), shape=bits.shape, chunks=(4, 3),
+                                                 dtype="uint16") for _ in range(2))
+        self.x[:] = bits
+        self.x_flip[:] = bits[:, ::-1]
+        self.chunk_len = 4
+
+    def __len__(self):
+        return self.x.shape[0]
+
+
+@pytest.fixture(scope="module")
+def bf16_flip_cache():
+    split = _FakeSplit()
+    return SimpleNamespace(dtype="bfloat16", split=lambda name: split, decode=lambda x: x.float() * 2)
+
+
+def _rows(n=22):
+    x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3).to(torch.bfloat16)
+    return x, x.flip(1)
+
+
+def test_bfloat16_rows_and_their_mirrored_views_are_read_and_sized(bf16_flip_cache):
+    x, xf = _rows()
+    assert split_nbytes(bf16_flip_cache, "train", 5) == 5 * 3 * 2 * 2  # bf16 items, the mirrored view counted
+    got, flipped = read_rows(bf16_flip_cache, "train", np.array([4, 0])), read_rows(bf16_flip_cache, "train", None, True)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, x[[4, 0]]) and torch.equal(flipped, xf)
+    loader = DeviceLoader.from_cache(bf16_flip_cache, "train", np.array([1, 2, 3]), torch.tensor([7, 8, 9]), 3, 0,
+                                     CPU, flip_views=True)
+    bx, bf, by = next(loader.epoch(0))
+    pos = (by - 6).tolist()
+    assert torch.equal(bx, x[pos].float() * 2) and torch.equal(bf, xf[pos].float() * 2)
+
+
+@pytest.mark.parametrize("staging", [False, True])
+def test_stream_loader_streams_bfloat16_rows_with_their_mirrored_views(bf16_flip_cache, staging):
+    x, xf = _rows()
+    rows = np.array([0, 1, 2, 3, 5, 9, 10, 11, 17, 20, 21])
+    loader = StreamLoader(bf16_flip_cache, "train", rows, torch.from_numpy(rows), 3, seed=5, device=CPU, window=2,
+                          flip_views=True, staging=staging)
+    seen = []
+    for bx, bf, by in loader.epoch(1):
+        assert torch.equal(bx, x[by].float() * 2) and torch.equal(bf, xf[by].float() * 2)
+        seen += by.tolist()
+    assert sorted(seen) == rows.tolist()
+
+
+def test_a_chunk_whose_rows_are_all_kept_is_not_copied(bf16_flip_cache):
+    loader = StreamLoader(bf16_flip_cache, "train", np.array([0, 1, 2, 3, 5]), torch.arange(5), 2, 0, CPU)
+    split = bf16_flip_cache.split("train")
+    x, xf, y = loader._chunk(split, 0)  # rows 0..3: all kept — the labels are a view, the rows read as they are
+    assert xf is None and y.data_ptr() == loader.labels.data_ptr() and y.tolist() == [0, 1, 2, 3]
+    x, _, y = loader._chunk(split, 1)  # only row 5 of 4..7
+    assert y.tolist() == [4] and torch.equal(x, _rows()[0][[5]])
