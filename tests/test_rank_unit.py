@@ -1,0 +1,157 @@
+"""`rank`'s parts, exactly and fast: method parsing, pooling, the head, window aggregation, the correlations, the
+comparison with a profile and the saved files (each kills mutants `examples/mutation.sh selection/rank` found
+surviving)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from subcache.errors import BlockError, ConfigError, TrainingError
+from subcache.selection import rank as rank_mod
+from subcache.selection.rank import (METHODS, RankConfig, RankResult, _check_finite, _per_block, _ranks, compare,
+                                     fit_head, kendall, knn_accuracy, parse_methods, pooled, save_rank, spearman,
+                                     window_scores)
+
+
+def test_parse_methods_expands_fisher_keeps_order_and_names_what_is_allowed():
+    assert parse_methods("all") == parse_methods(" all ") == METHODS
+    assert parse_methods("knn, fisher,knn,") == ("knn", "fisher", "fisher_pp")
+    assert parse_methods("rgn") == ("rgn",)
+    with pytest.raises(BlockError) as bad:
+        parse_methods("magic,knn,wand")
+    assert str(bad.value) == f"unknown rank method magic, wand; allowed: {', '.join(METHODS)} or all"
+    with pytest.raises(BlockError, match=r"unknown rank method ' , '; allowed"):
+        parse_methods(" , ")
+
+
+def test_rank_result_dict_and_pooling():
+    result = RankResult([{"blocks": "2"}], {2: {"knn": 0.5}}, 1.23456, RankConfig(methods=("knn", "rgn")), {"c": 1})
+    assert result.to_dict() == {"ranking": [{"blocks": "2"}], "blocks": {"2": {"knn": 0.5}}, "methods": ["knn", "rgn"],
+                                "seconds": 1.235, "comparison": {"c": 1}}
+    h = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).reshape(2, 3, 2, 4)
+    assert torch.equal(pooled(h), h.mean((2, 3)))
+    tokens = h.flatten(2).transpose(1, 2)  # (N, T, C)
+    assert torch.equal(pooled(tokens), tokens.mean(1))
+    assert torch.equal(pooled(h[:, :, 0, 0]), h[:, :, 0, 0])
+
+
+def test_knn_votes_leave_one_out_with_ties_to_the_smallest_class():
+    x = torch.tensor([[0.0, 1], [0.0, 1.1], [1, 0], [1, 0.1]])
+    # each sample's only neighbour (k=1) is its partner; with k larger than N-1 every other sample votes
+    assert knn_accuracy(x, torch.tensor([0, 0, 1, 1]), k=1) == 1.0
+    assert knn_accuracy(x, torch.tensor([0, 0, 1, 1]), k=50) == 0.0  # 1 vote for its class, 2 for the other
+    # k=2: one vote each way, the tie goes to class 0 — right for the class-0 samples only
+    assert knn_accuracy(x, torch.tensor([0, 0, 1, 1]), k=2) == 0.5
+    # standardised features: a large offset on one feature changes nothing
+    assert knn_accuracy(x + torch.tensor([1000.0, 0]), torch.tensor([0, 0, 1, 1]), k=1) == 1.0
+
+
+def test_fit_head_reads_raw_features_and_refuses_non_finite_ones():
+    torch.manual_seed(0)
+    y = torch.arange(40) % 2
+    f = torch.randn(40, 3) * 0.1 + 500.0
+    f[:, 0] += y * 2.0  # the class is in feature 0, far from the origin
+    head = fit_head(f, y, 2, l2=1e-3)
+    assert (head(f).argmax(1) == y).all() and not head.weight.requires_grad and head.evaluations > 1
+    assert head.weight[1, 0] > head.weight[0, 0]
+    weak = fit_head(f, y, 2, l2=10.0)  # a strong penalty keeps the weights small
+    assert weak.weight.norm() < head.weight.norm()
+    f[3, 1] = float("nan")
+    with pytest.raises(TrainingError, match="neck features hold non-finite values"):
+        fit_head(f, y, 2, l2=1e-3)
+
+
+GRADS = {1: {"fisher": 1.0, "fisher_pp": 0.1, "rgn": 0.5, "params": 10},
+         2: {"fisher": 3.0, "fisher_pp": 0.1, "rgn": 0.25, "params": 30}}
+TRANSFER = {1: {"logme": 5.0, "knn": 0.9}, 2: {"logme": 4.0, "knn": 0.7}, 3: {"logme": 1.5, "knn": 0.6}}
+
+
+def test_window_scores_sum_gradients_and_take_the_transfer_drop():
+    got = window_scores((1, 2), GRADS, TRANSFER, ("knn", "rgn", "fisher_pp", "fisher", "logme"))
+    assert list(got) == ["knn", "rgn", "fisher_pp", "fisher", "logme"]
+    assert got == pytest.approx({"knn": 0.3, "rgn": 0.75, "fisher_pp": 0.1, "fisher": 4.0, "logme": 3.5})
+    assert window_scores((2,), GRADS, TRANSFER, ("logme",)) == {"logme": 2.5}
+    assert window_scores((2,), {}, TRANSFER, ("knn",)) == pytest.approx({"knn": 0.1})
+    blocks = _per_block(GRADS, TRANSFER, None, ("fisher", "knn"), 1, 2)
+    assert list(blocks) == [1, 2] and blocks[1] == pytest.approx({"fisher": 1.0, "knn": 0.2})
+    assert blocks[2] == pytest.approx({"fisher": 3.0, "knn": 0.1})
+
+
+def test_check_finite_names_the_method_and_window():
+    _check_finite([{"blocks": "1", "knn": 0.5}], ("knn",))
+    with pytest.raises(TrainingError) as bad:
+        _check_finite([{"blocks": "1", "knn": 0.5, "rgn": 1.0}, {"blocks": "2-3", "knn": math.inf, "rgn": math.nan}],
+                      ("knn", "rgn"))
+    assert str(bad.value).startswith("rank method knn gave a non-finite score for window 2-3; the cache's")
+
+
+def test_ranks_share_ties_and_correlations_handle_constants():
+    assert _ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1, 2, 3], [2, 2, 2]))
+    assert kendall([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    assert kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(2 * 3))  # tau-b: the tie is not a pair
+    assert math.isnan(kendall([1, 2, 3], [5, 5, 5])) and math.isnan(kendall([5, 5], [1, 2]))
+
+
+def _summary(val: bool):
+    rows = [("1", 1, 0.60, 0.70), ("2", 1, 0.80, 0.65), ("3", 1, 0.75, 0.90), ("1-2", 2, 0.50, 0.50),
+            ("0", 0, 0.99, 0.99)]  # width 0: the head-only run, never a window
+    return [{"blocks": b, "width": w, "mean": m, **({"val_mean": v} if val else {})} for b, w, m, v in rows]
+
+
+@pytest.mark.parametrize("val", [True, False])
+def test_compare_correlates_with_the_profile_and_counts_regret(monkeypatch, val):
+    monkeypatch.setattr(rank_mod, "load_profile", lambda d: SimpleNamespace(summary=lambda: _summary(val)))
+    ranking = [{"blocks": "2", "width": 1, "window": [2], "knn": 0.9, "rgn": 1.0},
+               {"blocks": "1", "width": 1, "window": [1], "knn": 0.9, "rgn": 3.0},
+               {"blocks": "3", "width": 1, "window": [3], "knn": 0.1, "rgn": 2.0},
+               {"blocks": "4", "width": 1, "window": [4], "knn": 5.0, "rgn": 9.0}]  # not in the profile
+    out = compare(ranking, ("knn", "rgn"), "prof")
+    truth = [0.65, 0.70, 0.90] if val else [0.80, 0.60, 0.75]
+    pick = ("3", 0.75) if val else ("2", 0.80)
+    assert {k: v for k, v in out.items() if k != "methods"} == {
+        "profile": "prof", "windows": 3, "selected_on": "validation" if val else "test", "profile_pick": pick[0],
+        "profile_pick_test": pick[1]}
+    knn, rgn = out["methods"]["knn"], out["methods"]["rgn"]
+    assert knn["top"] == "1" and knn["top_test"] == 0.60  # a tie on the score: the earlier window
+    assert knn["regret"] == pytest.approx(100 * (pick[1] - 0.60)) and knn["oracle_regret"] == pytest.approx(20.0)
+    assert rgn["top"] == "1" and rgn["spearman"] == pytest.approx(spearman([1.0, 3.0, 2.0], truth))
+    assert knn["kendall"] == pytest.approx(kendall([0.9, 0.9, 0.1], truth))
+    assert rgn["kendall"] == pytest.approx(kendall([1.0, 3.0, 2.0], truth))
+    with pytest.raises(ConfigError, match="prof shares 1 window"):
+        compare(ranking[:1], ("knn",), "prof")
+
+
+def test_compare_ties_go_to_the_narrower_window(monkeypatch):
+    monkeypatch.setattr(rank_mod, "load_profile", lambda d: SimpleNamespace(summary=lambda: _summary(False)))
+    ranking = [{"blocks": "1-2", "width": 2, "window": [1, 2], "knn": 1.0},
+               {"blocks": "2", "width": 1, "window": [2], "knn": 1.0}, {"blocks": "3", "width": 1, "window": [3],
+                                                                         "knn": 0.0}]
+    assert compare(ranking, ("knn",), "p")["methods"]["knn"]["top"] == "2"
+
+
+def test_save_rank_writes_json_csv_and_plot(tmp_path):
+    config = RankConfig(methods=("knn", "fisher"), widths=(1, 2))
+    ranking = [{"blocks": "2", "window": [2], "width": 1, "score": 0.5, "knn": 0.5, "fisher": 2.0, "fisher_pp": 0.1},
+               {"blocks": "1-2", "window": [1, 2], "width": 2, "score": 0.25, "knn": 0.25, "fisher": 3.0,
+                "fisher_pp": 0.05}]
+    result = RankResult(ranking, {2: {"knn": 0.5}}, 2.0, config)
+    cache = SimpleNamespace(path="c.zarr", backbone={"model": "m"}, layer=4)
+    out = tmp_path / "deep" / "rank"
+    save_rank(str(out), result, cache)
+    meta = json.loads((out / "rank.json").read_text())
+    assert meta["cache"] == "c.zarr" and meta["backbone"] == {"model": "m"} and meta["layer"] == 4
+    assert meta["config"]["methods"] == ["knn", "fisher"] and meta["config"]["train"]["epochs"] == 10
+    assert meta["ranking"] == ranking and meta["blocks"] == {"2": {"knn": 0.5}} and meta["seconds"] == 2.0
+    with open(out / "rank.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["blocks", "width", "score", "knn", "fisher", "fisher_pp"], ["2", "1", "0.5", "0.5", "2.0", "0.1"],
+                    ["1-2", "2", "0.25", "0.25", "3.0", "0.05"]]
+    assert (out / "rank.png").read_bytes()[:4] == b"\x89PNG"
