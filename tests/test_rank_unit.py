@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from subcache.errors import BlockError, ConfigError, TrainingError
+from test_rank import planted  # noqa: F401  (the fixture)
 from subcache.selection import rank as rank_mod
 from subcache.selection.rank import (METHODS, RankConfig, RankResult, _check_finite, _per_block, _ranks, compare,
                                      fit_head, kendall, knn_accuracy, parse_methods, pooled, save_rank, spearman,
@@ -155,3 +156,72 @@ def test_save_rank_writes_json_csv_and_plot(tmp_path):
     assert rows == [["blocks", "width", "score", "knn", "fisher", "fisher_pp"], ["2", "1", "0.5", "0.5", "2.0", "0.1"],
                     ["1-2", "2", "0.25", "0.25", "3.0", "0.05"]]
     assert (out / "rank.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pooled_widths_follow_the_blocks(resnet18):
+    from subcache.selection.rank import pooled_widths
+
+    assert pooled_widths(resnet18, 2, 5) == [64, 64, 128, 128, 256]  # inputs of blocks 2..5, then 5's output
+
+
+def test_rank_flops_count_each_methods_passes():
+    from subcache.selection.flops import forward_flops, training_flops, window_flops
+    from subcache.selection.rank import rank_flops
+    from test_rank import planted_backbone
+
+    backbone = planted_backbone()
+
+    def flops(methods, rows, samples=8):
+        return rank_flops(backbone, RankResult([], {}, 0.0, RankConfig(methods=methods, samples=samples)), 1, 4, rows)
+
+    # LogME's SVD (4·N·D·min(N, D)) and k-NN's similarities (2·N²·D) at the 5 depths, 3 channels each
+    assert flops(("logme",), 10) == 5 * 4 * 10 * 3 * 3 and flops(("logme",), 2) == 5 * 4 * 2 * 3 * 2
+    assert flops(("knn",), 10) == 5 * 2 * 100 * 3 and flops(("logme", "knn"), 10) == 1800 + 3000
+    step = training_flops(backbone, (1, 2, 3, 4))[1]
+    forward = window_flops(forward_flops(backbone), (1, 2, 3, 4))[2]
+    assert step > forward > 0
+    assert flops(("fisher", "rgn"), 10) == 8 * step and flops(("rgn",), 5) == 5 * step  # min(samples, rows)
+    assert flops(("drop",), 10) == 8 * step and flops(("align",), 10) == 8 * (step + forward)
+    assert flops(("fisher", "align", "drop"), 100, samples=3) == 3 * (3 * step + forward)
+
+
+def test_rank_stages_compute_only_what_the_methods_ask(planted, monkeypatch, tmp_path):
+    import contextlib
+
+    from subcache.train import TrainConfig
+
+    cache, backbone = planted
+    said = []
+
+    @contextlib.contextmanager
+    def stage(text, enabled=True):
+        said.append((text, enabled))
+        yield
+
+    monkeypatch.setattr(rank_mod, "stage", stage)
+    train = TrainConfig(epochs=1, batch_size=32, device="cpu", limit=100)
+    knn = rank_mod.rank_windows(cache, RankConfig(blocks="2-3", methods=("knn",), train=train), backbone=backbone,
+                                progress=True)
+    assert said == [("rank: knn at blocks 2-4", True)]  # no head, no gradients for a transfer score
+    assert [r["blocks"] for r in knn.ranking] == ["3", "2"] and list(knn.blocks) == [2, 3]
+    said.clear()
+    config = RankConfig(blocks="2-3", widths=(2, 1), methods=("rgn", "align", "logme"), samples=12, train=train)
+    result = rank_mod.rank_windows(cache, config, backbone=backbone, out=str(tmp_path / "r"))
+    assert said == [("rank: frozen blocks 2-4 over 100 examples, head", False),
+                    ("rank: per-sample gradients of blocks 2-3 on 12 examples", False),
+                    ("rank: gradient sketch of blocks 2-3 on 12 examples", False),
+                    ("rank: logme at blocks 2-4", False)]
+    scores = [r["rgn"] for r in result.ranking]
+    assert scores == sorted(scores, reverse=True) and result.ranking[0]["blocks"] == "2-3"  # rgn sums its blocks
+    assert all(r["score"] == r["rgn"] and set(r) >= {"rgn", "align", "logme"} for r in result.ranking)
+    assert sorted(r["blocks"] for r in result.ranking) == ["2", "2-3", "3"]
+    assert json.loads((tmp_path / "r" / "rank.json").read_text())["ranking"] == result.ranking
+
+
+def test_rank_ties_go_to_the_narrower_then_earlier_window(planted, monkeypatch):
+    cache, backbone = planted
+    monkeypatch.setattr(rank_mod, "_scores", lambda *a: ({}, {d: {"knn": 0.0} for d in range(1, 6)}, None))
+    monkeypatch.setattr(rank_mod, "window_scores", lambda w, *a: {"knn": 1.0 if w == (4,) else 0.5})
+    result = rank_mod.rank_windows(cache, RankConfig(blocks="2-4", widths=(2, 1), methods=("knn",)),
+                                   backbone=backbone)
+    assert [r["blocks"] for r in result.ranking] == ["4", "2", "3", "2-3", "3-4"]
