@@ -273,3 +273,26 @@ def test_a_chunk_whose_rows_are_all_kept_is_not_copied(bf16_flip_cache):
     assert xf is None and y.data_ptr() == loader.labels.data_ptr() and y.tolist() == [0, 1, 2, 3]
     x, _, y = loader._chunk(split, 1)  # only row 5 of 4..7
     assert y.tolist() == [4] and torch.equal(x, _rows()[0][[5]])
+    later = StreamLoader(bf16_flip_cache, "train", np.arange(8, 12), torch.arange(4), 2, 0, CPU)
+    _, _, y = later._chunk(split, 0)  # rows 8..11, the whole third chunk
+    assert y.data_ptr() == later.labels[8:].data_ptr() and y.tolist() == [0, 1, 2, 3]
+
+
+def test_readers_decode_that_many_chunks_ahead_of_the_one_handed_over(bf16_flip_cache, monkeypatch):
+    import subcache.loader as loader_mod
+
+    loader = StreamLoader(bf16_flip_cache, "train", None, torch.arange(22), 4, 0, CPU, readers=3)
+    submitted, handed = [], []
+
+    class Pool:
+        def submit(self, fn, split, c):
+            submitted.append(c)
+            return SimpleNamespace(result=lambda: c)
+
+    for c in loader._decoded([4, 0, 3, 1, 5, 2], Pool()):
+        handed.append((c, len(submitted)))
+    assert handed == [(4, 4), (0, 5), (3, 6), (1, 6), (5, 6), (2, 6)]  # 3 more in flight while one is handed over
+    sizes = []
+    real = loader_mod.ThreadPoolExecutor
+    monkeypatch.setattr(loader_mod, "ThreadPoolExecutor", lambda n: sizes.append(n) or real(n))
+    assert sum(len(b[2]) for b in loader.epoch(0)) == 22 and sizes == [3]
