@@ -27,7 +27,7 @@ tests_for() {
     train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
     evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
-    selection/*) echo "tests/test_selection_unit.py tests/test_greedy_unit.py tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
+    selection/*) echo "tests/test_selection_unit.py tests/test_rank_unit.py tests/test_greedy_unit.py tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;
     active) echo "tests/test_active_unit.py tests/test_active.py tests/test_properties.py" ;;
     multitask) echo "tests/test_multitask_unit.py tests/test_multitask.py tests/test_export.py" ;;
     export) echo "tests/test_export_unit.py tests/test_export.py" ;;
