@@ -296,3 +296,39 @@ def test_readers_decode_that_many_chunks_ahead_of_the_one_handed_over(bf16_flip_
     real = loader_mod.ThreadPoolExecutor
     monkeypatch.setattr(loader_mod, "ThreadPoolExecutor", lambda n: sizes.append(n) or real(n))
     assert sum(len(b[2]) for b in loader.epoch(0)) == 22 and sizes == [3]
+
+
+def test_waits_count_the_time_spent_waiting_for_every_window_but_the_first(bf16_flip_cache, monkeypatch):
+    import subcache.loader as loader_mod
+
+    loader = StreamLoader(bf16_flip_cache, "train", None, torch.arange(22), 4, 0, CPU)
+    ticks = iter([0.0, 10.0, 13.0, 20.0, 24.0, 100.0, 200.0])
+    monkeypatch.setattr(loader_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    q = queue.Queue()
+    for item in ([(torch.ones(1), None), None, (torch.zeros(1), None)], [None, None, None], None):
+        q.put(item)
+    waited = [0.0]
+    got = list(loader._windows(q, waited))
+    assert len(got) == 2 and got[0][0].tolist() == [1.0] and got[0][1] is None and got[1] == [None, None, None]
+    assert waited == [7.0]  # (13 - 10) + (24 - 20): the wait for the first window is the epoch's start-up
+    q.put(ValueError("reader failed"))
+    with pytest.raises(ValueError, match="reader failed"):
+        list(loader._windows(q, [0.0]))
+
+
+@pytest.mark.parametrize("readers, waited, grown", [(None, 5.0, [2, 4, 4]), (None, 0.0, [1, 1, 1]),
+                                                    (2, 5.0, [2, 2, 2])])
+def test_readers_double_after_an_epoch_that_waited_up_to_the_cap(bf16_flip_cache, readers, waited, grown):
+    loader = StreamLoader(bf16_flip_cache, "train", None, torch.arange(22), 4, 0, CPU, readers=readers)
+    loader.max_readers = 4
+
+    def windows(q, box):
+        box[0] = waited
+        return iter([])
+
+    loader._windows = windows
+    seen = []
+    for epoch in range(3):
+        assert list(loader.epoch(epoch)) == []
+        seen.append(loader.reading)
+    assert seen == grown and loader.waits == [waited] * 3
