@@ -128,6 +128,7 @@ def test_compare_correlates_with_the_profile_and_counts_regret(monkeypatch, val)
     assert rgn["kendall"] == pytest.approx(kendall([1.0, 3.0, 2.0], truth))
     with pytest.raises(ConfigError, match="prof shares 1 window"):
         compare(ranking[:1], ("knn",), "prof")
+    assert compare(ranking[:2], ("knn",), "prof")["windows"] == 2  # two windows are enough to correlate
 
 
 def test_compare_ties_go_to_the_narrower_window(monkeypatch):
@@ -155,7 +156,13 @@ def test_save_rank_writes_json_csv_and_plot(tmp_path):
         rows = list(csv.reader(f))
     assert rows == [["blocks", "width", "score", "knn", "fisher", "fisher_pp"], ["2", "1", "0.5", "0.5", "2.0", "0.1"],
                     ["1-2", "2", "0.25", "0.25", "3.0", "0.05"]]
-    assert (out / "rank.png").read_bytes()[:4] == b"\x89PNG"
+    png = (out / "rank.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    # one 3.2-inch square panel per method (knn, fisher, fisher_pp) at 110 dpi
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1056, 352)
+    result.ranking[0]["knn"] = 0.75
+    save_rank(str(out), result, cache)  # again into the same folder (a re-run): replaced
+    assert json.loads((out / "rank.json").read_text())["ranking"][0]["knn"] == 0.75
 
 
 def test_pooled_widths_follow_the_blocks(resnet18):
@@ -183,6 +190,9 @@ def test_rank_flops_count_each_methods_passes():
     assert flops(("fisher", "rgn"), 10) == 8 * step and flops(("rgn",), 5) == 5 * step  # min(samples, rows)
     assert flops(("drop",), 10) == 8 * step and flops(("align",), 10) == 8 * (step + forward)
     assert flops(("fisher", "align", "drop"), 100, samples=3) == 3 * (3 * step + forward)
+    inner = rank_flops(backbone, RankResult([], {}, 0.0, RankConfig(methods=("align",), samples=2)), 2, 3, 10)
+    assert inner == 2 * (training_flops(backbone, (2, 3))[1] + window_flops(forward_flops(backbone), (2, 3))[2])
+    assert inner < 2 * (training_flops(backbone, (2, 3, 4))[1] + window_flops(forward_flops(backbone), (2, 3, 4))[2])
 
 
 def test_rank_stages_compute_only_what_the_methods_ask(planted, monkeypatch, tmp_path):
