@@ -99,6 +99,7 @@ def test_ranks_share_ties_and_correlations_handle_constants():
     assert kendall([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
     assert kendall([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(2 * 3))  # tau-b: the tie is not a pair
     assert math.isnan(kendall([1, 2, 3], [5, 5, 5])) and math.isnan(kendall([5, 5], [1, 2]))
+    assert kendall([1, 2, 3], [1, 1, 2]) == pytest.approx(2 / math.sqrt(3 * 2))  # a tie in the second list
 
 
 def _summary(val: bool):
@@ -210,9 +211,9 @@ def test_rank_stages_compute_only_what_the_methods_ask(planted, monkeypatch, tmp
 
     monkeypatch.setattr(rank_mod, "stage", stage)
     train = TrainConfig(epochs=1, batch_size=32, device="cpu", limit=100)
-    knn = rank_mod.rank_windows(cache, RankConfig(blocks="2-3", methods=("knn",), train=train), backbone=backbone,
-                                progress=True)
-    assert said == [("rank: knn at blocks 2-4", True)]  # no head, no gradients for a transfer score
+    knn = rank_mod.rank_windows(cache, RankConfig(blocks="2-3", methods=("knn", "logme"), train=train),
+                                backbone=backbone, progress=True)
+    assert said == [("rank: knn, logme at blocks 2-4", True)]  # no head, no gradients for a transfer score
     assert [r["blocks"] for r in knn.ranking] == ["3", "2"] and list(knn.blocks) == [2, 3]
     said.clear()
     config = RankConfig(blocks="2-3", widths=(2, 1), methods=("rgn", "align", "logme"), samples=12, train=train)
@@ -226,6 +227,48 @@ def test_rank_stages_compute_only_what_the_methods_ask(planted, monkeypatch, tmp
     assert all(r["score"] == r["rgn"] and set(r) >= {"rgn", "align", "logme"} for r in result.ranking)
     assert sorted(r["blocks"] for r in result.ranking) == ["2", "2-3", "3"]
     assert json.loads((tmp_path / "r" / "rank.json").read_text())["ranking"] == result.ranking
+    for methods, stages in ((("drop",), ["head", "gradient sketch"]), (("fisher",), ["head", "per-sample gradients"])):
+        said.clear()
+        rank_mod.rank_windows(cache, RankConfig(blocks="3-3", methods=methods, samples=8, train=train),
+                              backbone=backbone)
+        assert [next(k for k in ("head", "per-sample gradients", "gradient sketch", " at blocks") if k in text)
+                for text, _ in said] == stages
+
+
+def test_rank_reads_the_named_label_set_and_the_limit_pool(planted, monkeypatch):
+    from subcache.train import TrainConfig, balanced_subset
+
+    cache, backbone = planted
+    real, asked = rank_mod.labels_for, []
+
+    def labels_for(c, split, name):
+        asked.append((split, name))
+        y, n = real(c, split, None)
+        return (y % 2, 2) if name == "parity" else (y, n)
+
+    monkeypatch.setattr(rank_mod, "labels_for", labels_for)
+    train = TrainConfig(epochs=1, batch_size=32, device="cpu", limit=100, labels="parity")
+    rank_mod.rank_windows(cache, RankConfig(blocks="3-3", methods=("rgn",), samples=8, train=train),
+                          backbone=backbone)
+    assert asked and all(a == ("train", "parity") for a in asked)
+    config = RankConfig(train=TrainConfig(limit=100, device="cpu"))
+    rows, y = rank_mod._positions(rank_mod.open_for_training(cache, backbone)[0], config, torch.device("cpu"))
+    labels = real(rank_mod.open_for_training(cache, backbone)[0], "train", None)[0]
+    assert rows.tolist() == balanced_subset(labels.numpy(), 100, 0).tolist()  # the pool profile's split draws from
+    assert torch.equal(y, labels[rows])
+
+
+def test_transfer_scores_use_the_configured_neighbours():
+    from subcache.selection.rank import transfer_scores
+
+    torch.manual_seed(0)
+    f = torch.randn(30, 4, 2, 2)
+    y = torch.arange(30) % 3
+    bank = SimpleNamespace(at=lambda split, depth: f * depth)
+    rows = torch.arange(30)
+    one, many = (transfer_scores(bank, "train", rows, y, 1, 1, ("knn",), k) for k in (1, 25))
+    assert one[1]["knn"] == knn_accuracy(pooled(f), y, 1) and many[1]["knn"] == knn_accuracy(pooled(f), y, 25)
+    assert one[1]["knn"] != many[1]["knn"] and list(one) == [1, 2] and set(one[2]) == {"knn"}
 
 
 def test_rank_ties_go_to_the_narrower_then_earlier_window(planted, monkeypatch):
