@@ -278,3 +278,28 @@ def test_rank_ties_go_to_the_narrower_then_earlier_window(planted, monkeypatch):
     result = rank_mod.rank_windows(cache, RankConfig(blocks="2-4", widths=(2, 1), methods=("knn",)),
                                    backbone=backbone)
     assert [r["blocks"] for r in result.ranking] == ["4", "2", "3", "2-3", "3-4"]
+
+
+def test_the_rank_plot_has_a_panel_per_method_and_a_line_per_width(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from subcache.selection.rank import plot_rank
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path: saved.append((fig, path)))
+    ranking = [{"window": [2], "width": 1, "knn": 0.5, "rgn": 3.0}, {"window": [1], "width": 1, "knn": 0.2, "rgn": 1.0},
+               {"window": [1, 2], "width": 2, "knn": 0.9, "rgn": 4.0}]
+    plot_rank(RankResult(ranking, {}, 0.0, RankConfig(methods=("knn", "rgn"))), tmp_path / "p.png", ("knn", "rgn"))
+    (fig, path), = saved
+    assert path == tmp_path / "p.png" and len(fig.axes) == 2
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes] == [(1, 2), (1, 2)]
+    for ax, m in zip(fig.axes, ("knn", "rgn")):
+        assert ax.get_title() == m and ax.get_xlabel() == "first block"
+        lines = [(ln.get_label(), ln.get_xdata().tolist(), ln.get_ydata().tolist(), ln.get_marker()) for ln in
+                 ax.get_lines()]
+        by_first = sorted((r["window"][0], r[m]) for r in ranking if r["width"] == 1)
+        assert lines == [("width 1", [p[0] for p in by_first], [p[1] for p in by_first], "o"),
+                         ("width 2", [1], [ranking[2][m]], "o")]
+    assert fig.axes[0].get_ylabel() == "score (higher: tune here)" and fig.axes[1].get_ylabel() == ""
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["width 1", "width 2"]
+    assert fig.axes[1].get_legend() is None
