@@ -135,6 +135,8 @@ def test_put_stops_when_asked_and_join_concatenates_fields():
     a, b = [torch.ones(2), None, torch.zeros(2)], [torch.ones(1) * 2, None, torch.ones(1)]
     x, xf, y = _join([a, b])
     assert x.tolist() == [1, 1, 2] and xf is None and y.tolist() == [0, 0, 1]
+    x, xf, y = _join([b])  # a window of one chunk (the epoch's last)
+    assert x.tolist() == [2] and xf is None and y.tolist() == [1]
 
 
 def test_stager_slots_go_round_in_order_and_an_exact_fit_is_reused():
@@ -316,14 +318,20 @@ def test_waits_count_the_time_spent_waiting_for_every_window_but_the_first(bf16_
         list(loader._windows(q, [0.0]))
 
 
-@pytest.mark.parametrize("readers, waited, grown", [(None, 5.0, [2, 4, 4]), (None, 0.0, [1, 1, 1]),
+@pytest.mark.parametrize("readers, waited, grown", [(None, 5.0, [2, 4, 4]), (None, 2.0, [1, 1, 1]),
                                                     (2, 5.0, [2, 2, 2])])
-def test_readers_double_after_an_epoch_that_waited_up_to_the_cap(bf16_flip_cache, readers, waited, grown):
+def test_readers_double_after_an_epoch_that_waited_up_to_the_cap(bf16_flip_cache, monkeypatch, readers, waited,
+                                                                   grown):
+    """An epoch of 100 s that waited more than 2 % of it (2 s) for its windows: twice the readers next epoch."""
+    import subcache.loader as loader_mod
+
     loader = StreamLoader(bf16_flip_cache, "train", None, torch.arange(22), 4, 0, CPU, readers=readers)
     loader.max_readers = 4
+    ticks = iter([1000.0, 1100.0] * 3)  # each epoch's start and end
+    monkeypatch.setattr(loader_mod, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
 
     def windows(q, box):
-        box[0] = waited
+        box[0] += waited
         return iter([])
 
     loader._windows = windows
@@ -332,3 +340,11 @@ def test_readers_double_after_an_epoch_that_waited_up_to_the_cap(bf16_flip_cache
         assert list(loader.epoch(epoch)) == []
         seen.append(loader.reading)
     assert seen == grown and loader.waits == [waited] * 3
+
+
+def test_stream_loader_shuffles_within_windows_of_eight_chunks_by_default(chunked_cache):
+    y = chunked_cache.read_y("train")
+    default, eight, two = (StreamLoader(chunked_cache, "train", None, y, 16, 3, CPU, **kw) for kw in
+                           ({}, {"window": 8}, {"window": 2}))
+    batches = [[b[2].tolist() for b in loader.epoch(0)] for loader in (default, eight, two)]
+    assert batches[0] == batches[1] != batches[2]
