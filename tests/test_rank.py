@@ -123,6 +123,7 @@ def test_gradient_scores_match_a_per_sample_autograd_loop():
     head = nn.Linear(3, 4).requires_grad_(False)
     x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
     scores = gradient_scores(backbone, head, x, y, 2, 4, chunk=4)
+    assert list(scores) == [2, 3, 4]
     for b in (2, 3, 4):
         params = list(backbone.block(b).parameters())
         grads = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -64,8 +65,34 @@ def test_fit_head_reads_raw_features_and_refuses_non_finite_ones():
     weak = fit_head(f, y, 2, l2=10.0)  # a strong penalty keeps the weights small
     assert weak.weight.norm() < head.weight.norm()
     f[3, 1] = float("nan")
-    with pytest.raises(TrainingError, match="neck features hold non-finite values"):
+    with pytest.raises(TrainingError) as bad:
         fit_head(f, y, 2, l2=1e-3)
+    assert str(bad.value) == ("rank: the neck features hold non-finite values; the cache's activations may hold "
+                              "inf/nan (check with `subcache verify`)")
+
+
+def _reference_knn(f: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Leave-one-out k-NN by hand: standardised features, cosine, majority vote (ties: the smaller class)."""
+    z = (f - f.mean(0)) / (f.std(0, ddof=1) + 1e-6)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    right = 0
+    for i in range(len(z)):
+        sim = z @ z[i]
+        sim[i] = -np.inf
+        votes = np.bincount(y[np.argsort(-sim, kind="stable")[:min(k, len(z) - 1)]], minlength=y.max() + 1)
+        right += int(votes.argmax() == y[i])
+    return right / len(z)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_knn_matches_a_loop_by_hand_on_features_of_mixed_scales(seed):
+    rng = np.random.default_rng(seed)
+    y = np.arange(40) % 3
+    f = (rng.normal(size=(40, 5)) + 0.8 * np.eye(5)[y]) * [1, 10, 0.1, 100, 3] + [5, -50, 0, 1000, 2]
+    t, ty = torch.from_numpy(f), torch.from_numpy(y)
+    for k in (1, 4, 10):
+        assert knn_accuracy(t, ty, k) == pytest.approx(_reference_knn(f, y, k)), k
+    assert knn_accuracy(t, ty) == knn_accuracy(t, ty, 10)  # ten neighbours by default
 
 
 GRADS = {1: {"fisher": 1.0, "fisher_pp": 0.1, "rgn": 0.5, "params": 10},
@@ -79,6 +106,8 @@ def test_window_scores_sum_gradients_and_take_the_transfer_drop():
     assert got == pytest.approx({"knn": 0.3, "rgn": 0.75, "fisher_pp": 0.1, "fisher": 4.0, "logme": 3.5})
     assert window_scores((2,), GRADS, TRANSFER, ("logme",)) == {"logme": 2.5}
     assert window_scores((2,), {}, TRANSFER, ("knn",)) == pytest.approx({"knn": 0.1})
+    sketched = _per_block(GRADS, TRANSFER, SimpleNamespace(drop={1: 0.5, 2: 0.25}), ("drop", "logme"), 1, 2)
+    assert sketched == {1: {"drop": 0.5, "logme": 1.0}, 2: {"drop": 0.25, "logme": 2.5}}
     blocks = _per_block(GRADS, TRANSFER, None, ("fisher", "knn"), 1, 2)
     assert list(blocks) == [1, 2] and blocks[1] == pytest.approx({"fisher": 1.0, "knn": 0.2})
     assert blocks[2] == pytest.approx({"fisher": 3.0, "knn": 0.1})
@@ -87,8 +116,8 @@ def test_window_scores_sum_gradients_and_take_the_transfer_drop():
 def test_check_finite_names_the_method_and_window():
     _check_finite([{"blocks": "1", "knn": 0.5}], ("knn",))
     with pytest.raises(TrainingError) as bad:
-        _check_finite([{"blocks": "1", "knn": 0.5, "rgn": 1.0}, {"blocks": "2-3", "knn": math.inf, "rgn": math.nan}],
-                      ("knn", "rgn"))
+        _check_finite([{"blocks": "1", "knn": 0.5, "rgn": 1.0}, {"blocks": "2-3", "knn": math.inf, "rgn": 1.0},
+                       {"blocks": "4", "knn": math.nan, "rgn": 1.0}], ("knn", "rgn"))
     assert str(bad.value).startswith("rank method knn gave a non-finite score for window 2-3; the cache's")
 
 
@@ -229,8 +258,10 @@ def test_rank_stages_compute_only_what_the_methods_ask(planted, monkeypatch, tmp
     assert json.loads((tmp_path / "r" / "rank.json").read_text())["ranking"] == result.ranking
     for methods, stages in ((("drop",), ["head", "gradient sketch"]), (("fisher",), ["head", "per-sample gradients"])):
         said.clear()
-        rank_mod.rank_windows(cache, RankConfig(blocks="3-3", methods=methods, samples=8, train=train),
-                              backbone=backbone)
+        t0 = time.perf_counter()
+        done = rank_mod.rank_windows(cache, RankConfig(blocks="3-3", methods=methods, samples=8, train=train),
+                                     backbone=backbone)
+        assert 0 < done.seconds <= time.perf_counter() - t0 and list(done.blocks[3]) == list(parse_methods(methods[0]))
         assert [next(k for k in ("head", "per-sample gradients", "gradient sketch", " at blocks") if k in text)
                 for text, _ in said] == stages
 
@@ -303,3 +334,11 @@ def test_the_rank_plot_has_a_panel_per_method_and_a_line_per_width(tmp_path, mon
     assert fig.axes[0].get_ylabel() == "score (higher: tune here)" and fig.axes[1].get_ylabel() == ""
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["width 1", "width 2"]
     assert fig.axes[1].get_legend() is None
+
+
+def test_relative_gradient_norm_divides_by_small_weights_too():
+    from subcache.selection.rank import _block_gradient_scores
+
+    params = {"w": torch.full((4,), 0.1)}  # ‖θ‖ = 0.2
+    got = _block_gradient_scores(torch.tensor(8.0, dtype=torch.float64), {"w": torch.full((4,), 2.0)}, params, 4)
+    assert got == pytest.approx({"fisher": 8.0, "fisher_pp": 2.0, "rgn": 1.0 / 0.2, "params": 4})
