@@ -348,3 +348,25 @@ def test_stream_loader_shuffles_within_windows_of_eight_chunks_by_default(chunke
                            ({}, {"window": 8}, {"window": 2}))
     batches = [[b[2].tolist() for b in loader.epoch(0)] for loader in (default, eight, two)]
     assert batches[0] == batches[1] != batches[2]
+
+
+def test_image_loader_reads_only_its_rows_in_the_device_loaders_order():
+    from subcache.backbones import Preprocess
+    from subcache.loader import ImageLoader
+
+    pre = Preprocess(image_size=2, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", crop_pct=1.0)
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 2, 2).contiguous()
+    source = SimpleNamespace(take=lambda pos, p: images[torch.from_numpy(np.asarray(pos))], __len__=lambda: 20)
+    backbone = SimpleNamespace(preprocess=pre, prefix=lambda x, layer: x[:, :1, 0, 0] * 255 + layer * 1000)
+    rows = np.array([3, 7, 11, 12, 19])
+    loader = ImageLoader(source, backbone, 2, rows, torch.tensor([30, 70, 110, 120, 190]), 2, seed=4, device=CPU)
+    assert loader.num_samples == 5 and loader.steps_per_epoch == 2 and not loader.bridged
+    for (x, xf, y), idx in zip(loader.epoch(1), batch_order(5, 2, 4, 1)):
+        assert xf is None and torch.equal(y, torch.tensor([30, 70, 110, 120, 190])[idx])
+        assert torch.allclose(x.flatten(), torch.from_numpy(rows[idx.numpy()]).float() + 2000)
+
+
+def test_device_loader_decodes_without_mirrored_views(bf16_flip_cache):
+    loader = DeviceLoader.from_cache(bf16_flip_cache, "train", np.array([1, 2, 3]), torch.tensor([7, 8, 9]), 3, 0, CPU)
+    bx, bf, by = next(loader.epoch(0))
+    assert bf is None and torch.equal(bx, _rows()[0][(by - 6).tolist()].float() * 2)
