@@ -342,3 +342,19 @@ def test_relative_gradient_norm_divides_by_small_weights_too():
     params = {"w": torch.full((4,), 0.1)}  # ‖θ‖ = 0.2
     got = _block_gradient_scores(torch.tensor(8.0, dtype=torch.float64), {"w": torch.full((4,), 2.0)}, params, 4)
     assert got == pytest.approx({"fisher": 8.0, "fisher_pp": 2.0, "rgn": 1.0 / 0.2, "params": 4})
+
+
+def test_fit_head_is_the_penalised_optimum_on_centred_features_scaled_by_one_number():
+    torch.manual_seed(1)
+    y = torch.arange(60) % 3
+    f = torch.randn(60, 4) * torch.tensor([0.3, 0.5, 0.2, 0.4]) + torch.tensor([2.0, -1.0, 0.5, 3.0])
+    f[:, 0] += 0.3 * y  # weakly informative: a finite optimum, far from the start
+    head = fit_head(f, y, 3, l2=1e-2)
+    mean, std = f.mean(0), f.std() + 1e-6
+    x = (f - mean) / std
+    w = (head.weight * std).clone().requires_grad_(True)  # the head on the standardised features
+    b = (head.bias + head.weight @ mean).clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + 1e-2 * w.square().sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+    assert torch.cat([gw.flatten(), gb]).abs().max() < 1e-4 and w.abs().max() > 0.1
