@@ -3,6 +3,7 @@ buffer reuse (each test kills mutants that `examples/mutation.sh loader` found s
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ def test_epoch_generator_and_batch_order():
     got = batch_order(11, 5, 7, 1)
     assert [b.tolist() for b in got] == [perm[:5].tolist(), perm[5:10].tolist()]  # a lone last sample is dropped
     assert [len(b) for b in batch_order(12, 5, 7, 1)] == [5, 5, 2]
+    assert [len(b) for b in batch_order(6, 5, 7, 1)] == [5]  # a lone last sample after a single batch too
     assert [len(b) for b in batch_order(1, 5, 0, 0)] == [1] and [len(b) for b in batch_order(5, 5, 0, 0)] == [5]
     assert batch_order(11, 5, 7, 2)[0].tolist() != got[0].tolist()
 
@@ -93,6 +95,7 @@ def test_stream_loader_chunks_and_orders(chunked_cache):
     assert [(a, b, keep.tolist()) for a, b, keep in loader.chunks] == [(0, 16, [0, 1]), (16, 32, [4]),
                                                                      (32, 48, [15]), (48, 64, [0])]
     assert loader.labels[[0, 1, 20, 47, 48]].tolist() == [0, 1, 2, 3, 4] and loader.labels[2].item() == -1
+    assert loader.reading == 1 and loader.max_readers == min(8, os.cpu_count())  # grows up to the CPU count
     assert loader.steps_per_epoch == 2
     assert StreamLoader(chunked_cache, "train", rows[:4], torch.arange(4), 2, 4, CPU).steps_per_epoch == 2
     assert StreamLoader(chunked_cache, "train", rows[:3], torch.arange(3), 2, 4, CPU).steps_per_epoch == 1
