@@ -117,7 +117,7 @@ def test_check_finite_names_the_method_and_window():
     _check_finite([{"blocks": "1", "knn": 0.5}], ("knn",))
     with pytest.raises(TrainingError) as bad:
         _check_finite([{"blocks": "1", "knn": 0.5, "rgn": 1.0}, {"blocks": "2-3", "knn": math.inf, "rgn": 1.0},
-                       {"blocks": "4", "knn": math.nan, "rgn": 1.0}], ("knn", "rgn"))
+                       {"blocks": "4", "knn": 0.5, "rgn": math.nan}], ("knn", "rgn"))
     assert str(bad.value).startswith("rank method knn gave a non-finite score for window 2-3; the cache's")
 
 
