@@ -136,9 +136,10 @@ class _Rungs:
         """Train the rung's (window, seed) runs that no saved run has: a window's seeds, up to ``--batch-runs`` of
         them, as one batched model; ``advance`` gets a note per run (saved runs first)."""
         seeds = range(self.config.seeds)
-        todo = [(win, seed) for win in survivors for seed in seeds if _find(self.rows, rung, win, seed) is None]
-        for row in (r for r in self.rows if r["rung"] == rung and r["blocks"] in {spec_of(w) for w in survivors}):
+        saved = {(win, seed): _find(self.rows, rung, win, seed) for win in survivors for seed in seeds}
+        for row in filter(None, saved.values()):
             advance(run_note(row) + " (saved)")
+        todo = [run for run, row in saved.items() if row is None]
         most = parse_batch_runs(self.config.batch_runs, resolve_device(self.config.train.device))
 
         def work(group: list[tuple]) -> list[dict]:
