@@ -107,8 +107,10 @@ def s3(tmp_path_factory):
     """A real S3-compatible server (moto) on loopback, one per session (fsspec caches its S3 filesystems, so a
     second server on another port would meet a cached client of the first); credentials only through the
     environment."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()  # a client cached by an earlier session in this process (mutmut)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

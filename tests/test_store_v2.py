@@ -288,14 +288,17 @@ def test_ranks_never_share_a_shard(f16, tmp_path, npz_path):
 
 
 def test_sharded_builds_on_memory_and_s3(f16, npz_path, resnet18, s3):
+    import uuid
+
     import boto3
 
-    for url in ("memory://sharded.zarr", f"{s3}/sharded.zarr"):
+    run = uuid.uuid4().hex  # the memory store outlives a test session when pytest runs twice in a process (mutmut)
+    for url in (f"memory://{run}/sharded.zarr", f"{s3}/{run}/sharded.zarr"):
         build(url, npz_path, resnet18, shard_mb=1 / 4)
         cache = subcache.open_cache(url)
         np.testing.assert_array_equal(cache.split("train").x[:], zarr.open_array(f"{f16}/train/x")[:])
-    build(f"{s3}/chunked.zarr", npz_path, resnet18)
-    listed = {name: boto3.client("s3").list_objects_v2(Bucket="caches", Prefix=f"{name}.zarr/")["Contents"]
+    build(f"{s3}/{run}/chunked.zarr", npz_path, resnet18)
+    listed = {name: boto3.client("s3").list_objects_v2(Bucket="caches", Prefix=f"{run}/{name}.zarr/")["Contents"]
               for name in ("sharded", "chunked")}
     data = {name: sum("/c/" in o["Key"] for o in objects) for name, objects in listed.items()}
     assert data == {"sharded": 16, "chunked": 64}  # x, y, id, key × 2 splits; 4 chunks per shard: a quarter
