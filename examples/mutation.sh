@@ -67,6 +67,8 @@ EOF
   (cd "$scratch" && mutmut export-cicd-stats >/dev/null && cp mutants/mutmut-cicd-stats.json "$OUT/${module//\//-}.json" &&
      for m in $(mutmut results | awk -F: '/: survived/ {print $1}'); do mutmut show "$m"; echo; done \
      >"$OUT/${module//\//-}.txt")
+  # every mutant's pytest exit code (0 survived, 1 killed, -6 the test process aborted, ...), for the "other" ones
+  cp "$scratch/mutants/subcache/$module.py.meta" "$OUT/${module//\//-}.meta.json"
   "$PYTHON" - "$module" "$OUT/${module//\//-}.json" <<'EOF'
 import json, sys
 module, path = sys.argv[1], sys.argv[2]

@@ -176,7 +176,7 @@ def chunks_touched(array: zarr.Array, selection) -> list[int]:
 
 
 def corrupt_message(array: zarr.Array, index: int, why: str) -> str:
-    split, name = array.path.split("/")[-2:]
+    split, name = array.path.split("/", 1)  # a label set is train/labels/NAME: split train, array labels/NAME
     return (f"cache {array.store}: split {split}, array {name}, chunk {index} (samples "
             f"{index * array.chunks[0]}–{min(array.shape[0], (index + 1) * array.chunks[0]) - 1}) is corrupt "
             f"({why[:80]}); rerun the build with --resume to recompute it (`subcache verify` lists every bad chunk)")

@@ -140,3 +140,139 @@ def test_a_corrupt_chunk_is_named_with_its_samples(array, tmp_path):
     (tmp_path / "c.zarr" / "train" / "x" / "c" / "3" / "0").unlink()
     with pytest.raises(CorruptChunkError):
         store.read(array, np.array([20, 30]), orthogonal=True)
+
+
+def test_why_a_chunk_fails_is_its_error_s_first_line_or_its_missing_object(array, tmp_path):
+    chunk = tmp_path / "c.zarr" / "train" / "x" / "c" / "2" / "0"
+    chunk.write_bytes(b"garbage")
+    try:
+        array[16:24]
+    except store.DECODE_ERRORS as exc:
+        first_line = str(exc).splitlines()[0]
+    assert store.bad_chunk(array, 2) == first_line and first_line not in ("ValueError", "RuntimeError", "None")
+
+    class Silent:  # a decoder error without a message is named by its type
+        chunks = (8,)
+
+        def __getitem__(self, selection):
+            raise RuntimeError()
+
+    assert store.bad_chunk(Silent(), 0) == "RuntimeError"
+
+
+@pytest.fixture(scope="module")
+def int8_store(tmp_path_factory, npz_path, resnet18):
+    import subcache
+
+    out = tmp_path_factory.mktemp("store") / "i8.zarr"
+    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, batch_size=16, limit=24, dtype="int8",
+                                              chunk_mb=1 / 64), backbone=resnet18)
+    ids = zarr.open_group(str(out))["train/id"][:]
+    csv = tmp_path_factory.mktemp("labels") / "parity.csv"
+    csv.write_text("id,label\n" + "".join(f"{i},{'odd' if i % 2 else 'even'}\n" for i in ids))
+    subcache.add_labels(out, "parity", csv)
+    return out
+
+
+def test_a_missing_object_and_a_label_set_s_chunk_are_named(int8_store, tmp_path):
+    import shutil
+
+    import subcache
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    cache = subcache.open_cache(out)
+    (out / "train" / "x" / "c" / "1" / "0" / "0" / "0").unlink()
+    assert store.bad_chunk(cache.split("train").x, 1) == "its object is missing"
+    labels = cache.group["train"]["labels"]["parity"]
+    assert store.corrupt_message(labels, 0, "why").startswith(
+        f"cache {labels.store}: split train, array labels/parity, chunk 0 (samples 0–")
+
+
+def test_the_int8_scales_array_says_what_it_holds_and_how_to_read_it(int8_store):
+    import subcache
+
+    scale = subcache.open_cache(int8_store).split("train").x_scale
+    assert scale.metadata.dimension_names == ("channel",) and scale.dtype == np.float32
+    assert dict(scale.attrs) == {"holds": "float32 per-channel scales of the int8 arrays x and x_flip",
+                                 "quantization": "symmetric per-channel int8, codes in [-127, 127]",
+                                 "axis": 1, "dequantize": "x * x_scale (broadcast along axis)"}
+
+
+def test_keys_are_the_source_keys_as_strings_else_the_ids(int8_store, tmp_path):
+    import shutil
+
+    import subcache
+
+    cache = subcache.open_cache(int8_store)
+    ids = cache.split("train").id[:]
+    keys = cache.read_keys("train")
+    assert keys.dtype.kind == "U" and keys.tolist() == [str(k) for k in cache.split("train").key[:].tolist()]
+    renumbered = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    zarr.open_array(str(renumbered / "train" / "key"), mode="r+")[:] = np.asarray([f"img{i}.jpg" for i in ids])
+    assert subcache.open_cache(renumbered).read_keys("train").tolist() == [f"img{i}.jpg" for i in ids]
+    shutil.rmtree(renumbered / "train" / "key")  # a cache made before keys existed: each item's index
+    old = subcache.open_cache(renumbered)
+    assert old.split("train").key is None and old.read_keys("train").tolist() == [str(i) for i in ids]
+
+
+def test_identity_is_the_attrs_digest_without_status_in_any_key_order(int8_store, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    import subcache
+
+    cache = subcache.open_cache(int8_store)
+    fixed = {k: v for k, v in cache.attrs.items() if k not in ("status", "finished")}
+    assert "finished" in cache.attrs and cache.identity() == {
+        "path": str(int8_store.absolute()),
+        "attrs_sha256": hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()}
+    copy = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    group = zarr.open_group(str(copy), mode="r+")
+    reordered = dict(reversed(list(group.attrs.items())))
+    group.attrs.clear()
+    group.attrs.update({**reordered, "finished": "another time", "status": "complete"})
+    again = subcache.open_cache(copy)
+    assert list(again.attrs) != list(cache.attrs)
+    assert again.identity()["attrs_sha256"] == cache.identity()["attrs_sha256"]
+    group.attrs.update({"layer": {**cache.attrs["layer"], "index": 99}})
+    assert subcache.open_cache(copy).identity()["attrs_sha256"] != cache.identity()["attrs_sha256"]
+
+
+def test_a_foreign_backbone_is_refused_naming_both(int8_store):
+    import subcache
+    from subcache.errors import ForeignStoreError
+
+    cache = subcache.open_cache(int8_store)
+    mine = cache.backbone
+    cache.check_backbone(dict(mine))
+    for other in ({**mine, "model": "resnet50"}, {**mine, "weights_sha256": "f" * 64, "weights": "mine.pt"}):
+        with pytest.raises(ForeignStoreError) as e:
+            cache.check_backbone(other)
+        assert str(e.value) == (f"cache {cache.path} was built with resnet18 weights {mine['weights']} (sha256 "
+                                f"{mine['weights_sha256'][:12]}…), not {other['model']} weights {other['weights']} "
+                                f"(sha256 {other['weights_sha256'][:12]}…)")
+    with pytest.raises(ForeignStoreError, match=r"not None weights None \(sha256 None…\)"):
+        cache.check_backbone({})
+
+
+def test_sweep_and_remove_touch_only_what_they_should(int8_store, tmp_path):
+    import shutil
+
+    from subcache.errors import StoreExistsError
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    litter = [out / "train" / "x" / "c" / "0.partial", out / "test" / "y" / "c" / "1.partial"]
+    for f in litter:
+        f.write_bytes(b"half")
+    assert store.sweep_partials(str(out)) == 2 and not any(f.exists() for f in litter)
+    assert store.is_store(str(out))
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"jpeg")
+    with pytest.raises(StoreExistsError, match="refuses to delete"):
+        store.remove(str(other))
+    assert (other / "a.jpg").exists()
+    store.remove(str(out))
+    assert not out.exists()
