@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import subcache
 
@@ -100,6 +101,20 @@ def chunked_cache(tmp_path_factory, npz_path, resnet18):
                                               data=npz_path, image_size=32, dtype="float32", chunk_mb=0.04,
                                               splits=("train",)), backbone=resnet18)
     return subcache.open_cache(out)
+
+
+@pytest.fixture(scope="session")
+def int8_store(tmp_path_factory, npz_path, resnet18):
+    """A tiny int8 cache (24 items a split in several chunks) with keys and a label set; copy it before changing it."""
+    out = tmp_path_factory.mktemp("store") / "i8.zarr"
+    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, batch_size=16, limit=24, dtype="int8",
+                                              chunk_mb=1 / 64), backbone=resnet18)
+    ids = zarr.open_group(str(out))["train/id"][:]
+    csv = tmp_path_factory.mktemp("labels") / "parity.csv"
+    csv.write_text("id,label\n" + "".join(f"{i},{'odd' if i % 2 else 'even'}\n" for i in ids))
+    subcache.add_labels(out, "parity", csv)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,89 @@
 """build.py's parts, in process and fast (each test kills mutants that `examples/mutation.sh build` found
 surviving the end-to-end build tests)."""
 from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+import subcache
+from subcache.build import BuildConfig, image_job, restore_scales, source_fingerprint
+from subcache.data import ImageSource, open_source
+from subcache.photos import make_photo_folder
+from subcache.pipeline import image_loader
+
+
+def test_recorded_options_are_those_that_change_the_bits():
+    config = BuildConfig(out="o.zarr", layers=("3", "5"), data="d.npz", splits=("train",), device="cuda", workers=4,
+                         resume=True, download=True, data_root="r")
+    assert config.recorded() == {
+        "layers": ["3", "5"], "model": "efficientnet_lite0", "weights": "imagenet", "data": "d.npz",
+        "splits": ["train"], "limit": None, "image_size": None, "dtype": "float16", "codec": "auto", "shard_mb": None,
+        "flip_views": False, "batch_size": 128, "chunk_mb": 1.0, "batching": "position"}
+    other = BuildConfig(out="o.zarr", decode="gpu", corrupt="gaussian_blur:1").recorded()
+    assert other["decode"] == "gpu" and other["corrupt"] == "gaussian_blur:1"
+
+
+def source(labels=(0, 1, 2), ids=(10, 11, 12), array=None, files=None) -> ImageSource:
+    return ImageSource("s", "train", np.asarray(labels), np.asarray(ids), ["a", "b", "c"], array=array, files=files)
+
+
+def test_the_source_fingerprint_changes_with_labels_ids_pixels_and_files(tmp_path):
+    pixels = np.zeros((3, 4, 4), np.uint8)
+    base = source_fingerprint({"train": source(array=pixels)})
+    assert source_fingerprint({"train": source(array=pixels.copy())}) == base
+    changed = pixels.copy()
+    changed[2, 3, 3] = 1
+    for other in (source(labels=(0, 1, 1), array=pixels), source(ids=(10, 11, 13), array=pixels),
+                  source(array=changed)):
+        assert source_fingerprint({"train": other}) != base
+    files = [tmp_path / f"{i}.jpg" for i in range(3)]
+    for f in files:
+        f.write_bytes(b"jpeg")
+    photos = source_fingerprint({"train": source(files=files)})
+    assert photos != source_fingerprint({"train": source()})
+    os.utime(files[1], ns=(0, 10 ** 9))
+    touched = source_fingerprint({"train": source(files=files)})
+    files[1].write_bytes(b"jpeg!")
+    os.utime(files[1], ns=(0, 10 ** 9))
+    assert len({photos, touched, source_fingerprint({"train": source(files=files)})}) == 3
+
+
+def test_an_image_job_loads_with_the_backbone_s_preprocessing_and_decodes_in_workers_only_for_files(
+        tmp_path, npz_path, resnet18):
+    import torch
+
+    folder = make_photo_folder(tmp_path / "p", 4, classes=2, seed=0)
+    photos = open_source(str(folder), "train")
+    config = BuildConfig(out="o", workers=2, batch_size=3)
+    job = image_job(photos, resnet18, config, torch.device("cpu"))
+    load, _ = image_loader(photos, resnet18.preprocess, "cpu", torch.device("cpu"))
+    assert (job.n, job.workers, job.batch) == (4, 2, 3)
+    torch.testing.assert_close(job.finish(job.load(1, 3)), load(1, 3), rtol=0, atol=0)
+    assert job.load(0, 1).shape[-1] == resnet18.preprocess.image_size
+    in_memory = image_job(open_source(npz_path, "train", limit=5), resnet18, config, torch.device("cpu"))
+    assert in_memory.workers == 0  # sliced in the main process, whatever --workers says
+
+
+def test_a_resume_rewrites_only_missing_int8_scales(int8_store, tmp_path):
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    cache = subcache.open_cache(out, mode="r+")
+    stored = {s: cache.split(s).x_scale[:] for s in cache.splits}
+    new = np.full_like(stored["train"], 7.0)
+    restore_scales(cache, lambda: {"scale": new})  # both splits' scales decode: nothing is rewritten
+    assert all((cache.split(s).x_scale[:] == stored[s]).all() for s in cache.splits)
+    shutil.rmtree(out / "test" / "x_scale" / "c")
+    restore_scales(cache, lambda: {"scale": new})
+    assert (cache.split("test").x_scale[:] == 7.0).all() and (cache.split("train").x_scale[:] == stored["train"]).all()
+
+
+def test_a_float_store_never_plans_scales(tmp_path, npz_path, resnet18):
+    out = tmp_path / "f.zarr"
+    subcache.build_cache(BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none", data=npz_path,
+                                     image_size=32, limit=8, splits=("test",)), backbone=resnet18, progress=False)
+
+    def plan():
+        raise AssertionError("a float16 store has no scales to plan")
+
+    restore_scales(subcache.open_cache(out, mode="r+"), plan)

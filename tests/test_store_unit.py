@@ -160,21 +160,6 @@ def test_why_a_chunk_fails_is_its_error_s_first_line_or_its_missing_object(array
     assert store.bad_chunk(Silent(), 0) == "RuntimeError"
 
 
-@pytest.fixture(scope="module")
-def int8_store(tmp_path_factory, npz_path, resnet18):
-    import subcache
-
-    out = tmp_path_factory.mktemp("store") / "i8.zarr"
-    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
-                                              data=npz_path, image_size=32, batch_size=16, limit=24, dtype="int8",
-                                              chunk_mb=1 / 64), backbone=resnet18)
-    ids = zarr.open_group(str(out))["train/id"][:]
-    csv = tmp_path_factory.mktemp("labels") / "parity.csv"
-    csv.write_text("id,label\n" + "".join(f"{i},{'odd' if i % 2 else 'even'}\n" for i in ids))
-    subcache.add_labels(out, "parity", csv)
-    return out
-
-
 def test_a_missing_object_and_a_label_set_s_chunk_are_named(int8_store, tmp_path):
     import shutil
 
