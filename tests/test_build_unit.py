@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import zarr
 
 import subcache
 from subcache.build import BuildConfig, image_job, restore_scales, source_fingerprint
@@ -87,3 +88,23 @@ def test_a_float_store_never_plans_scales(tmp_path, npz_path, resnet18):
         raise AssertionError("a float16 store has no scales to plan")
 
     restore_scales(subcache.open_cache(out, mode="r+"), plan)
+
+
+def test_a_store_records_its_format_layer_backbone_and_build(int8_store, resnet18):
+    import time
+
+    import torch
+
+    from subcache.store import FORMAT, FORMAT_VERSION
+
+    attrs = subcache.open_cache(int8_store).attrs
+    assert (attrs["format"], attrs["format_version"]) == (FORMAT, FORMAT_VERSION) == ("subcache-cache", 2)
+    assert attrs["layer"] == {"index": 3, "name": resnet18.block_names[2], "num_blocks": 8}
+    assert resnet18.block_names[2] == "layer2.0"
+    assert attrs["backbone"] == {**resnet18.identity(), "weights_spec": "none", "image_size": 32}
+    assert attrs["sample_shape"] == list(resnet18.input_shape(3)) and attrs["dtype"] == "int8"
+    assert (attrs["splits"], attrs["classes"], attrs["flip_views"]) == (["train", "test"], ["0", "1", "2", "3"], False)
+    assert attrs["build"]["layers"] == ["3"] and attrs["build"]["limit"] == 24
+    assert attrs["versions"] == {"subcache": subcache.__version__, "torch": torch.__version__,
+                                 "zarr": zarr.__version__}
+    assert abs(time.mktime(time.strptime(attrs["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 3600
