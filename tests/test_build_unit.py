@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import zarr
 
 import subcache
@@ -108,3 +109,94 @@ def test_a_store_records_its_format_layer_backbone_and_build(int8_store, resnet1
     assert attrs["versions"] == {"subcache": subcache.__version__, "torch": torch.__version__,
                                  "zarr": zarr.__version__}
     assert abs(time.mktime(time.strptime(attrs["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 3600
+
+
+def test_bad_build_options_are_refused_before_any_work():
+    from subcache.build import check_build_config
+    from subcache.errors import ConfigError
+
+    for options, message in [
+            ({"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other: resume keeps finished "
+                                                  "chunks, overwrite discards them"),
+            ({"splits": ()}, "no --split given; e.g. --split train --split test"),
+            ({"shard_mb": 0.5}, "--shard-mb must be at least --chunk-mb (1.0), got 0.5"),
+            ({"batch_size": 0}, "--batch-size must be positive, got 0"),
+            ({"workers": -1}, "--workers must be 0 (decode in the main process) or a positive number, got -1")]:
+        with pytest.raises(ConfigError) as e:
+            check_build_config(BuildConfig(out="o", **options))
+        assert str(e.value) == message
+    check_build_config(BuildConfig(out="o", shard_mb=1.0, workers=0))
+
+
+def tiny(out, npz_path, **options) -> BuildConfig:
+    return BuildConfig(**{"out": str(out), "layers": ("3",), "model": "resnet18", "weights": "none",
+                          "data": npz_path, "image_size": 32, "batch_size": 16, "limit": 24, **options})
+
+
+def test_int8_scales_are_measured_on_the_first_calibration_items_of_the_first_split(tmp_path, npz_path, resnet18,
+                                                                                      monkeypatch):
+    import torch
+
+    import subcache.plan
+    from subcache.store import quantize_scale
+
+    monkeypatch.setattr(subcache.plan, "CALIBRATION", 8)  # of 24 items; the first chunk holds 4
+    exact = subcache.build_cache(tiny(tmp_path / "f.zarr", npz_path, dtype="float32", codec="none"),
+                                 backbone=resnet18, progress=False).paths[0]
+    x = subcache.open_cache(exact).read_x("train")
+    int8 = subcache.build_cache(tiny(tmp_path / "q.zarr", npz_path, dtype="int8", chunk_mb=1 / 64),
+                                backbone=resnet18, progress=False).paths[0]
+    want = quantize_scale(x[:8].abs().amax(dim=(0, 2, 3)))
+    assert not torch.equal(want, quantize_scale(x.abs().amax(dim=(0, 2, 3))))  # the count matters here
+    torch.testing.assert_close(subcache.open_cache(int8).scale(), want, rtol=0, atol=0)
+
+
+def test_a_build_loads_its_backbone_by_name_records_its_source_and_reports_progress(tmp_path, npz_path, capsys):
+    out = tmp_path / "c.zarr"
+    result = subcache.build_cache(tiny(out, npz_path, limit=5, splits=("test",)))  # no backbone given; progress on
+    assert "test → block 3" in capsys.readouterr().err
+    cache = subcache.open_cache(out)
+    assert cache.backbone["model"] == "resnet18" and cache.backbone["weights_spec"] == "none"
+    assert cache.backbone["image_size"] == 32 and cache.sample_shape == (64, 8, 8)  # resnet18 layer2.0 at 32 px
+    assert len(cache.split("test")) == 5 and result.images == 5
+    src = open_source(npz_path, "test", limit=5)
+    assert cache.attrs["source"] == {"data": npz_path, "sha256": source_fingerprint({"test": src})}
+
+
+def test_a_corrupted_build_is_drawn_from_the_corrupted_images(tmp_path, npz_path, resnet18):
+    plain = subcache.build_cache(tiny(tmp_path / "p.zarr", npz_path, limit=4, splits=("test",)), backbone=resnet18,
+                                 progress=False).paths[0]
+    noisy = subcache.build_cache(tiny(tmp_path / "n.zarr", npz_path, limit=4, splits=("test",),
+                                      corrupt="gaussian_noise:3"), backbone=resnet18, progress=False).paths[0]
+    a, b = subcache.open_cache(plain).read_x("test"), subcache.open_cache(noisy).read_x("test")
+    assert (a - b).abs().amax() > 0.1
+    assert subcache.open_cache(noisy).attrs["build"]["corrupt"] == "gaussian_noise:3"
+
+
+def test_a_build_from_python_objects_reads_them_not_the_config_s_data(tmp_path, npz_path, resnet18):
+    rng = np.random.default_rng(0)
+    items = [(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), i % 2) for i in range(6)]
+    out = subcache.build_cache(tiny(tmp_path / "o.zarr", "no-such-dataset", limit=None), backbone=resnet18,
+                               data={"train": items}, progress=False).paths[0]
+    cache = subcache.open_cache(out)
+    assert cache.splits == ["train"] and cache.read_y("train").tolist() == [0, 1, 0, 1, 0, 1]
+    assert cache.attrs["data"] == "python:list"
+
+
+def test_the_batches_measured_to_plan_the_store_are_not_forwarded_again(tmp_path, npz_path, resnet18):
+    calls = []
+    hook = resnet18.stem.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    try:
+        subcache.build_cache(tiny(tmp_path / "c.zarr", npz_path, chunk_mb=1 / 64), backbone=resnet18, progress=False)
+    finally:
+        hook.remove()
+    # one item probes the block's input shape; the first chunk (2 items) is measured in a whole forward batch (16),
+    # which the build keeps: train's 24 items = 16 + 8, then test's
+    assert calls == [1, 16, 8, 16, 8]
+
+
+def test_shards_pack_the_chunks_when_asked(tmp_path, npz_path, resnet18):
+    out = subcache.build_cache(tiny(tmp_path / "s.zarr", npz_path, chunk_mb=1 / 64, shard_mb=1 / 16, splits=("test",)),
+                               backbone=resnet18, progress=False).paths[0]
+    x = subcache.open_cache(out).split("test").x
+    assert (x.chunks[0], x.shards[0]) == (2, 8)  # float16 (64, 8, 8): 8 KiB an item
