@@ -166,8 +166,7 @@ def build_cache(config: BuildConfig, *, progress: bool = True, backbone: Backbon
         jobs[first] = replace(jobs[first], reuse=plans.reuse)
 
     def create() -> list[Cache]:
-        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume,
-                      sources=[config.data] if Path(config.data).exists() else [])
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
         return [open_or_create(path, {**_attrs(config, backbone, layer, shapes[layer], sources), "source": origin},
                                layouts[layer], resume=config.resume, plan=functools.partial(plans, layer))
                 for path, layer in zip(paths, layers)]
@@ -204,12 +203,11 @@ def with_objects(config: BuildConfig, data: Any) -> tuple[BuildConfig, dict | No
     return replace(config, splits=tuple(data), data=f"python:{type(next(iter(data.values()))).__name__}"), data
 
 
-def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool, sources: list[str] = ()) -> None:
-    """Refuse outputs that exist (without --resume/--overwrite), that --overwrite would have to delete although
-    they are not stores, and outputs that overlap the build's own source."""
+def check_outputs(out: str, paths: list[str], *, overwrite: bool, resume: bool) -> None:
+    """Refuse outputs that exist (without --resume/--overwrite) and outputs that --overwrite would have to delete
+    although they are not stores. (Outputs overlapping the source are refused earlier, by `write_stores`.)"""
     if len(paths) > 1 and location(out).is_file():
         raise StoreExistsError(f"output {out} is a file; a multi-layer build writes a folder of stores")
-    check_overlap(paths, sources)
     for path in paths:
         check_writable(path, overwrite=overwrite, resume=resume)
 

@@ -67,7 +67,7 @@ def derive_cache(config: DeriveConfig, *, progress: bool = False, backbone: Back
         return _forward(backbone, src, layers, views, "float32", config.batch_size)
 
     def create() -> list[Cache]:
-        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume, sources=[config.source])
+        check_outputs(config.out, paths, overwrite=config.overwrite, resume=config.resume)
         plans = Planner(first_items, dtype, config.codec, layouts)
         return [open_or_create(path, _attrs(src, config, backbone, layer, shapes[layer], dtype), layouts[layer],
                                resume=config.resume, plan=functools.partial(plans, layer))

@@ -2,8 +2,10 @@
 surviving the end-to-end build tests)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -91,10 +93,10 @@ def test_a_float_store_never_plans_scales(tmp_path, npz_path, resnet18):
     restore_scales(subcache.open_cache(out, mode="r+"), plan)
 
 
-def test_a_store_records_its_format_layer_backbone_and_build(int8_store, resnet18):
-    import time
-
+def test_a_store_records_its_format_layer_backbone_and_build(int8_store, resnet18, npz_path):
     import torch
+
+    from subcache.inputs import record
 
     from subcache.store import FORMAT, FORMAT_VERSION
 
@@ -105,7 +107,9 @@ def test_a_store_records_its_format_layer_backbone_and_build(int8_store, resnet1
     assert attrs["backbone"] == {**resnet18.identity(), "weights_spec": "none", "image_size": 32}
     assert attrs["sample_shape"] == list(resnet18.input_shape(3)) and attrs["dtype"] == "int8"
     assert (attrs["splits"], attrs["classes"], attrs["flip_views"]) == (["train", "test"], ["0", "1", "2", "3"], False)
-    assert attrs["build"]["layers"] == ["3"] and attrs["build"]["limit"] == 24
+    assert attrs["build"]["layers"] == ["3"] and attrs["build"]["limit"] == 24 and attrs["data"] == npz_path
+    made = record(resnet18.preprocess, open_source(npz_path, "train", limit=24))
+    assert attrs["preprocess"] == json.loads(json.dumps(made))  # as JSON keeps it (tuples become lists)
     assert attrs["versions"] == {"subcache": subcache.__version__, "torch": torch.__version__,
                                  "zarr": zarr.__version__}
     assert abs(time.mktime(time.strptime(attrs["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime())) < 3600
@@ -200,3 +204,56 @@ def test_shards_pack_the_chunks_when_asked(tmp_path, npz_path, resnet18):
                                backbone=resnet18, progress=False).paths[0]
     x = subcache.open_cache(out).split("test").x
     assert (x.chunks[0], x.shards[0]) == (2, 8)  # float16 (64, 8, 8): 8 KiB an item
+
+
+def test_a_resume_rewrites_only_the_missing_units_and_counts_them(tmp_path, npz_path, resnet18, capsys):
+    from dataclasses import replace
+
+    config = tiny(tmp_path / "c.zarr", npz_path, chunk_mb=1 / 64)  # float16: 2-item chunks, 12 units a split
+    t0 = time.perf_counter()
+    full = subcache.build_cache(config, backbone=resnet18, progress=False)
+    assert (full.images, full.skipped_units, full.layers) == (48, 0, [3])
+    assert 0 < full.seconds < time.perf_counter() - t0 and capsys.readouterr().err == ""  # progress=False: silent
+    names = [f"{s}/{a}" for s in ("train", "test") for a in ("x", "y", "id", "key")]
+    want = {name: zarr.open_array(f"{config.out}/{name}", mode="r")[:] for name in names}
+    # as a kill leaves it: still building, three units not on disk (train's 4th x chunk, last y chunk, test's id 0)
+    zarr.open_group(config.out, mode="r+").attrs["status"] = "building"
+    for chunk in ("train/x/c/3/0/0/0", "train/y/c/11", "test/id/c/0"):
+        os.remove(f"{config.out}/{chunk}")
+    again = subcache.build_cache(replace(config, resume=True), backbone=resnet18)  # progress on: lines on stderr
+    assert (again.images, again.skipped_units) == (6, 21)
+    lines = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["train → block 3 22/24", "train → block 3 24/24", "test → block 3 24/24"]
+    for name in names:
+        np.testing.assert_array_equal(zarr.open_array(f"{config.out}/{name}", mode="r")[:], want[name])
+    assert subcache.open_cache(config.out).status == "complete"
+
+
+def test_a_split_within_the_measured_batch_is_written_from_the_measurement_alone(tmp_path, npz_path, resnet18):
+    out = subcache.build_cache(tiny(tmp_path / "c.zarr", npz_path, limit=10, splits=("train",)), backbone=resnet18,
+                               progress=False).paths[0]
+    assert len(subcache.open_cache(out).split("train")) == 10
+
+
+def test_outputs_that_are_files_or_overlap_the_source_are_refused(tmp_path, npz_path, resnet18):
+    from subcache.build import check_outputs, check_overlap
+    from subcache.errors import ConfigError, StoreExistsError
+
+    a_file = tmp_path / "out"
+    a_file.write_text("mine")
+    with pytest.raises(StoreExistsError) as e:
+        check_outputs(str(a_file), [f"{a_file}/block03.zarr", f"{a_file}/block05.zarr"], overwrite=False, resume=False)
+    assert str(e.value) == f"output {a_file} is a file; a multi-layer build writes a folder of stores"
+    with pytest.raises(StoreExistsError, match="exists; pass --resume"):  # one layer: the file is the store's path
+        check_outputs(str(a_file), [str(a_file)], overwrite=False, resume=False)
+    photos = make_photo_folder(tmp_path / "photos", 2, classes=2, seed=0)
+    check_overlap([str(tmp_path / "c.zarr")], [str(photos)])
+    for inside in (f"{photos}/train/c.zarr", str(tmp_path)):
+        with pytest.raises(ConfigError) as e:
+            check_overlap([inside], [str(photos)])
+        assert str(e.value) == f"--out {inside} overlaps the build's source {photos}; write the cache elsewhere"
+    before = sorted(photos.rglob("*"))
+    with pytest.raises(ConfigError, match="overlaps the build's source"):
+        subcache.build_cache(tiny(photos / "train" / "c.zarr", str(photos), splits=("train",)), backbone=resnet18,
+                             progress=False)
+    assert sorted(photos.rglob("*")) == before  # not even a lock file
