@@ -257,3 +257,145 @@ def test_outputs_that_are_files_or_overlap_the_source_are_refused(tmp_path, npz_
         subcache.build_cache(tiny(photos / "train" / "c.zarr", str(photos), splits=("train",)), backbone=resnet18,
                              progress=False)
     assert sorted(photos.rglob("*")) == before  # not even a lock file
+
+
+def test_config_paths_become_text():
+    from pathlib import Path
+
+    config = BuildConfig(out=Path("o.zarr"), data=Path("d.npz"), data_root=Path("root"))
+    assert (config.out, config.data, config.data_root) == ("o.zarr", "d.npz", "root")
+
+
+def test_several_layers_one_pass_keys_fault_points_and_no_block_past_the_last(tmp_path, npz_path, resnet18,
+                                                                            monkeypatch, capsys):
+    import subcache.build
+
+    points, ran = [], []
+    monkeypatch.setattr(subcache.build, "fault", points.append)
+    hooks = [resnet18.block(i).register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i in range(1, 9)]
+    try:
+        result = subcache.build_cache(tiny(tmp_path / "out", npz_path, layers=("5", "3"), limit=4), backbone=resnet18)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert result.paths == [str(tmp_path / "out" / "block03.zarr"), str(tmp_path / "out" / "block05.zarr")]
+    assert set(ran) == {1, 2, 3, 4}  # block 5's input is the last kept: blocks 5.. never run
+    assert points == ["unit-written"] * 2 + ["before-finish"]  # one 4-item unit a split
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "train → block 3, 5 4/4", "test → block 3, 5 4/4"]
+    for path, layer in zip(result.paths, (3, 5)):
+        cache = subcache.open_cache(path)
+        assert cache.layer == layer and cache.read_keys("test").tolist() == ["0", "1", "2", "3"]  # an .npz: ids
+
+
+def test_resume_refuses_other_options_and_changed_sources_and_sweeps_litter(tmp_path, npz_path, resnet18):
+    from dataclasses import replace
+
+    from subcache.errors import ForeignStoreError
+
+    source = shutil.copy(npz_path, tmp_path / "src.npz")
+    config = tiny(tmp_path / "c.zarr", str(source), limit=4, splits=("test",))
+    subcache.build_cache(config, backbone=resnet18, progress=False)
+    with pytest.raises(ForeignStoreError) as e:
+        subcache.build_cache(replace(config, resume=True, chunk_mb=0.5), backbone=resnet18, progress=False)
+    assert str(e.value).startswith(f"cannot resume {config.out}: it was built with other options") and \
+        str(e.value).endswith("; rerun the original command or use --overwrite")
+    arrays = dict(np.load(npz_path))
+    np.savez(source, **{**arrays, "y_test": arrays["y_test"][::-1]})  # the same file, other labels
+    with pytest.raises(ForeignStoreError) as e:
+        subcache.build_cache(replace(config, resume=True), backbone=resnet18, progress=False)
+    assert str(e.value) == (f"cannot resume {config.out}: its source data changed since the build began "
+                            f"(fingerprint differs); rebuild it with --overwrite")
+    shutil.copy(npz_path, source)
+    litter = tmp_path / "c.zarr" / "test" / "x" / "c" / "9.partial"
+    litter.write_bytes(b"half")
+    subcache.build_cache(replace(config, resume=True), backbone=resnet18, progress=False)
+    assert not litter.exists()
+
+
+def test_overwrite_replaces_a_store_whole(tmp_path, npz_path, resnet18):
+    from dataclasses import replace
+
+    config = tiny(tmp_path / "c.zarr", npz_path, limit=6, splits=("test",))
+    subcache.build_cache(config, backbone=resnet18, progress=False)
+    subcache.build_cache(replace(config, limit=4, overwrite=True), backbone=resnet18, progress=False)
+    assert len(subcache.open_cache(config.out).split("test")) == 4
+
+
+def test_an_int8_resume_restores_missing_scales_first(tmp_path, npz_path, resnet18):
+    from dataclasses import replace
+
+    config = tiny(tmp_path / "c.zarr", npz_path, dtype="int8", limit=8, chunk_mb=1 / 64)
+    subcache.build_cache(config, backbone=resnet18, progress=False)
+    want = subcache.open_cache(config.out).scale().clone()
+    zarr.open_group(config.out, mode="r+").attrs["status"] = "building"
+    shutil.rmtree(tmp_path / "c.zarr" / "train" / "x_scale" / "c")
+    subcache.build_cache(replace(config, resume=True), backbone=resnet18, progress=False)
+    assert (subcache.open_cache(config.out).scale() == want).all()
+
+
+@pytest.mark.parametrize("bad", [None, 0.0, float("inf")])
+def test_finish_refuses_int8_scales_that_are_missing_or_not_finite_and_positive(int8_store, tmp_path, bad):
+    from subcache.build import finish
+    from subcache.errors import StoreError
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    if bad is None:
+        shutil.rmtree(out / "test" / "x_scale" / "c")
+    else:
+        scale = zarr.open_array(str(out / "test" / "x_scale"), mode="r+")
+        scale[1] = bad
+    cache = subcache.open_cache(out, mode="r+")
+    with pytest.raises(StoreError) as e:
+        finish(cache)
+    assert str(e.value) == (f"{out}: test/x_scale (the int8 scales) is missing, damaged or not positive after the "
+                            f"build; rerun with --resume")
+
+
+def test_finish_names_missing_chunks_else_marks_the_store_complete(int8_store, tmp_path):
+    from subcache.build import finish
+    from subcache.errors import StoreError
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    zarr.open_group(str(out), mode="r+").attrs.update({"status": "building", "finished": None})
+    cache = subcache.open_cache(out, require_complete=False, mode="r+")
+    finish(cache)
+    assert cache.status == "complete" and time.strptime(cache.attrs["finished"], "%Y-%m-%dT%H:%M:%SZ")
+    chunks = sorted((out / "train" / "y" / "c").iterdir(), key=lambda f: int(f.name))
+    assert len(chunks) == 6
+    for f in chunks:
+        f.unlink()
+    with pytest.raises(StoreError) as e:
+        finish(cache)
+    assert str(e.value) == f"{out}: train/y is missing chunks [0, 1, 2, 3, 4] after the build; rerun with --resume"
+
+
+def test_a_full_disk_is_one_line_naming_the_store(tmp_path, npz_path, resnet18, monkeypatch):
+    import errno
+
+    import subcache.build
+    from subcache.errors import StoreError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(subcache.build, "_write_unit", full)
+    out = tmp_path / "c.zarr"
+    with pytest.raises(StoreError) as e:
+        subcache.build_cache(tiny(out, npz_path, limit=4), backbone=resnet18, progress=False)
+    assert str(e.value) == (f"no space left on the device while writing {out}; the store stays incomplete: free "
+                            f"space and rerun the same command with --resume")
+
+
+def test_one_dataset_object_serves_the_first_split_and_a_held_lock_refuses_a_second_writer(tmp_path, npz_path,
+                                                                                         resnet18):
+    from subcache.distributed import store_locks
+    from subcache.errors import StoreError
+
+    items = [(np.zeros((32, 32, 3), np.uint8), 1)] * 3
+    out = subcache.build_cache(tiny(tmp_path / "o.zarr", "unused", limit=None, splits=("test", "train")),
+                               backbone=resnet18, data=items, progress=False).paths[0]
+    assert subcache.open_cache(out).splits == ["test"]
+    with store_locks([str(tmp_path / "c.zarr")]):
+        with pytest.raises(StoreError, match="another"):
+            subcache.build_cache(tiny(tmp_path / "c.zarr", npz_path, limit=4), backbone=resnet18, progress=False)
