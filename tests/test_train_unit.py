@@ -1,0 +1,96 @@
+"""train.py's parts, exactly and fast (each test kills mutants that `examples/mutation.sh train` found surviving the
+end-to-end training tests)."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import zarr
+
+import subcache
+from subcache.errors import TrainingError
+from subcache.train import Best, Run, Trainable, TrainResult, task_record
+
+
+def result(**changes) -> TrainResult:
+    return TrainResult(**{"model": None, "test_accuracy": 0.5, "train_accuracy": 0.75, "train_seconds": 1.234567,
+                          "trainable_params": 10, "samples_per_second": 123.456, "blocks": (3, 4), "num_samples": 64,
+                          **changes})
+
+
+def test_a_result_s_metrics_name_every_figure_and_the_chosen_epoch_only_under_validation():
+    plain = {"test_accuracy": 0.5, "train_accuracy": 0.75, "train_seconds": 1.2346, "trainable_params": 10,
+             "samples_per_second": 123.5, "num_samples": 64, "blocks": [3, 4], "loader": "memory",
+             "param_fraction": 1.0}
+    assert result().metrics() == plain
+    assert result(val_accuracy=0.6, best_epoch=2, loader="stream").metrics() == {
+        "val_accuracy": 0.6, "best_epoch": 2, **plain, "loader": "stream"}
+
+
+class Weights:
+    """A model stand-in: its task state is one tensor; load_state_dict records what it was given."""
+
+    def __init__(self):
+        self.w, self.loaded = torch.zeros(1), []
+
+    def task_state(self):
+        return {"w": self.w}
+
+    def load_state_dict(self, state, strict=True):
+        self.loaded.append((state, strict))
+
+
+def test_validation_keeps_the_first_best_epoch_s_weights():
+    model, scores = Weights(), iter([0.5, 0.7, 0.7, 0.6])
+    best = Best(model, lambda: next(scores))
+    rows = []
+    for epoch in range(1, 5):
+        model.w = torch.tensor([float(epoch)])
+        rows.append({"epoch": epoch})
+        best(rows[-1])
+    assert [r["val_accuracy"] for r in rows] == [0.5, 0.7, 0.7, 0.6] and (best.best, best.epoch) == (0.7, 2)
+    best.restore()
+    assert model.loaded == [({"w": torch.tensor([2.0])}, False)]
+    zero = Best(Weights(), lambda: 0.0)  # an epoch scoring 0 is still the best so far
+    zero({"epoch": 1})
+    assert (zero.best, zero.epoch) == (0.0, 1) and Best(Weights(), lambda: 0.0).epoch == 0
+
+
+def test_a_failed_run_saves_its_last_good_weights_as_incomplete_only_with_a_saver():
+    model, saved = Weights(), []
+    run = SimpleNamespace(model=model, saver=lambda **kw: saved.append(kw) or "task-dir")
+    good = {"w": torch.ones(1)}
+    error = Run.stopped(run, TrainingError("the loss became nan"), good)
+    assert str(error) == "the loss became nan; the last good weights are in task-dir (marked incomplete)"
+    assert saved == [{"metrics": {}, "complete": False, "stopped": "the loss became nan"}]
+    assert model.loaded == [(good, False)]
+    exc = TrainingError("x")
+    assert Run.stopped(run, exc, None) is exc and Run.stopped(SimpleNamespace(saver=None), exc, good) is exc
+
+
+def test_the_trainable_part_is_what_ddp_wraps():
+    part = SimpleNamespace(trainable_part=lambda x: x * 2)
+    assert Trainable.forward(SimpleNamespace(model=part), torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_a_task_records_its_cache_blocks_and_how_its_inputs_were_made(int8_store, resnet18, tmp_path):
+    from subcache.inputs import recorded
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    group = zarr.open_group(str(out), mode="r+")
+    old = {k: v for k, v in group.attrs["preprocess"].items() if k not in ("resize", "source", "antialias")}
+    group.attrs["preprocess"] = old  # a cache from before `resize` was recorded: derived from its data (an .npz)
+    cache = subcache.open_cache(out)
+    config = subcache.TrainConfig(blocks="3-4", epochs=1, test_split=None)
+    model = SimpleNamespace(tuned=(3, 4))
+    record = task_record(cache, resnet18, model, config, {"m": 1}, complete=True, extra=5)
+    assert record["preprocess"] == recorded(old, cache.attrs["data"]) and record["preprocess"]["source"] == "array"
+    assert {k: record[k] for k in ("complete", "cache", "cache_layer", "cache_layer_name", "sample_shape", "blocks",
+                                   "block_names", "labels", "metrics", "extra")} == {
+        "complete": True, "cache": cache.path, "cache_layer": 3, "cache_layer_name": "layer2.0",
+        "sample_shape": list(cache.sample_shape), "blocks": [3, 4], "block_names": ["layer2.0", "layer2.1"],
+        "labels": None, "metrics": {"m": 1}, "extra": 5}
+    assert record["config"] == json.loads(json.dumps(record["config"])) and record["config"]["blocks"] == "3-4"
