@@ -26,7 +26,7 @@ tests_for() {
     # build: not the kill-and-resume tests (processes of their own, up to minutes per surviving mutant on 2 cores);
     # in-process resume tests cover the same code
     build) echo "tests/test_build_unit.py tests/test_build.py -k not_resume_after_kill" ;;
-    train) echo "tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
+    train) echo "tests/test_train_unit.py tests/test_train.py tests/test_devices.py tests/test_properties.py" ;;
     loader) echo "tests/test_loader_unit.py tests/test_devices.py" ;;
     evaluation) echo "tests/test_evaluation_unit.py tests/test_properties.py" ;;
     selection/*) echo "tests/test_selection_unit.py tests/test_rank_unit.py tests/test_greedy_unit.py tests/test_rank.py tests/test_profiling.py tests/test_properties.py" ;;

@@ -94,3 +94,12 @@ def test_a_task_records_its_cache_blocks_and_how_its_inputs_were_made(int8_store
         "sample_shape": list(cache.sample_shape), "blocks": [3, 4], "block_names": ["layer2.0", "layer2.1"],
         "labels": None, "metrics": {"m": 1}, "extra": 5}
     assert record["config"] == json.loads(json.dumps(record["config"])) and record["config"]["blocks"] == "3-4"
+
+
+def test_a_task_on_a_label_set_records_its_classes(int8_store, resnet18):
+    cache = subcache.open_cache(int8_store)
+    config = subcache.TrainConfig(blocks="3", epochs=1, labels="parity", siamese=True)
+    record = task_record(cache, resnet18, SimpleNamespace(tuned=(3,)), config, {}, complete=False)
+    assert (record["classes"], record["labels"], record["siamese"]) == (["even", "odd"], "parity", True)
+    assert task_record(cache, resnet18, SimpleNamespace(tuned=(3,)), subcache.TrainConfig(blocks="3"), {},
+                       complete=False)["classes"] == cache.classes == ["0", "1", "2", "3"]
