@@ -103,9 +103,10 @@ def chunked_cache(tmp_path_factory, npz_path, resnet18):
     return subcache.open_cache(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def int8_store(tmp_path_factory, npz_path, resnet18):
-    """A tiny int8 cache (24 items a split in several chunks) with keys and a label set; copy it before changing it."""
+    """A tiny int8 cache (24 items a split in several chunks) with keys and a label set, built for each test (under
+    mutmut a session fixture's build would count only for the first test that asked for it)."""
     out = tmp_path_factory.mktemp("store") / "i8.zarr"
     subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
                                               data=npz_path, image_size=32, batch_size=16, limit=24, dtype="int8",

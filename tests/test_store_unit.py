@@ -252,6 +252,7 @@ def test_sweep_and_remove_touch_only_what_they_should(int8_store, tmp_path):
     for f in litter:
         f.write_bytes(b"half")
     assert store.sweep_partials(str(out)) == 2 and not any(f.exists() for f in litter)
+    assert store.dir_bytes(str(out)) == sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) > 0
     assert store.is_store(str(out))
     other = tmp_path / "photos"
     other.mkdir()
