@@ -103,3 +103,15 @@ def test_a_task_on_a_label_set_records_its_classes(int8_store, resnet18):
     assert (record["classes"], record["labels"], record["siamese"]) == (["even", "odd"], "parity", True)
     assert task_record(cache, resnet18, SimpleNamespace(tuned=(3,)), subcache.TrainConfig(blocks="3"), {},
                        complete=False)["classes"] == cache.classes == ["0", "1", "2", "3"]
+
+
+def test_a_task_records_its_pruned_shapes_only_when_pruned_and_the_versions(int8_store, resnet18, monkeypatch):
+    import sys
+
+    cache, model = subcache.open_cache(int8_store), SimpleNamespace(tuned=(3,))
+    monkeypatch.setattr(sys.modules["subcache.train"], "pruned_shapes", lambda m: {"of": m.tuned})
+    pruned = task_record(cache, resnet18, model, subcache.TrainConfig(blocks="3", prune=0.5), {}, complete=True)
+    plain = task_record(cache, resnet18, model, subcache.TrainConfig(blocks="3"), {}, complete=True)
+    assert (pruned["pruned_shapes"], plain["pruned_shapes"]) == ({"of": (3,)}, None)
+    assert plain["versions"] == {"subcache": subcache.__version__, "torch": torch.__version__,
+                                 "zarr": zarr.__version__}
