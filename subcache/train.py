@@ -174,14 +174,10 @@ def run_frozen(model: TunedModel, x: torch.Tensor, dtype: torch.dtype = torch.fl
     return torch.cat([model.frozen_part(x[i:i + batch].float()).to(dtype) for i in range(0, len(x), batch)])
 
 
-def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device, *,
-        augments: tuple[str, ...] = (), pad: int = 1, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool | str = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
-        ) -> tuple[list[dict], float]:
-    """The training loop of a bare model and loader (no scoring, no saving): `Run.fit`. Returns per-epoch history
-    and seconds spent training. ``forward`` replaces the model's trainable part (a DDP wrapper under torchrun)."""
-    step = Step(model, config, device, loader, forward)
-    return Run(config, device, model, loader, step, augments=augments, pad=pad).fit(progress, on_epoch)
+def fit(model: TunedModel, loader: Loader, config: TrainConfig, device: torch.device) -> tuple[list[dict], float]:
+    """The training loop of a bare model and loader (no augmentation, scoring or saving): `Run.fit`. Returns
+    per-epoch history and seconds spent training."""
+    return Run(config, device, model, loader, Step(model, config, device, loader)).fit()
 
 
 @dataclass

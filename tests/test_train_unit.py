@@ -115,3 +115,15 @@ def test_a_task_records_its_pruned_shapes_only_when_pruned_and_the_versions(int8
     assert (pruned["pruned_shapes"], plain["pruned_shapes"]) == ({"of": (3,)}, None)
     assert plain["versions"] == {"subcache": subcache.__version__, "torch": torch.__version__,
                                  "zarr": zarr.__version__}
+
+
+def test_with_a_limit_the_cache_and_the_live_prefix_train_on_the_same_balanced_subset(resnet_cache, npz_path,
+                                                                                      resnet18):
+    from subcache.train import train_reference
+
+    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=16, seed=2, limit=40, device="cpu")
+    from_cache = subcache.train(resnet_cache, config, backbone=resnet18)
+    reference, history, _ = train_reference(subcache.open_source(npz_path, "train"), resnet18, 6, config, 4)
+    assert from_cache.num_samples == 40
+    for key, value in reference.task_state().items():
+        torch.testing.assert_close(from_cache.model.task_state()[key], value, rtol=1e-4, atol=1e-5, msg=key)
