@@ -117,11 +117,13 @@ def test_a_task_records_its_pruned_shapes_only_when_pruned_and_the_versions(int8
                                  "zarr": zarr.__version__}
 
 
+@pytest.mark.parametrize("siamese", [False, True])
 def test_with_a_limit_the_cache_and_the_live_prefix_train_on_the_same_balanced_subset(resnet_cache, npz_path,
-                                                                                      resnet18):
+                                                                                      resnet18, siamese):
     from subcache.train import train_reference
 
-    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=16, seed=2, limit=40, device="cpu")
+    config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=16, seed=2, limit=40, device="cpu",
+                                  siamese=siamese)
     from_cache = subcache.train(resnet_cache, config, backbone=resnet18)
     reference, history, _ = train_reference(subcache.open_source(npz_path, "train"), resnet18, 6, config, 4)
     assert from_cache.num_samples == 40
