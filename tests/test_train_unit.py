@@ -129,3 +129,26 @@ def test_with_a_limit_the_cache_and_the_live_prefix_train_on_the_same_balanced_s
     assert from_cache.num_samples == 40
     for key, value in reference.task_state().items():
         torch.testing.assert_close(from_cache.model.task_state()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_under_validation_the_result_is_the_best_epoch_s(resnet_cache, resnet18):
+    import numpy as np
+
+    from subcache.train import TrainData
+
+    config = subcache.TrainConfig(blocks="none", epochs=4, batch_size=32, lr=0.05, seed=0, device="cpu")
+    data = TrainData(positions=np.arange(64), val_positions=np.arange(150, 190))
+    result = subcache.train(resnet_cache, config, data, backbone=resnet18)
+    vals = [row["val_accuracy"] for row in result.history]
+    best = vals.index(max(vals)) + 1
+    assert len(set(vals)) > 1 and result.best_epoch == best and result.val_accuracy == max(vals)
+    assert result.train_accuracy == result.history[best - 1]["train_accuracy"]
+    assert (result.num_samples, result.trainable_params, result.param_fraction) == (
+        64, result.model.trainable_params(), 1.0)
+    assert result.test_accuracy is not None and result.loader == "device"
+    assert result.samples_per_second == pytest.approx(4 * 64 / result.train_seconds)
+
+
+def test_a_cache_without_a_test_split_trains_unscored(resnet_cache, resnet18):
+    config = subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, limit=64, device="cpu", test_split=None)
+    assert subcache.train(resnet_cache, config, backbone=resnet18).test_accuracy is None
