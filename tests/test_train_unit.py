@@ -152,3 +152,41 @@ def test_under_validation_the_result_is_the_best_epoch_s(resnet_cache, resnet18)
 def test_a_cache_without_a_test_split_trains_unscored(resnet_cache, resnet18):
     config = subcache.TrainConfig(blocks="none", epochs=1, batch_size=64, limit=64, device="cpu", test_split=None)
     assert subcache.train(resnet_cache, config, backbone=resnet18).test_accuracy is None
+
+
+def test_inside_alone_a_torchrun_rank_trains_as_a_world_of_its_own(monkeypatch):
+    import sys
+
+    from subcache.distributed import Dist
+    from subcache.train import alone, this_process
+
+    monkeypatch.setattr(Dist, "from_env", classmethod(lambda cls: cls(3, 4, 1)))
+    assert this_process() == Dist(3, 4, 1)
+    with alone():
+        assert this_process() == Dist(0, 1, 1)
+    assert this_process() == Dist(3, 4, 1) and sys.modules["subcache.train"]._ALONE.get() is False
+
+
+def test_the_clock_sums_the_scoring_seconds_of_every_call(monkeypatch):
+    import sys
+
+    from subcache.train import Clock
+
+    now = iter([10.0, 12.5, 20.0, 21.0])
+    monkeypatch.setattr(sys.modules["subcache.train"].time, "perf_counter", lambda: next(now))
+    clock = Clock()
+    timed = clock.timed(lambda: 0.75)
+    assert clock.timed(None) is None and timed() == 0.75 and timed() == 0.75
+    assert clock.scoring == 3.5 and clock.steps == 0.0
+
+
+def test_blocks_before_the_cache_s_layer_are_refused_naming_the_first(resnet_cache, resnet18):
+    from subcache.errors import BlockError
+    from subcache.train import check_blocks
+
+    cache = subcache.open_cache(resnet_cache)
+    check_blocks((6, 7), cache, resnet18)
+    with pytest.raises(BlockError) as e:
+        check_blocks((4, 5, 6), cache, resnet18)
+    assert str(e.value) == ("block 4 comes before this cache's layer: the earliest block this cache can train is 6 "
+                            "(layer3.1); rebuild with --layer 4")
