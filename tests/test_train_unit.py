@@ -190,3 +190,36 @@ def test_blocks_before_the_cache_s_layer_are_refused_naming_the_first(resnet_cac
         check_blocks((4, 5, 6), cache, resnet18)
     assert str(e.value) == ("block 4 comes before this cache's layer: the earliest block this cache can train is 6 "
                             "(layer3.1); rebuild with --layer 4")
+
+
+@pytest.fixture
+def flip_store(tmp_path, npz_path, resnet18):
+    out = tmp_path / "flip.zarr"
+    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, limit=8, splits=("train",),
+                                              flip_views=True), backbone=resnet18, progress=False)
+    return subcache.open_cache(out)
+
+
+def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_store, monkeypatch):
+    import sys
+
+    from subcache.errors import ConfigError
+    from subcache.loader import DeviceLoader, StreamLoader
+    from subcache.train import make_loader
+
+    model, labels, cpu = SimpleNamespace(start=3, first_trainable=3), flip_store.read_y("train"), torch.device("cpu")
+
+    def loader(mode, augments=("flip",)):
+        return make_loader(flip_store, subcache.TrainConfig(loader=mode), model, None, labels, cpu, augments)
+
+    memory, stream = loader("memory"), loader("stream")
+    assert type(memory) is DeviceLoader and memory.x_flip is not None
+    assert type(stream) is StreamLoader and stream.flip_views is True
+    assert loader("memory", ("crop",)).x_flip is None and loader("stream", ("crop",)).flip_views is False
+    assert type(loader("auto")) is DeviceLoader  # 8 items fit
+    monkeypatch.setattr(sys.modules["subcache.train"], "memory_budget", lambda device: 0)
+    assert type(loader("auto")) is StreamLoader and type(loader("memory")) is DeviceLoader
+    with pytest.raises(ConfigError) as e:
+        loader("disk")
+    assert str(e.value) == "unknown loader 'disk'; allowed: auto, memory, stream"
