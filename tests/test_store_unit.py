@@ -262,3 +262,31 @@ def test_sweep_and_remove_touch_only_what_they_should(int8_store, tmp_path):
     assert (other / "a.jpg").exists()
     store.remove(str(out))
     assert not out.exists()
+
+
+def test_every_array_says_what_it_holds_and_reads_by_range_and_view(tmp_path, npz_path, resnet18):
+    import subcache
+
+    out = tmp_path / "flip.zarr"
+    subcache.build_cache(subcache.BuildConfig(out=str(out), layers=("3",), model="resnet18", weights="none",
+                                              data=npz_path, image_size=32, limit=8, splits=("train",),
+                                              flip_views=True), backbone=resnet18, progress=False)
+    cache = subcache.open_cache(out)
+    s = cache.split("train")
+    assert cache.attrs["checksums"] == "crc32c"
+    assert dict(s.y.attrs) == {"holds": "class index into the root attrs' classes", "storage": "int64",
+                               "codec": "zstd"}
+    assert dict(s.id.attrs) == {"holds": "position of the item in its source split", "storage": "int64",
+                                "codec": "zstd"}
+    assert dict(s.key.attrs) == {"holds": "where each item came from: its path under an ImageFolder root, else its "
+                                          "index in the source split", "storage": "variable-length UTF-8"}
+    for name, holds in (("x", "activations at the input of block 3 (layer2.0)"),
+                        ("x_flip", "activations at the input of block 3 of the mirrored image")):
+        attrs = dict(getattr(s, name).attrs)
+        assert attrs["holds"] == holds and attrs["storage"] == "float16 values as computed (rounded to float16)"
+        assert attrs["codec"] in ("zstd", "lz4", "none") and set(attrs["codec_measured"]) == {
+            "raw_bytes", "zstd_bytes", "lz4_bytes"}
+    x, mirrored = torch.from_numpy(s.x[:]), torch.from_numpy(s.x_flip[:])
+    assert not torch.equal(x, mirrored)
+    assert torch.equal(cache.read_x("train", 2, 5), x[2:5]) and torch.equal(cache.read_x("train", flip=True), mirrored)
+    assert torch.equal(cache.read_x("train", 5), x[5:])
