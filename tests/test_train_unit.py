@@ -205,7 +205,7 @@ def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_
     import sys
 
     from subcache.errors import ConfigError
-    from subcache.loader import DeviceLoader, StreamLoader
+    from subcache.loader import DeviceLoader, StreamLoader, split_nbytes
     from subcache.train import make_loader
 
     model, labels, cpu = SimpleNamespace(start=3, first_trainable=3), flip_store.read_y("train"), torch.device("cpu")
@@ -218,8 +218,10 @@ def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_
     assert type(stream) is StreamLoader and stream.flip_views is True
     assert loader("memory", ("crop",)).x_flip is None and loader("stream", ("crop",)).flip_views is False
     assert type(loader("auto")) is DeviceLoader  # 8 items fit
-    monkeypatch.setattr(sys.modules["subcache.train"], "memory_budget", lambda device: 0)
-    assert type(loader("auto")) is StreamLoader and type(loader("memory")) is DeviceLoader
+    need = split_nbytes(flip_store, "train", len(labels))
+    for budget, chosen in ((2 * need, DeviceLoader), (2 * need - 1, StreamLoader)):  # resident within half the budget
+        monkeypatch.setattr(sys.modules["subcache.train"], "memory_budget", lambda device, b=budget: b)
+        assert type(loader("auto")) is chosen and type(loader("memory")) is DeviceLoader
     with pytest.raises(ConfigError) as e:
         loader("disk")
     assert str(e.value) == "unknown loader 'disk'; allowed: auto, memory, stream"
