@@ -225,3 +225,13 @@ def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_
     with pytest.raises(ConfigError) as e:
         loader("disk")
     assert str(e.value) == "unknown loader 'disk'; allowed: auto, memory, stream"
+
+
+def test_streaming_the_training_split_trains_the_same_weights_as_keeping_it_resident(resnet_cache, resnet18):
+    runs = {mode: subcache.train(resnet_cache, subcache.TrainConfig(blocks="7", epochs=1, batch_size=16, limit=40,
+                                                                    seed=3, loader=mode, device="cpu"),
+                                 backbone=resnet18) for mode in ("memory", "stream")}
+    assert (runs["memory"].loader, runs["stream"].loader) == ("device", "stream")
+    assert runs["stream"].num_samples == 40
+    for key, value in runs["memory"].model.task_state().items():
+        torch.testing.assert_close(runs["stream"].model.task_state()[key], value, rtol=1e-5, atol=1e-6, msg=key)
