@@ -162,7 +162,7 @@ def make_loader(cache: Cache, config: TrainConfig, model: TunedModel, indices: n
                                      device, flip_views)
     if augments or model.start == model.first_trainable:
         return loader
-    x = loader.x if loader.decode is None else loader.decode(loader.x)
+    x = loader.decode(loader.x)  # from_cache always sets the cache's decode (int8 → float32; others unchanged)
     keep = resident_dtype(x.numel() * 4 * 2, loader.x.dtype, device)  # the cache's 16-bit if fp32 won't fit
     loader.x, loader.decode, loader.bridged = run_frozen(model, x, keep), None, True  # the bridge once, not per epoch
     return loader

@@ -235,3 +235,16 @@ def test_streaming_the_training_split_trains_the_same_weights_as_keeping_it_resi
     assert runs["stream"].num_samples == 40
     for key, value in runs["memory"].model.task_state().items():
         torch.testing.assert_close(runs["stream"].model.task_state()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_without_augmentation_the_frozen_bridge_runs_once_before_training(resnet_cache, resnet18):
+    from subcache.train import make_loader, new_model
+
+    cache = subcache.open_cache(resnet_cache)
+    labels, cpu = cache.read_y("train"), torch.device("cpu")
+    model, _ = new_model(cache, resnet18, (7,), 4, subcache.TrainConfig(blocks="7"), cpu)  # block 6: the bridge
+    config = subcache.TrainConfig(blocks="7", loader="memory")
+    plain = make_loader(cache, config, model, None, labels, cpu, ())
+    assert plain.bridged and plain.decode is None and plain.x.shape[1:] == resnet18.input_shape(7)
+    torch.testing.assert_close(plain.x, model.frozen_part(cache.read_x("train").float()))
+    assert not make_loader(cache, config, model, None, labels, cpu, ("flip",)).bridged  # augmented: per batch
