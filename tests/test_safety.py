@@ -239,7 +239,7 @@ def test_verify_covers_every_array_and_label_sets_are_checksummed(tmp_path, resn
     assert r.exit_code == 1 and [(b["split"], b["array"]) for b in report["bad"]] == [("train", array)]
     if array == "labels/coarse":
         one_error_line(run("train", "--cache", cache, "--labels", "coarse", "--blocks", "6", "--epochs", "1",
-                           "--out", tmp_path / "t"), "array coarse, chunk 0", "is corrupt")
+                           "--out", tmp_path / "t"), "split train, array labels/coarse, chunk 0", "is corrupt")
     f.unlink()
     report = json.loads(run("verify", cache, "--json").stdout)
     assert [(m["array"], m["object"]) for m in report["missing"]] == [(array, 0)] and not report["bad"]
