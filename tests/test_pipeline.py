@@ -81,9 +81,11 @@ def test_resume_with_workers_after_a_kill_is_bit_identical(photos, tmp_path):
     ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "out.zarr")
     common = [sys.executable, "-m", "subcache", *WIDE, "--data", str(photos)]
     assert run(*WIDE, "--data", str(photos), "--workers", "0", "--out", ref).exit_code == 0
-    killed = subprocess.run(common + ["--workers", "2", "--out", out], capture_output=True, text=True,
-                            env={**env, "SUBCACHE_FAULT": "unit-written:2"})
-    assert killed.returncode == KILLED_EXIT, killed.stderr
+    # output to a file, not a pipe: decode workers outliving the killed build would hold a pipe open (a hang)
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.run(common + ["--workers", "2", "--out", out], stdout=log, stderr=subprocess.STDOUT,
+                                env={**env, "SUBCACHE_FAULT": "unit-written:2"})
+    assert killed.returncode == KILLED_EXIT, (tmp_path / "killed.log").read_text()
     resumed = run(*WIDE, "--data", str(photos), "--workers", "2", "--out", out, "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert 1 <= json.loads(resumed.stdout)["resumed_units"] < 3  # the killed run's finished units were kept
