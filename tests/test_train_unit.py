@@ -248,3 +248,14 @@ def test_without_augmentation_the_frozen_bridge_runs_once_before_training(resnet
     assert plain.bridged and plain.decode is None and plain.x.shape[1:] == resnet18.input_shape(7)
     torch.testing.assert_close(plain.x, model.frozen_part(cache.read_x("train").float()))
     assert not make_loader(cache, config, model, None, labels, cpu, ("flip",)).bridged  # augmented: per batch
+
+
+def test_training_applies_the_augmentation_it_is_asked_for(resnet_cache, resnet18):
+    def weights(augment):
+        config = subcache.TrainConfig(blocks="7", epochs=1, batch_size=16, limit=32, seed=4, augment=augment,
+                                      device="cpu")
+        return subcache.train(resnet_cache, config, backbone=resnet18).model.task_state()
+
+    plain, flipped, again = weights(""), weights("flip"), weights("flip")
+    assert all(torch.equal(flipped[k], again[k]) for k in plain)  # seeded
+    assert any(not torch.equal(plain[k], flipped[k]) for k in plain)
