@@ -9,7 +9,8 @@
 # section that mutates only that module and runs only its fast tests (`-m "not slow"`). Per module it prints
 # killed / survived / other and the score (killed ÷ all mutants), and writes the surviving mutants' diffs to
 # $OUT/MODULE.txt (default runs/mutation/): read each one, kill it with a test or name why it is equivalent.
-# MUTMUT_CHILDREN sets mutmut's parallel workers (default: the CPU count).
+# MUTMUT_CHILDREN sets mutmut's parallel workers (default: the CPU count). MUTATION_TESTS replaces the module's test
+# selection (e.g. MUTATION_TESTS=tests/test_train_unit.py: only the fast unit file, a lower bound, far faster).
 set -euo pipefail
 
 ROOT=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
@@ -40,7 +41,7 @@ tests_for() {
 
 run_module() {
   local module=$1 selection scratch
-  selection=$(tests_for "$module")
+  selection=${MUTATION_TESTS:-$(tests_for "$module")}
   [ -f "$ROOT/subcache/$module.py" ] || { echo "Error: subcache/$module.py does not exist" >&2; return 2; }
   scratch=$(mktemp -d "${TMPDIR:-/tmp}/subcache-mutation-${module//\//-}.XXXXXX")
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - 2>/dev/null) |

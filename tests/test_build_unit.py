@@ -399,3 +399,42 @@ def test_one_dataset_object_serves_the_first_split_and_a_held_lock_refuses_a_sec
     with store_locks([str(tmp_path / "c.zarr")]):
         with pytest.raises(StoreError, match="another"):
             subcache.build_cache(tiny(tmp_path / "c.zarr", npz_path, limit=4), backbone=resnet18, progress=False)
+
+
+def test_forwarded_reuses_the_measured_batches_in_order_then_loads_the_rest_on_the_device():
+    import itertools
+
+    import torch
+
+    from subcache.build import Job, forwarded
+
+    loads, reused = [], {(0, 2): "acts 0-2", (2, 4): "acts 2-4"}
+    job = Job(7, lambda a, b: loads.append((a, b)) or torch.arange(a, b), np.arange(7), np.arange(7),
+              np.arange(7).astype(str), batch=2, reuse=lambda a, b: reused.get((a, b)))
+    got = list(itertools.islice(forwarded(job, [(0, 7)], lambda x: x.tolist(), torch.device("cpu")), 10))
+    assert got == [((0, 2), "acts 0-2"), ((2, 4), "acts 2-4"), ((4, 6), [4, 5]), ((6, 7), [6])]
+    assert loads == [(4, 6), (6, 7)]  # the reused batches are never loaded again
+    # a Job without `finish` (build --from) moves each batch to the device; with one, `finish` does it
+    job = Job(3, lambda a, b: torch.arange(a, b), np.arange(3), np.arange(3), np.arange(3).astype(str), batch=2,
+              finish=lambda x: x * 10)
+    assert [x for _, x in forwarded(job, [(0, 3)], lambda x: x.tolist(), torch.device("cpu"))] == [[0, 10], [20]]
+
+
+def test_created_and_finished_are_utc_whatever_the_local_time_zone(int8_store, tmp_path, monkeypatch, resnet18):
+    import calendar
+
+    from subcache.build import _attrs, finish
+
+    out = shutil.copytree(int8_store, tmp_path / "c.zarr")
+    monkeypatch.setenv("TZ", "XYZ-5:30")  # local time 5 h 30 ahead of UTC (a POSIX rule: no tz database needed)
+    time.tzset()
+    try:
+        cache = subcache.open_cache(out, mode="r+")
+        finish(cache)
+        stamped = calendar.timegm(time.strptime(cache.attrs["finished"], "%Y-%m-%dT%H:%M:%SZ"))
+        assert abs(stamped - time.time()) < 600
+        attrs = _attrs(BuildConfig(out="o.zarr"), resnet18, 3, (8, 4, 4), {"train": source()})
+        assert abs(calendar.timegm(time.strptime(attrs["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.time()) < 600
+    finally:
+        monkeypatch.undo()
+        time.tzset()
