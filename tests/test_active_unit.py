@@ -234,3 +234,165 @@ def replace_config(config, **kw):
     from dataclasses import replace
 
     return replace(config, **kw)
+
+
+# -- the rounds, with training stubbed: which items each round labels, and what each run is given ------------------
+def _d(seed: int, n: int = 192) -> np.ndarray:
+    """Each position's distinct logit gap under seed ``seed``'s model (the smaller, the more uncertain by margin)."""
+    return ((np.arange(n) * 37 + seed * 11) % n + 1) / 50
+
+
+@pytest.fixture
+def stub_rounds(monkeypatch):
+    """`train` and `train_runs` record what each run gets and return a model named after the seed; `cached_logits`
+    gives that model's logits [0, gap]; the shared bank is a sentinel. Returns the list of recorded runs."""
+    from subcache.train import TrainResult
+
+    calls = []
+
+    def result(config, data):
+        calls.append({"seed": config.seed, "blocks": config.blocks, "positions": data.positions.tolist(),
+                      "labels": data.labels.tolist(), "bank": data.bank})
+        acc = round(0.5 + config.seed / 10 + len(data.positions) / 1000, 4)
+        return TrainResult(f"model{config.seed}", acc, 0.0, 0.0, 0, 0.0, (), len(data.positions))
+
+    def logits(model, cache, split, bank=None):
+        assert split == "train" and bank == "bank"
+        return torch.stack([torch.zeros(192), torch.as_tensor(_d(int(model[5:])), dtype=torch.float32)], 1)
+
+    def runs(cache, runs, *, backbone, batch_runs):
+        calls.append(("batched", batch_runs, [c.seed for c, _ in runs]))
+        return [result(*run) for run in runs]
+
+    monkeypatch.setattr(active, "train", lambda cache, config, data, *, backbone: result(config, data))
+    monkeypatch.setattr(active, "train_runs", runs)
+    monkeypatch.setattr(active, "cached_logits", logits)
+    monkeypatch.setattr(active, "shared_bank", lambda cache, backbone, augment, device: "bank")
+    return calls
+
+
+def _expected_sets(seed: int, budgets) -> list[list[int]]:
+    """Each round's labelled positions: a seeded first draw, then the most uncertain (smallest gap) of the rest."""
+    sets = [np.sort(np.random.default_rng(seed).choice(192, budgets[0], replace=False)).tolist()]
+    for budget in budgets[1:]:
+        rest = [p for p in np.argsort(_d(seed), kind="stable") if p not in sets[-1]]
+        sets.append(sorted(sets[-1] + [int(p) for p in rest[:budget - len(sets[-1])]]))
+    return sets
+
+
+def test_rounds_label_each_seed_s_most_uncertain_items_and_save_the_curve(resnet_cache, resnet18, tmp_path,
+                                                                           stub_rounds, capsys):
+    import subcache
+    from subcache.active import active_learning
+
+    truth = subcache.open_cache(resnet_cache).read_y("train").tolist()
+    config = ALConfig(blocks="7-8", budgets=(4, 6, 9), seeds=2, batch_runs="off")
+    result = active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18, progress=True)
+    # seed after seed (batch_runs off), every round from the pretrained blocks 7-8, on the bank, with the true labels
+    assert [(c["seed"], c["positions"]) for c in stub_rounds] == [
+        (s, labelled) for s in (0, 1) for labelled in _expected_sets(s, (4, 6, 9))]
+    assert all(c["blocks"] == "7-8" and c["labels"] == truth and c["bank"] == "bank" for c in stub_rounds)
+    want = [{"budget": b, "accuracy": round(0.5 + s / 10 + b / 1000, 4), "strategy": "margin", "seed": s}
+            for s in (0, 1) for b in (4, 6, 9)]
+    assert result.curve == want and result.waiting is None
+    assert json.loads((tmp_path / "curve.json").read_text()) == want
+    with open(tmp_path / "curve.csv", newline="") as f:
+        assert [{k: float(v) if k == "accuracy" else int(v) if k != "strategy" else v for k, v in row.items()}
+                for row in csv.DictReader(f)] == want
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["seeds"]["1"]["labelled"] == _expected_sets(1, (4, 6, 9))[-1]
+    err = capsys.readouterr().err
+    assert "seed 0, 4 labelled: test accuracy 0.5040" in err and "seed 1, 9 labelled: test accuracy 0.6090" in err
+    # resumed: a finished run trains nothing again; a third seed trains only seed 2
+    stub_rounds.clear()
+    assert active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18).curve == want
+    assert stub_rounds == []
+    more = active_learning(resnet_cache, replace_config(config, seeds=3), out=tmp_path, backbone=resnet18)
+    assert [c["seed"] for c in stub_rounds] == [2, 2, 2] and more.curve[6:] == [
+        {"budget": b, "accuracy": round(0.7 + b / 1000, 4), "strategy": "margin", "seed": 2} for b in (4, 6, 9)]
+
+
+def test_batched_rounds_train_the_seeds_of_a_round_as_one_and_pick_the_same_items(resnet_cache, resnet18, tmp_path,
+                                                                                  stub_rounds):
+    from subcache.active import active_learning
+
+    config = ALConfig(budgets=(3, 5), seeds=3, batch_runs="2")
+    result = active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18)
+    batched = [c for c in stub_rounds if isinstance(c, tuple)]
+    # rounds go seed group by seed group: seeds 0 and 1 together round after round, then seed 2 alone
+    assert batched == [("batched", 2, [0, 1]), ("batched", 2, [0, 1])]
+    runs = [(c["seed"], c["positions"]) for c in stub_rounds if isinstance(c, dict)]
+    assert runs == [(s, _expected_sets(s, (3, 5))[r]) for r in (0, 1) for s in (0, 1)] + [
+        (2, labelled) for labelled in _expected_sets(2, (3, 5))]
+    assert [(c["seed"], c["budget"]) for c in result.curve] == [(0, 3), (0, 5), (1, 3), (1, 5), (2, 3), (2, 5)]
+
+
+def test_an_oracle_run_stops_for_labels_then_trains_on_the_given_ones(resnet_cache, resnet18, tmp_path, stub_rounds,
+                                                                     monkeypatch):
+    import subcache
+    from subcache.active import active_learning
+
+    cache = subcache.open_cache(resnet_cache)
+    ids, keys = cache.split("train").id[:], cache.read_keys("train")
+    oracle = tmp_path / "oracle.csv"
+    config = ALConfig(budgets=(3, 5), seeds=2, oracle=str(oracle), batch_runs="4")  # never batched: seed by seed
+    first = _expected_sets(0, (3, 5))[0]
+    with monkeypatch.context() as m:  # another rank under torchrun: the same answer, but rank 0 writes the files
+        m.setattr(active, "Dist", SimpleNamespace(from_env=lambda: SimpleNamespace(main=False, world=1)))
+        waiting = active_learning(cache, config, out=tmp_path / "al", backbone=resnet18).waiting
+    assert waiting == str(tmp_path / "al" / "to_label.csv") and list((tmp_path / "al").iterdir()) == []
+    result = active_learning(cache, config, out=tmp_path / "al", backbone=resnet18)
+    assert result.waiting == str(tmp_path / "al" / "to_label.csv") and result.curve == [] and stub_rounds == []
+    with open(result.waiting, newline="") as f:
+        assert list(csv.reader(f)) == [["id", "key", "label"], *[[str(ids[p]), str(keys[p]), ""] for p in first]]
+    oracle.write_text("id,label\n" + "".join(f"{ids[p]},{cache.classes[(p + 1) % 4]}\n" for p in first[:2]))
+    assert active_learning(cache, config, out=tmp_path / "al", backbone=resnet18).waiting == result.waiting
+    oracle.write_text("id,label\n" + "".join(f"{ids[p]},{(p + 1) % 4}\n" for p in first))
+    result = active_learning(cache, config, out=tmp_path / "al", backbone=resnet18)
+    assert result.waiting is not None and [c["seed"] for c in stub_rounds] == [0]  # its next items need labels
+    labels = stub_rounds[0]["labels"]
+    assert [labels[p] for p in first] == [(p + 1) % 4 for p in first]  # the oracle's labels, not the cache's
+    assert sum(v != -1 for v in labels) == 3  # nothing else is labelled
+
+
+def test_score_pool_scores_every_item_but_the_excluded_with_the_task_s_model(resnet_cache, monkeypatch):
+    import subcache
+    from subcache.active import score_pool
+
+    cache = subcache.open_cache(resnet_cache)
+    ids, keys = cache.split("test").id[:], cache.read_keys("test")
+    logits = torch.stack([torch.zeros(96), torch.as_tensor(_d(0, 96), dtype=torch.float32),
+                          torch.full((96,), 0.5)], 1)
+    seen = []
+    monkeypatch.setattr(active, "open_task", lambda task, c, device, backbone: seen.append((task, device, backbone)) or
+                        (SimpleNamespace(meta={"classes": ["a", "b", "c"]}), cache, "model", "dev"))
+    monkeypatch.setattr(active, "cached_logits", lambda model, c, split, dev, progress: seen.append(
+        (model, split, dev, progress)) or logits)
+    scores = score_pool(resnet_cache, "task", split="test", metric="entropy", exclude=ids[[5, 2]], device="cpu",
+                        backbone="bb", progress=True)
+    assert seen == [("task", "cpu", "bb"), ("model", "test", "dev", True)]
+    keep = [p for p in range(96) if p not in (2, 5)]
+    probs = logits.softmax(-1)
+    assert scores.positions.tolist() == keep and scores.ids.tolist() == ids[keep].tolist()
+    assert scores.keys.tolist() == keys[keep].tolist() and scores.classes == ["a", "b", "c"]
+    entropy = -(probs * probs.log()).sum(-1)
+    assert scores.score == pytest.approx(entropy[keep].numpy(), rel=1e-5) and scores.metric == "entropy"
+    assert scores.uncertainty.tolist() == scores.score.tolist()
+    assert scores.pred.tolist() == probs.argmax(-1)[keep].tolist() and set(scores.pred.tolist()) == {1, 2}
+    assert scores.prob == pytest.approx(probs.max(-1).values[keep].numpy())
+    assert score_pool(resnet_cache, "task", split="test").positions.tolist() == list(range(96))
+    assert score_pool(resnet_cache, "task", split="test").metric == "margin"
+    with pytest.raises(DataError) as e:
+        score_pool(resnet_cache, "task", split="test", exclude=np.array([ids[0], 10**9, 10**9 + 1]))
+    assert str(e.value) == f"--exclude names 2 ids that split test does not have (e.g. [{10**9}, {10**9 + 1}])"
+    with pytest.raises(ConfigError) as e:
+        score_pool(resnet_cache, "task", metric="random")
+    assert str(e.value) == "unknown metric 'random'; allowed: margin, entropy, least-confidence"
+
+
+def test_only_rank_0_writes_the_state_and_curve(resnet_cache, resnet18, tmp_path, stub_rounds, monkeypatch):
+    from subcache.active import active_learning
+
+    monkeypatch.setattr(active, "Dist", SimpleNamespace(from_env=lambda: SimpleNamespace(main=False, world=1)))
+    result = active_learning(resnet_cache, ALConfig(budgets=(3, 5)), out=tmp_path, backbone=resnet18)
+    assert [c["budget"] for c in result.curve] == [3, 5] and list(tmp_path.iterdir()) == []
