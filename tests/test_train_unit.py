@@ -2,6 +2,7 @@
 end-to-end training tests)."""
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from types import SimpleNamespace
@@ -13,6 +14,8 @@ import zarr
 import subcache
 from subcache.errors import TrainingError
 from subcache.train import Best, Run, Trainable, TrainResult, task_record
+
+train_mod = importlib.import_module("subcache.train")  # `subcache.train` the attribute is the function
 
 
 def result(**changes) -> TrainResult:
@@ -259,3 +262,158 @@ def test_training_applies_the_augmentation_it_is_asked_for(resnet_cache, resnet1
     plain, flipped, again = weights(""), weights("flip"), weights("flip")
     assert all(torch.equal(flipped[k], again[k]) for k in plain)  # seeded
     assert any(not torch.equal(plain[k], flipped[k]) for k in plain)
+
+
+# -- Run.fit and Run.epoch with stand-in parts: rows, sums, scores, lines and seconds, exactly ----------------------
+class Clockwork:
+    """time.perf_counter stand-in: each call returns the next scripted value."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def __call__(self):
+        return self.values.pop(0)
+
+
+class Bar:
+    """A progress bar stand-in recording how fit uses it."""
+
+    def __init__(self, log, enabled, unit, every):
+        self.log = log
+        log.append(("bar", enabled, unit, every))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description, total=None):
+        self.log.append(("task", description, total))
+        return 7
+
+    def advance(self, task):
+        self.log.append(("advance", task))
+
+    def line(self, text):
+        self.log.append(("line", text))
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def task_state(self):
+        return {"w": self.w.detach()}
+
+
+def fake_run(monkeypatch, steps, *, epochs=3, score=None, eval_every=1, saver=None, augments=(), flip=False):
+    """A Run over a loader of two batches (3 + 2 items) per epoch whose step returns the scripted (loss sum,
+    correct) pairs in turn (a callable in ``steps`` may change the weights first)."""
+    from subcache.train import TrainConfig
+
+    log, model, steps = [], Net(), iter(steps)
+
+    class Loader:
+        steps_per_epoch, num_samples = 2, 5
+
+        def epoch(self, epoch):
+            for n in (3, 2):
+                yield torch.full((n, 1), float(epoch)), (torch.ones(n, 1) if flip else None), torch.zeros(n)
+
+    def step(x, y):
+        value = next(steps)
+        if callable(value):
+            value = value(model)
+        log.append(("step", len(y)))
+        return torch.tensor(value, dtype=torch.float64)
+
+    monkeypatch.setattr(train_mod, "progress_bar", lambda enabled, unit, every: Bar(log, enabled, unit, every))
+    config = TrainConfig(epochs=epochs, eval_every=eval_every, lr=0.01, device="cpu")
+    return Run(config, torch.device("cpu"), model, Loader(), step, score, saver, augments, 2), log
+
+
+def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_each(monkeypatch):
+
+    steps = [(3.0, 1), (1.0, 2)] * 3
+    scores = iter([0.25, 0.5])
+    run, log = fake_run(monkeypatch, steps, epochs=3, score=lambda: next(scores), eval_every=2 + 1)
+    # three epochs of 2.0004, 3 and 5 seconds (start, end per epoch)
+    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(10.0, 12.0004, 20.0, 23.0, 30.0, 35.0))
+    monkeypatch.setattr(train_mod, "CLOCK", train_mod.Clock(steps=1.0))
+    seen = []
+    history, seconds = run.fit("run A", on_epoch=seen.append)
+    row = {"loss": 4.0 / 5, "train_accuracy": 3 / 5}
+    assert history == [{"epoch": 1, **row, "seconds": 2.0}, {"epoch": 2, **row, "seconds": 5.0},
+                       {"epoch": 3, **row, "seconds": 10.0, "test_accuracy": 0.25}]  # every 3rd epoch: the 3rd
+    assert seen == history and seen[0] is history[0] and seconds == pytest.approx(10.0004)
+    assert train_mod.CLOCK.steps == pytest.approx(11.0004)
+    assert log[:2] == [("bar", "run A", "steps/s", None), ("task", "training", 6)]
+    assert [e for e in log[2:] if e[0] != "line"] == [("step", 3), ("advance", 7), ("step", 2), ("advance", 7)] * 3
+    lines = [e[1] for e in log if e[0] == "line"]
+    assert lines == [f"run A {train_mod.epoch_line(history[0], 3, 5 / 2.0004)}",
+                     f"run A {train_mod.epoch_line(history[1], 3, 10 / 5.0004)}",
+                     f"run A {train_mod.epoch_line(history[2], 3, 15 / 10.0004)}"]
+    assert lines[2] == "run A epoch 3/3 loss 0.8000 acc 0.6000 test 0.2500 1.5 samples/s"
+
+
+def test_fit_without_a_name_or_progress_writes_bare_lines_to_a_disabled_bar(monkeypatch):
+
+    run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=lambda: 0.5, eval_every=0)
+    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(0.0, 0.5))
+    history, _ = run.fit()
+    assert log[0] == ("bar", False, "steps/s", None) and "test_accuracy" not in history[0]  # eval_every 0: never
+    assert log[-1] == ("line", "epoch 1/1 loss 0.4000 acc 0.0000 10 samples/s")
+    run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=None)
+    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(0.0, 0.0))  # no time at all: no division by 0
+    assert "test_accuracy" not in run.fit(True)[0][0] and log[-1][1].startswith("epoch 1/1 loss 0.4000 acc 0.0000 ")
+
+
+def test_an_epoch_sums_in_float64_counts_items_and_hands_augmentation_its_views(monkeypatch):
+
+    calls = []
+    monkeypatch.setattr(train_mod, "apply_augment", lambda x, augments, gen, x_flip, pad: calls.append(
+        (augments, gen, None if x_flip is None else x_flip.tolist(), pad)) or x + 1)
+    run, log = fake_run(monkeypatch, [(2.0 ** 24 + 1, 3), (2.0, 1)], augments=("flip",), flip=True)
+    gen = torch.Generator()
+    row, took = run.epoch(0, gen, lambda: log.append("advance"))
+    assert row == {"epoch": 1, "loss": (2.0 ** 24 + 3) / 5, "train_accuracy": 4 / 5, "seconds": 0.0}
+    assert calls == [(("flip",), gen, [[1.0]] * 3, 2), (("flip",), gen, [[1.0]] * 2, 2)]
+    assert log.count("advance") == 2 and took >= 0
+    calls.clear()
+    run, _ = fake_run(monkeypatch, [(1.0, 0)] * 2)
+    run.epoch(0, gen, lambda: None)
+    assert [c[2] for c in calls] == [None, None]  # no mirrored views: none handed on
+
+
+@pytest.mark.parametrize("saver", [False, True])
+def test_non_finite_loss_or_weights_stop_training_naming_the_epoch_and_the_learning_rate(monkeypatch, saver):
+    def blow_up(model):
+        model.w.data[0] = float("nan")
+        return (1.0, 0)
+
+    saved = []
+    run, _ = fake_run(monkeypatch, [(1.0, 0), (1.0, 0), (1.0, 0), blow_up],
+                      saver=(lambda **kw: saved.append((kw, run.model.w.detach().clone())) or "dir") if saver else None)
+    run.model.w.data[:] = 5.0
+    with pytest.raises(TrainingError) as e:
+        run.fit()
+    message = "the weights stopped being finite in epoch 2; lower --lr (now 0.01)"
+    assert str(e.value) == (message + "; the last good weights are in dir (marked incomplete)" if saver else message)
+    if saver:  # the weights after epoch 1 (not the nan ones) are saved, marked incomplete
+        assert saved[0][0] == {"metrics": {}, "complete": False, "stopped": message}
+        assert saved[0][1].tolist() == [5.0, 5.0]
+    run, _ = fake_run(monkeypatch, [(1.0, 0), (float("inf"), 0)])
+    with pytest.raises(TrainingError) as e:
+        run.epoch(1, torch.Generator(), lambda: None)
+    assert str(e.value) == "the training loss became inf in epoch 2; lower --lr (now 0.01)"
+
+
+def test_an_epoch_row_averages_over_the_items_seen():
+    from subcache.train import _epoch_row
+
+    assert _epoch_row(0, torch.tensor([3.0, 1.0], dtype=torch.float64), 1, 1.23456, 0.1) == {
+        "epoch": 1, "loss": 3.0, "train_accuracy": 1.0, "seconds": 1.235}
+    assert _epoch_row(4, torch.zeros(2, dtype=torch.float64), 0, 0.0, 0.1) == {
+        "epoch": 5, "loss": 0.0, "train_accuracy": 0.0, "seconds": 0.0}
