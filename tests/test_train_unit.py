@@ -417,3 +417,224 @@ def test_an_epoch_row_averages_over_the_items_seen():
         "epoch": 1, "loss": 3.0, "train_accuracy": 1.0, "seconds": 1.235}
     assert _epoch_row(4, torch.zeros(2, dtype=torch.float64), 0, 0.0, 0.1) == {
         "epoch": 5, "loss": 0.0, "train_accuracy": 0.0, "seconds": 0.0}
+
+
+# -- how a run is put together: Run.make, _scorer, _training_loader, make_loader, new_model, train ----------------
+def test_a_balanced_subset_takes_each_class_s_share_and_all_is_none():
+    import numpy as np
+
+    from subcache.errors import DataError
+    from subcache.train import balanced_subset
+
+    y = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+    for seed in range(8):
+        got = balanced_subset(y, 5, seed=seed)
+        assert np.bincount(y[got], minlength=3).tolist() == [1, 2, 2] and got.tolist() == sorted(set(got.tolist()))
+    assert balanced_subset(y, 1, seed=0).tolist() in ([1], [2], [3], [4], [5], [6], [7], [8], [9], [0])
+    assert len(balanced_subset(y, 9, seed=0)) == 9
+    assert balanced_subset(y, 10, seed=0) is None and balanced_subset(y, None, seed=0) is None
+    with pytest.raises(DataError) as e:
+        balanced_subset(y, 0, seed=0)
+    assert str(e.value) == "--examples must be at least 1 training example, got 0"
+
+
+def test_open_for_training_keeps_the_given_cache_and_backbone_else_loads_the_recorded_one(resnet_cache, resnet18):
+    from subcache.train import open_for_training
+
+    cache = subcache.open_cache(resnet_cache)
+    assert open_for_training(cache, resnet18) == (cache, resnet18)
+    opened, backbone = open_for_training(resnet_cache, None)
+    assert opened.path == cache.path and backbone is not resnet18 and backbone.identity() == resnet18.identity()
+
+
+def test_a_record_naming_code_is_refused_naming_the_cache(resnet_cache, monkeypatch):
+    from subcache.train import open_for_training
+
+    cache = subcache.open_cache(resnet_cache)
+    monkeypatch.setattr(type(cache), "backbone", property(lambda self: {**self.attrs["backbone"],
+                                                                        "model": "evil.module:factory"}))
+    with pytest.raises(Exception) as e:
+        open_for_training(cache, None)
+    assert f"cache {cache.path}" in str(e.value)
+
+
+@pytest.fixture
+def recorded_scorers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_mod, "scorer", lambda *args: calls.append(args) or (lambda: 0.5))
+    return calls
+
+
+def test_a_run_is_scored_on_held_out_positions_or_the_test_split_with_its_labels(int8_store, recorded_scorers):
+    import numpy as np
+
+    from subcache.train import TrainConfig, TrainData, _scorer
+
+    cache, dev, held = subcache.open_cache(int8_store), torch.device("cpu"), np.array([1, 2])
+    train_labels = torch.arange(24) % 4
+    assert _scorer("model", cache, TrainConfig(), train_labels, TrainData(eval_positions=held, bank="bank"), dev)() == 0.5
+    _scorer("model", cache, TrainConfig(labels="parity", test_split="train"), train_labels, TrainData(bank="bank"), dev)
+    assert _scorer("model", cache, TrainConfig(test_split="val"), train_labels, TrainData(), dev) is None
+    (a, b) = recorded_scorers
+    assert a[:4] == ("model", cache, "train", train_labels) and a[4] is held and a[5:] == ("bank", dev)
+    parity = subcache.labels.read_labels(cache, "train", "parity")[0]
+    assert b[:3] == ("model", cache, "train") and b[3].tolist() == parity.tolist() and b[4:] == (None, "bank", dev)
+
+
+def test_make_wires_labels_positions_monitor_saver_and_padding(int8_store, resnet18, recorded_scorers, tmp_path,
+                                                              monkeypatch):
+    import numpy as np
+    from functools import partial
+
+    from subcache.train import TrainConfig, TrainData
+
+    cache = subcache.open_cache(int8_store)
+    config = TrainConfig(blocks="3", epochs=1, batch_size=4, device="cpu", labels="parity", test_split="train")
+    given = torch.arange(24) % 2
+    data = TrainData(positions=np.array([0, 2, 4, 6]), labels=given, val_positions=np.array([1, 3]))
+    run = Run.make(cache, config, data, str(tmp_path / "task"), resnet18)
+    assert run.loader.num_samples == 4 and run.loader.y.tolist() == [0, 0, 0, 0]  # the given labels, positions
+    assert run.pad == 1 and run.monitor is not None and run.monitor.score() == 0.5 and run.score() == 0.5
+    val, test = recorded_scorers
+    assert val[:3] == (run.model, cache, "train") and val[3] is given and val[4].tolist() == [1, 3]
+    assert val[5:] == (None, torch.device("cpu")) and test[2] == "train"
+    assert isinstance(run.saver, partial) and run.saver.func is train_mod._save
+    assert run.saver.args == (str(tmp_path / "task"), cache, resnet18, run.model, config)
+    plain = Run.make(cache, TrainConfig(blocks="3", epochs=1, device="cpu", labels="parity", test_split=None),
+                     TrainData())
+    assert plain.monitor is None and plain.saver is None and plain.model.head.out_features == 2  # parity: 2 classes
+    labels = subcache.labels.read_labels(cache, "train", "parity")[0]
+    assert plain.loader.y.tolist() == labels.tolist()
+    assert Run.make(cache, TrainConfig(blocks="3", device="cpu"), TrainData()).model.head.out_features == 4
+    asked, shapes = [], []
+    bank = SimpleNamespace(input_of=lambda split, block: asked.append((split, block)) or torch.zeros(24, 1))
+    monkeypatch.setattr(train_mod, "default_pad", lambda shape: shapes.append(shape) or 3)
+    banked = Run.make(cache, TrainConfig(blocks="3", device="cpu", test_split=None), TrainData(bank=bank))
+    assert asked == [("train", 3)] and banked.loader.bridged and banked.pad == 3 and shapes == [cache.sample_shape]
+
+
+def test_a_rank_of_a_ddp_run_trains_its_shard_at_its_share_of_the_batch(monkeypatch):
+    import numpy as np
+
+    import torch.nn.parallel
+
+    from subcache.train import TrainConfig, _training_loader
+
+    made, wrapped = [], []
+    monkeypatch.setattr(train_mod, "make_loader", lambda *args: made.append(args) or "loader")
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda module, device_ids: wrapped.append((module, device_ids)) or "ddp")
+    model, config = SimpleNamespace(trainable_part=lambda x: x), TrainConfig(batch_size=9, seed=5)
+    ranks = SimpleNamespace(active=True, rank=1, world=3)
+    labels = torch.arange(11) * 10
+    got = _training_loader("cache", config, model, None, labels, torch.device("cpu"), ("flip",), ranks, "bank")
+    assert got == ("loader", "ddp")
+    (cache, local, m, shard, shard_labels, device, augments), = made
+    assert shard.tolist() == [1, 4, 7] and shard_labels.tolist() == [10, 40, 70]  # 11 // 3 items each, equal shards
+    assert (cache, m, device, augments) == ("cache", model, torch.device("cpu"), ("flip",))
+    assert (local.batch_size, local.seed) == (3, 6) and local.epochs == config.epochs
+    assert isinstance(wrapped[0][0], Trainable) and wrapped[0][0].model is model and wrapped[0][1] is None
+    made.clear()
+    _training_loader("cache", TrainConfig(batch_size=4), model, np.array([9, 3, 5, 7, 8, 0]), labels,
+                     torch.device("cpu"), (), SimpleNamespace(active=True, rank=0, world=3), None)
+    assert made[0][3].tolist() == [7, 9] and made[0][1].batch_size == 2  # never below 2
+
+
+def test_a_bank_feeds_the_loader_past_the_frozen_blocks_unless_augmenting(monkeypatch):
+    import numpy as np
+
+    from subcache.train import TrainConfig, _training_loader
+
+    asked = []
+    bank = SimpleNamespace(input_of=lambda split, block: asked.append((split, block)) or torch.arange(10.0)[:, None])
+    model, ranks = SimpleNamespace(first_trainable=8), SimpleNamespace(active=False)
+    labels = torch.arange(10) % 3
+    config = TrainConfig(batch_size=2, seed=4, train_split="train")
+    loader, forward = _training_loader("cache", config, model, np.array([1, 5, 6]), labels, torch.device("cpu"), (),
+                                       ranks, bank)
+    assert forward is None and asked == [("train", 8)] and loader.bridged
+    assert loader.x.flatten().tolist() == [1.0, 5.0, 6.0] and loader.y.tolist() == [1, 2, 0]
+    assert (loader.batch_size, loader.seed) == (2, 4)
+    everything, _ = _training_loader("cache", config, model, None, labels, torch.device("cpu"), (), ranks, bank)
+    assert everything.x.flatten().tolist() == list(map(float, range(10))) and everything.y.tolist() == labels.tolist()
+    made = []
+    monkeypatch.setattr(train_mod, "make_loader", lambda *args: made.append(args) or "from cache")
+    assert _training_loader("cache", config, model, None, labels, torch.device("cpu"), ("crop",), ranks, bank) == (
+        "from cache", None)
+    assert made[0][3] is None and made[0][4] is labels and made[0][6] == ("crop",)
+
+
+def test_a_resident_bridge_is_kept_in_the_dtype_the_budget_allows(resnet_cache, resnet18, monkeypatch):
+    from subcache.train import TrainConfig, make_loader, new_model
+
+    asked = []
+    monkeypatch.setattr(train_mod, "resident_dtype", lambda nbytes, stored, device: asked.append(
+        (nbytes, stored, device)) or torch.float16)
+    cache = subcache.open_cache(resnet_cache)
+    config = TrainConfig(blocks="7-8", device="cpu", batch_size=32, loader="auto")
+    model, _ = new_model(cache, resnet18, (7, 8), 4, config, torch.device("cpu"))
+    labels = cache.read_y("train")
+    loader = make_loader(cache, config, model, None, labels, torch.device("cpu"), ())
+    n = len(labels) * int(torch.tensor(cache.sample_shape).prod())
+    assert asked == [(n * 4 * 2, torch.float32, torch.device("cpu"))] and loader.x.dtype == torch.float16
+    assert type(loader).__name__ == "DeviceLoader" and loader.bridged
+
+
+def test_a_pruned_run_prunes_its_tuned_blocks_as_configured(resnet_cache, resnet18, monkeypatch):
+    from subcache.train import TrainConfig, new_model
+
+    seen = []
+    monkeypatch.setattr(train_mod, "prune_tuned_blocks", lambda model, shape, cfg: seen.append((model, shape, cfg)) or
+                        0.4)
+    cache = subcache.open_cache(resnet_cache)
+    config = TrainConfig(blocks="7", prune=0.5, prune_norm="l1", prune_scope="global")
+    model, kept = new_model(cache, resnet18, (7,), 4, config, torch.device("cpu"))
+    assert kept == 0.4 and seen[0][0] is model and seen[0][1] == cache.sample_shape
+    assert (seen[0][2].ratio, seen[0][2].norm, seen[0][2].scope) == (0.5, "l1", "global")
+
+
+def test_train_saves_a_complete_task_under_its_lock_and_refuses_a_finished_one(resnet_cache, resnet18, tmp_path,
+                                                                              capsys):
+    from subcache.distributed import WriterLock
+    from subcache.errors import OutputExistsError, StoreError
+    from subcache.train import TrainConfig
+
+    config = TrainConfig(blocks="none", epochs=2, batch_size=64, limit=64, device="cpu")
+    rows = []
+    result = subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18, on_epoch=rows.append)
+    assert capsys.readouterr().err == "" and [r["epoch"] for r in rows] == [1, 2]  # quiet unless asked
+    record = json.loads((tmp_path / "task" / "task.json").read_text())
+    assert record["complete"] is True and record["metrics"] == json.loads(json.dumps(result.metrics()))
+    assert record["history"] == rows and record["world_size"] == 1
+    assert record["backbone"] == subcache.open_cache(resnet_cache).backbone
+    with pytest.raises(OutputExistsError, match="already holds a task"):
+        subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18)
+    subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18, overwrite=True, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2 loss" in err and "warning: 64 training examples at batch 64 make 1 optimiser step" in err
+    with WriterLock(str(tmp_path / "other"), what="train"):
+        with pytest.raises(StoreError) as e:
+            subcache.train(resnet_cache, config, out=tmp_path / "other", backbone=resnet18)
+    assert str(e.value).startswith("another train (pid ")
+
+
+def test_the_reference_run_trains_every_item_without_a_limit_and_rounds_as_asked(npz_path, resnet18, monkeypatch):
+    from subcache.train import TrainConfig, train_reference
+
+    made = []
+
+    class Loader:
+        def __init__(self, *args):
+            made.append(args)
+            self.steps_per_epoch, self.num_samples, self.bridged = 0, 0, False
+
+        def epoch(self, epoch):
+            return iter(())
+
+    monkeypatch.setattr(train_mod, "ImageLoader", Loader)
+    source = subcache.open_source(npz_path, "train")
+    train_reference(source, resnet18, 6, TrainConfig(blocks="7", epochs=1, batch_size=8, seed=3), 4,
+                    round_to=torch.float16)
+    (src, backbone, layer, indices, labels, batch, seed, device, round_to), = made
+    assert (src, backbone, layer, indices, batch, seed, round_to) == (source, resnet18, 6, None, 8, 3, torch.float16)
+    assert labels.tolist() == source.labels.tolist() and device == torch.device("cpu")
