@@ -130,7 +130,7 @@ def balanced_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarray |
     return np.sort(np.concatenate(chosen))
 
 
-def check_blocks(tuned: tuple[int, ...], cache: Cache, backbone: Backbone) -> None:
+def check_blocks(tuned: tuple[int, ...], cache: Cache) -> None:
     early = [b for b in tuned if b < cache.layer]
     if early:
         raise BlockError(f"block {early[0]} comes before this cache's layer: the earliest block this cache can "
@@ -208,7 +208,7 @@ class Run:
         autocast_dtype(config.precision)  # an unknown precision fails before any work
         compile_enabled(config.compile, device)
         tuned = parse_block_spec(config.blocks, backbone)
-        check_blocks(tuned, cache, backbone)
+        check_blocks(tuned, cache)
         augments = parse_augment(config.augment)
         if config.labels is not None:
             freeze_labels(cache, config.labels)  # one snapshot: labels, head size and the record's classes agree

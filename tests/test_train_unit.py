@@ -188,9 +188,9 @@ def test_blocks_before_the_cache_s_layer_are_refused_naming_the_first(resnet_cac
     from subcache.train import check_blocks
 
     cache = subcache.open_cache(resnet_cache)
-    check_blocks((6, 7), cache, resnet18)
+    check_blocks((6, 7), cache)
     with pytest.raises(BlockError) as e:
-        check_blocks((4, 5, 6), cache, resnet18)
+        check_blocks((4, 5, 6), cache)
     assert str(e.value) == ("block 4 comes before this cache's layer: the earliest block this cache can train is 6 "
                             "(layer3.1); rebuild with --layer 4")
 
@@ -339,23 +339,23 @@ def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_e
     steps = [(3.0, 1), (1.0, 2)] * 3
     scores = iter([0.25, 0.5])
     run, log = fake_run(monkeypatch, steps, epochs=3, score=lambda: next(scores), eval_every=2 + 1)
-    # three epochs of 2.0004, 3 and 5 seconds (start, end per epoch)
-    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(10.0, 12.0004, 20.0, 23.0, 30.0, 35.0))
+    # three epochs of 2.5004, 3 and 5 seconds (start, end per epoch)
+    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(10.0, 12.5004, 20.0, 23.0, 30.0, 35.0))
     monkeypatch.setattr(train_mod, "CLOCK", train_mod.Clock(steps=1.0))
     seen = []
     history, seconds = run.fit("run A", on_epoch=seen.append)
     row = {"loss": 4.0 / 5, "train_accuracy": 3 / 5}
-    assert history == [{"epoch": 1, **row, "seconds": 2.0}, {"epoch": 2, **row, "seconds": 5.0},
-                       {"epoch": 3, **row, "seconds": 10.0, "test_accuracy": 0.25}]  # every 3rd epoch: the 3rd
-    assert seen == history and seen[0] is history[0] and seconds == pytest.approx(10.0004)
-    assert train_mod.CLOCK.steps == pytest.approx(11.0004)
+    assert history == [{"epoch": 1, **row, "seconds": 2.5}, {"epoch": 2, **row, "seconds": 5.5},
+                       {"epoch": 3, **row, "seconds": 10.5, "test_accuracy": 0.25}]  # every 3rd epoch: the 3rd
+    assert seen == history and seen[0] is history[0] and seconds == pytest.approx(10.5004)
+    assert train_mod.CLOCK.steps == pytest.approx(11.5004)
     assert log[:2] == [("bar", "run A", "steps/s", None), ("task", "training", 6)]
     assert [e for e in log[2:] if e[0] != "line"] == [("step", 3), ("advance", 7), ("step", 2), ("advance", 7)] * 3
     lines = [e[1] for e in log if e[0] == "line"]
-    assert lines == [f"run A {train_mod.epoch_line(history[0], 3, 5 / 2.0004)}",
-                     f"run A {train_mod.epoch_line(history[1], 3, 10 / 5.0004)}",
-                     f"run A {train_mod.epoch_line(history[2], 3, 15 / 10.0004)}"]
-    assert lines[2] == "run A epoch 3/3 loss 0.8000 acc 0.6000 test 0.2500 1.5 samples/s"
+    assert lines == [f"run A {train_mod.epoch_line(history[0], 3, 5 / 2.5004)}",
+                     f"run A {train_mod.epoch_line(history[1], 3, 10 / 5.5004)}",
+                     f"run A {train_mod.epoch_line(history[2], 3, 15 / 10.5004)}"]
+    assert lines[2] == "run A epoch 3/3 loss 0.8000 acc 0.6000 test 0.2500 1.4 samples/s"
 
 
 def test_fit_without_a_name_or_progress_writes_bare_lines_to_a_disabled_bar(monkeypatch):
@@ -509,8 +509,13 @@ def test_make_wires_labels_positions_monitor_saver_and_padding(int8_store, resne
     asked, shapes = [], []
     bank = SimpleNamespace(input_of=lambda split, block: asked.append((split, block)) or torch.zeros(24, 1))
     monkeypatch.setattr(train_mod, "default_pad", lambda shape: shapes.append(shape) or 3)
-    banked = Run.make(cache, TrainConfig(blocks="3", device="cpu", test_split=None), TrainData(bank=bank))
+    recorded_scorers.clear()
+    banked = Run.make(cache, TrainConfig(blocks="3", device="cpu", test_split=None),
+                      TrainData(bank=bank, val_positions=np.array([5]), eval_positions=np.array([7])))
     assert asked == [("train", 3)] and banked.loader.bridged and banked.pad == 3 and shapes == [cache.sample_shape]
+    (val, held) = recorded_scorers  # monitored on the validation positions, scored on the held-out ones: both banked
+    assert val[4].tolist() == [5] and held[4].tolist() == [7] and val[5] is bank and held[5] is bank
+    assert held[3].tolist() == cache.read_y("train").tolist()
 
 
 def test_a_rank_of_a_ddp_run_trains_its_shard_at_its_share_of_the_batch(monkeypatch):
@@ -524,7 +529,7 @@ def test_a_rank_of_a_ddp_run_trains_its_shard_at_its_share_of_the_batch(monkeypa
     monkeypatch.setattr(train_mod, "make_loader", lambda *args: made.append(args) or "loader")
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
                         lambda module, device_ids: wrapped.append((module, device_ids)) or "ddp")
-    model, config = SimpleNamespace(trainable_part=lambda x: x), TrainConfig(batch_size=9, seed=5)
+    model, config = SimpleNamespace(trainable_part=lambda x: x), TrainConfig(batch_size=10, seed=5)
     ranks = SimpleNamespace(active=True, rank=1, world=3)
     labels = torch.arange(11) * 10
     got = _training_loader("cache", config, model, None, labels, torch.device("cpu"), ("flip",), ranks, "bank")
@@ -532,7 +537,7 @@ def test_a_rank_of_a_ddp_run_trains_its_shard_at_its_share_of_the_batch(monkeypa
     (cache, local, m, shard, shard_labels, device, augments), = made
     assert shard.tolist() == [1, 4, 7] and shard_labels.tolist() == [10, 40, 70]  # 11 // 3 items each, equal shards
     assert (cache, m, device, augments) == ("cache", model, torch.device("cpu"), ("flip",))
-    assert (local.batch_size, local.seed) == (3, 6) and local.epochs == config.epochs
+    assert (local.batch_size, local.seed) == (3, 6) and local.epochs == config.epochs  # 10 // 3: whole items
     assert isinstance(wrapped[0][0], Trainable) and wrapped[0][0].model is model and wrapped[0][1] is None
     made.clear()
     _training_loader("cache", TrainConfig(batch_size=4), model, np.array([9, 3, 5, 7, 8, 0]), labels,
@@ -599,14 +604,16 @@ def test_train_saves_a_complete_task_under_its_lock_and_refuses_a_finished_one(r
     from subcache.errors import OutputExistsError, StoreError
     from subcache.train import TrainConfig
 
-    config = TrainConfig(blocks="none", epochs=2, batch_size=64, limit=64, device="cpu")
+    config = TrainConfig(blocks="8", epochs=2, batch_size=64, limit=64, device="cpu")
     rows = []
     result = subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18, on_epoch=rows.append)
+    assert result.model.backbone is resnet18  # the backbone given, not one rebuilt from the record
     assert capsys.readouterr().err == "" and [r["epoch"] for r in rows] == [1, 2]  # quiet unless asked
     record = json.loads((tmp_path / "task" / "task.json").read_text())
     assert record["complete"] is True and record["metrics"] == json.loads(json.dumps(result.metrics()))
     assert record["history"] == rows and record["world_size"] == 1
     assert record["backbone"] == subcache.open_cache(resnet_cache).backbone
+    assert record["block_names"] == [resnet18.block_names[7]] == ["layer4.1"]
     with pytest.raises(OutputExistsError, match="already holds a task"):
         subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18)
     subcache.train(resnet_cache, config, out=tmp_path / "task", backbone=resnet18, overwrite=True, progress=True)
@@ -638,3 +645,11 @@ def test_the_reference_run_trains_every_item_without_a_limit_and_rounds_as_asked
     (src, backbone, layer, indices, labels, batch, seed, device, round_to), = made
     assert (src, backbone, layer, indices, batch, seed, round_to) == (source, resnet18, 6, None, 8, 3, torch.float16)
     assert labels.tolist() == source.labels.tolist() and device == torch.device("cpu")
+
+
+def test_a_result_counts_the_samples_of_every_rank():
+    run = SimpleNamespace(monitor=None, score=None, ranks=SimpleNamespace(main=True, world=2, broadcast=lambda v: v),
+                          loader=SimpleNamespace(num_samples=30), config=SimpleNamespace(epochs=3), param_fraction=1.0,
+                          model=SimpleNamespace(trainable_params=lambda: 5, tuned=(7,)))
+    got = Run.result(run, [{"train_accuracy": 0.5}], 2.0)
+    assert (got.num_samples, got.samples_per_second, got.blocks, got.test_accuracy) == (60, 90.0, (7,), None)
