@@ -173,7 +173,7 @@ def active_learning(cache: Cache | str | os.PathLike, config: ALConfig, *, out: 
                                        f"{done['accuracy']:.4f}")
     curve = _curve(state, config)
     if ranks.main:
-        _write_curve(folder, curve, config)
+        _write_curve(folder, curve)
     return ALResult(curve)
 
 
@@ -228,7 +228,7 @@ def _rounds(cache: Cache, config: ALConfig, backbone: Backbone, bank: Activation
 
 
 def _prepare(cache: Cache, config: ALConfig, pool: tuple, folder: Path, state: dict, seed: int,
-             main: bool = True) -> tuple[np.ndarray, torch.Tensor] | str:
+             main: bool) -> tuple[np.ndarray, torch.Tensor] | str:
     """A seed's labelled positions and labels for its next round (drawing the first set, saved at once by the main
     process), or the file to fill in when the oracle has not labelled every item yet."""
     (truth, names, ids), run = pool, state["seeds"].setdefault(str(seed), {"labelled": [], "curve": []})
@@ -358,7 +358,7 @@ def _curve(state: dict, config: ALConfig) -> list[dict]:
             for seed, run in state["seeds"].items() for c in run["curve"]]
 
 
-def _write_curve(folder: Path, curve: list[dict], config: ALConfig) -> None:
+def _write_curve(folder: Path, curve: list[dict]) -> None:
     (folder / "curve.json").write_text(json.dumps(curve, indent=1))
     with open(folder / "curve.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=("budget", "accuracy", "strategy", "seed"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +17,7 @@ import subcache.active as active
 from subcache.active import (ALConfig, PoolScores, _ask, _check, _config_dict, _curve, _load_state, _oracle_labels,
                              _oracle_rows, _save_state, _select, _write_curve, most_uncertain, uncertainty)
 from subcache.errors import ConfigError, DataError
+from subcache.store import Cache
 
 
 def test_uncertainty_values_per_metric():
@@ -91,7 +93,7 @@ def test_oracle_rows_take_names_or_indices_and_refuse_the_rest(tmp_path):
     classes = ["cat", "dog", "7", "a", "b", "c"]
     assert _oracle_rows("f", np.array([1, 2, 3, 4, 1]), ["dog", "0", "7", "5", "1"], classes) == {1: 1, 2: 0, 3: 2,
                                                                                                   4: 5}
-    for bad in ("6", "-1", "cow"):
+    for bad in ("6", "-1", "cow", "2-"):
         with pytest.raises(DataError) as e:
             _oracle_rows("f.csv", np.array([3]), [bad], classes)
         assert str(e.value) == (f"f.csv: id 3 has label {bad!r}; oracle labels must be class names (cat, dog, 7, a, b…) "
@@ -125,7 +127,7 @@ def test_curve_state_and_files(tmp_path):
     assert curve == [{"budget": 2, "accuracy": 0.5, "strategy": "entropy", "seed": 0},
                      {"budget": 4, "accuracy": 0.75, "strategy": "entropy", "seed": 0},
                      {"budget": 2, "accuracy": 0.25, "strategy": "entropy", "seed": 1}]
-    _write_curve(tmp_path, curve, config)
+    _write_curve(tmp_path, curve)
     assert json.loads((tmp_path / "curve.json").read_text()) == curve
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
         "budget,accuracy,strategy,seed", "2,0.5,entropy,0", "4,0.75,entropy,0", "2,0.25,entropy,1"]
@@ -144,10 +146,13 @@ def test_config_and_state_resume_only_the_same_run(tmp_path, resnet18):
     saved = {"config": {**settings, "blocks": "layer4.0"}, "identity": identity, "seeds": {"0": {"curve": []}}}
     _save_state(tmp_path, saved)
     assert _load_state(tmp_path, settings, identity, resnet18) == {**saved, "config": settings}
-    with pytest.raises(DataError, match="holds results from another labels"):
+    with pytest.raises(DataError) as e:
         _load_state(tmp_path, settings, {**identity, "labels_sha256": "M"}, resnet18)
-    with pytest.raises(Exception, match=f"{tmp_path} holds an active-learning run with other settings"):
+    assert str(e.value) == f"{tmp_path} holds results from another labels (/c); use another --out for /c"
+    with pytest.raises(ConfigError) as e:
         _load_state(tmp_path, {**settings, "budgets": [2, 5]}, identity, resnet18)
+    assert str(e.value) == (f"{tmp_path} holds an active-learning run with other settings (budgets differ); use "
+                            "another --out or the same options")
 
 
 def test_select_random_is_seeded_per_round_and_skips_the_labelled(monkeypatch):
@@ -190,7 +195,8 @@ def test_plot_curves_draws_mean_and_std_per_budget_for_each_strategy(tmp_path):
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("labelled examples", "test accuracy",
                                                                  "Active learning")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["margin", "random"]
-    assert plot_curves(runs, None, "Mine").axes[0].get_title() == "Mine"
+    assert plot_curves(runs, None, "Mine").axes[0].get_title() == "Mine" and ax.title.get_fontsize() == 10
+    assert ax.xaxis.get_gridlines()[0].get_alpha() == 0.3
 
 
 def test_oracle_file_errors_name_the_file(tmp_path):
@@ -209,7 +215,9 @@ def test_compare_strategies_runs_each_strategy_in_its_folder_and_titles_the_plot
 
     runs, plots = [], []
     monkeypatch.setattr(active, "active_learning", lambda cache, config, *, out, backbone, progress: runs.append(
-        (config.strategy, out, backbone, progress)) or ALResult([{"budget": 2, "accuracy": 0.5}]))
+        (config.strategy, out, backbone, progress)) or ALResult([{"budget": 2, "accuracy": 0.5}],
+                                                                 "to_label.csv" if config.strategy == "least-confidence"
+                                                                 else None) if isinstance(cache, Cache) else None)
     monkeypatch.setattr(active, "plot_curves", lambda curves, path, title: plots.append((curves, path, title)))
     config = ALConfig(budgets=(2, 4), seeds=2)
     compare_strategies(resnet_cache, config, ("margin", "random"), out=tmp_path, backbone=resnet18, progress=True)
@@ -228,6 +236,9 @@ def test_compare_strategies_runs_each_strategy_in_its_folder_and_titles_the_plot
     with pytest.raises(ConfigError, match="unknown strategy 'bogus'"):
         compare_strategies(resnet_cache, config, ("margin", "bogus"), out=tmp_path, backbone=resnet18)
     assert len(runs) == 3  # every strategy is checked before the first runs
+    plots.clear()
+    compare_strategies(resnet_cache, config, ("margin", "least-confidence"), out=tmp_path, backbone=resnet18)
+    assert plots == []  # a strategy waits for labels: nothing to compare yet
 
 
 def replace_config(config, **kw):
@@ -248,34 +259,43 @@ def stub_rounds(monkeypatch):
     gives that model's logits [0, gap]; the shared bank is a sentinel. Returns the list of recorded runs."""
     from subcache.train import TrainResult
 
-    calls = []
+    calls = Calls()
 
-    def result(config, data):
+    def result(config, data, cache, backbone):
         calls.append({"seed": config.seed, "blocks": config.blocks, "positions": data.positions.tolist(),
                       "labels": data.labels.tolist(), "bank": data.bank})
+        calls.given.append((cache, backbone))
         acc = round(0.5 + config.seed / 10 + len(data.positions) / 1000, 4)
         return TrainResult(f"model{config.seed}", acc, 0.0, 0.0, 0, 0.0, (), len(data.positions))
 
     def logits(model, cache, split, bank=None):
-        assert split == "train" and bank == "bank"
+        assert split == "train" and bank == "bank" and isinstance(cache, Cache)
         return torch.stack([torch.zeros(192), torch.as_tensor(_d(int(model[5:])), dtype=torch.float32)], 1)
 
     def runs(cache, runs, *, backbone, batch_runs):
         calls.append(("batched", batch_runs, [c.seed for c, _ in runs]))
-        return [result(*run) for run in runs]
+        return [result(*run, cache, backbone) for run in runs]
 
-    monkeypatch.setattr(active, "train", lambda cache, config, data, *, backbone: result(config, data))
+    monkeypatch.setattr(active, "train", lambda cache, config, data, *, backbone: result(config, data, cache, backbone))
     monkeypatch.setattr(active, "train_runs", runs)
     monkeypatch.setattr(active, "cached_logits", logits)
-    monkeypatch.setattr(active, "shared_bank", lambda cache, backbone, augment, device: "bank")
+    monkeypatch.setattr(active, "shared_bank", lambda *args: calls.banks.append(args) or "bank")
     return calls
 
 
-def _expected_sets(seed: int, budgets) -> list[list[int]]:
+class Calls(list):
+    """The runs trained (a list), with the (cache, backbone) each was given and the shared banks asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.given, self.banks = [], []
+
+
+def _expected_sets(seed: int, budgets, n: int = 192) -> list[list[int]]:
     """Each round's labelled positions: a seeded first draw, then the most uncertain (smallest gap) of the rest."""
-    sets = [np.sort(np.random.default_rng(seed).choice(192, budgets[0], replace=False)).tolist()]
+    sets = [np.sort(np.random.default_rng(seed).choice(n, budgets[0], replace=False)).tolist()]
     for budget in budgets[1:]:
-        rest = [p for p in np.argsort(_d(seed), kind="stable") if p not in sets[-1]]
+        rest = [p for p in np.argsort(_d(seed, n), kind="stable") if p not in sets[-1]]
         sets.append(sorted(sets[-1] + [int(p) for p in rest[:budget - len(sets[-1])]]))
     return sets
 
@@ -301,23 +321,35 @@ def test_rounds_label_each_seed_s_most_uncertain_items_and_save_the_curve(resnet
                 for row in csv.DictReader(f)] == want
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["seeds"]["1"]["labelled"] == _expected_sets(1, (4, 6, 9))[-1]
-    err = capsys.readouterr().err
-    assert "seed 0, 4 labelled: test accuracy 0.5040" in err and "seed 1, 9 labelled: test accuracy 0.6090" in err
-    # resumed: a finished run trains nothing again; a third seed trains only seed 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 6 and all(line.startswith(f"active learning (margin) {k}/6 ({k / 6:.0%}) seed ")
+                                   for k, line in enumerate(lines, 1))  # a line per round
+    assert "seed 0, 4 labelled: test accuracy 0.5040" in lines[0] and "seed 1, 9 labelled: test accuracy 0.6090" in \
+        lines[5] and all(re.search(r" (rounds/s|s/round)$", line) for line in lines)
+    cache = stub_rounds.given[0][0]
+    assert all(c is cache and b is resnet18 for c, b in stub_rounds.given) and isinstance(cache, Cache)
+    assert stub_rounds.banks == [(cache, resnet18, config.train.augment, config.train.device)]
+    assert json.loads((tmp_path / "state.json").read_text())["identity"] == subcache.labels.data_identity(cache, None)
+    # resumed: a finished run trains nothing again (quietly); a third seed trains only seed 2, counted from 6 of 9
     stub_rounds.clear()
     assert active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18).curve == want
-    assert stub_rounds == []
-    more = active_learning(resnet_cache, replace_config(config, seeds=3), out=tmp_path, backbone=resnet18)
+    assert stub_rounds == [] and capsys.readouterr().err == ""
+    state = json.loads((tmp_path / "state.json").read_text())  # an earlier version spelt the blocks
+    (tmp_path / "state.json").write_text(json.dumps({**state, "config": {**state["config"], "blocks": "7-8"}}))
+    more = active_learning(resnet_cache, replace_config(config, seeds=3), out=tmp_path, backbone=resnet18,
+                           progress=True)
     assert [c["seed"] for c in stub_rounds] == [2, 2, 2] and more.curve[6:] == [
         {"budget": b, "accuracy": round(0.7 + b / 1000, 4), "strategy": "margin", "seed": 2} for b in (4, 6, 9)]
+    assert capsys.readouterr().err.startswith("active learning (margin) 7/9 (78%)")
 
 
 def test_batched_rounds_train_the_seeds_of_a_round_as_one_and_pick_the_same_items(resnet_cache, resnet18, tmp_path,
-                                                                                  stub_rounds):
+                                                                                  stub_rounds, capsys):
     from subcache.active import active_learning
 
     config = ALConfig(budgets=(3, 5), seeds=3, batch_runs="2")
     result = active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18)
+    assert capsys.readouterr().err == "" and all(b is resnet18 for _, b in stub_rounds.given)  # quiet by default
     batched = [c for c in stub_rounds if isinstance(c, tuple)]
     # rounds go seed group by seed group: seeds 0 and 1 together round after round, then seed 2 alone
     assert batched == [("batched", 2, [0, 1]), ("batched", 2, [0, 1])]
@@ -364,13 +396,13 @@ def test_score_pool_scores_every_item_but_the_excluded_with_the_task_s_model(res
     logits = torch.stack([torch.zeros(96), torch.as_tensor(_d(0, 96), dtype=torch.float32),
                           torch.full((96,), 0.5)], 1)
     seen = []
-    monkeypatch.setattr(active, "open_task", lambda task, c, device, backbone: seen.append((task, device, backbone)) or
-                        (SimpleNamespace(meta={"classes": ["a", "b", "c"]}), cache, "model", "dev"))
+    monkeypatch.setattr(active, "open_task", lambda task, c, device, backbone: seen.append((task, c, device, backbone))
+                        or (SimpleNamespace(meta={"classes": ["a", "b", "c"]}), cache, "model", "dev"))
     monkeypatch.setattr(active, "cached_logits", lambda model, c, split, dev, progress: seen.append(
-        (model, split, dev, progress)) or logits)
+        (model, c is cache, split, dev, progress)) or (logits if split == "test" else torch.zeros(192, 3)))
     scores = score_pool(resnet_cache, "task", split="test", metric="entropy", exclude=ids[[5, 2]], device="cpu",
                         backbone="bb", progress=True)
-    assert seen == [("task", "cpu", "bb"), ("model", "test", "dev", True)]
+    assert seen == [("task", resnet_cache, "cpu", "bb"), ("model", True, "test", "dev", True)]
     keep = [p for p in range(96) if p not in (2, 5)]
     probs = logits.softmax(-1)
     assert scores.positions.tolist() == keep and scores.ids.tolist() == ids[keep].tolist()
@@ -381,10 +413,13 @@ def test_score_pool_scores_every_item_but_the_excluded_with_the_task_s_model(res
     assert scores.pred.tolist() == probs.argmax(-1)[keep].tolist() and set(scores.pred.tolist()) == {1, 2}
     assert scores.prob == pytest.approx(probs.max(-1).values[keep].numpy())
     assert score_pool(resnet_cache, "task", split="test").positions.tolist() == list(range(96))
-    assert score_pool(resnet_cache, "task", split="test").metric == "margin"
+    seen.clear()
+    assert score_pool(resnet_cache, "task").metric == "margin"  # defaults: margin on train, device auto, quiet
+    assert seen == [("task", resnet_cache, "auto", None), ("model", True, "train", "dev", False)]
     with pytest.raises(DataError) as e:
-        score_pool(resnet_cache, "task", split="test", exclude=np.array([ids[0], 10**9, 10**9 + 1]))
-    assert str(e.value) == f"--exclude names 2 ids that split test does not have (e.g. [{10**9}, {10**9 + 1}])"
+        score_pool(resnet_cache, "task", split="test", exclude=np.array([ids[0], *range(10**9, 10**9 + 4)]))
+    assert str(e.value) == f"--exclude names 4 ids that split test does not have (e.g. [{10**9}, {10**9 + 1}, " \
+                           f"{10**9 + 2}])"
     with pytest.raises(ConfigError) as e:
         score_pool(resnet_cache, "task", metric="random")
     assert str(e.value) == "unknown metric 'random'; allowed: margin, entropy, least-confidence"
@@ -396,3 +431,62 @@ def test_only_rank_0_writes_the_state_and_curve(resnet_cache, resnet18, tmp_path
     monkeypatch.setattr(active, "Dist", SimpleNamespace(from_env=lambda: SimpleNamespace(main=False, world=1)))
     result = active_learning(resnet_cache, ALConfig(budgets=(3, 5)), out=tmp_path, backbone=resnet18)
     assert [c["budget"] for c in result.curve] == [3, 5] and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_on_a_label_set_trains_and_picks_by_its_labels(int8_store, resnet18, tmp_path, stub_rounds, monkeypatch):
+    import subcache
+    from subcache.active import active_learning
+    from subcache.train import TrainConfig
+
+    cache = subcache.open_cache(int8_store)
+    parity = subcache.labels.read_labels(cache, "train", "parity")[0]
+    monkeypatch.setattr(active, "cached_logits", lambda model, c, split, bank=None: torch.stack(
+        [torch.zeros(24), torch.arange(24.0)], 1))  # item 0 the most uncertain, then 1, 2, ...
+    config = ALConfig(budgets=(3, 5), train=TrainConfig(labels="parity"), oracle=None)
+    active_learning(cache, config, out=tmp_path, backbone=resnet18)
+    assert stub_rounds[0]["labels"] == parity.tolist()
+    first = _expected_sets(0, (3,), n=24)[0]
+    assert stub_rounds[1]["positions"] == sorted(first + [p for p in range(24) if p not in first][:2])
+    assert json.loads((tmp_path / "state.json").read_text())["identity"] == \
+        subcache.labels.data_identity(cache, "parity")
+    oracle = tmp_path / "oracle.csv"  # an oracle names the label set's classes
+    oracle.write_text("id,label\n" + "".join(f"{i},{'even' if k == 0 else 'odd'}\n" for i, k in
+                                               zip(cache.split("train").id[:], parity.tolist())))
+    stub_rounds.clear()
+    active_learning(cache, replace_config(config, oracle=str(oracle)), out=tmp_path / "o", backbone=resnet18)
+    assert [stub_rounds[0]["labels"][p] for p in first] == [int(parity[p]) for p in first]
+
+
+def test_random_rounds_draw_per_seed_and_round(resnet_cache, resnet18, tmp_path, stub_rounds):
+    from subcache.active import active_learning
+
+    active_learning(resnet_cache, ALConfig(budgets=(3, 5, 6), seeds=2, strategy="random", batch_runs="off"),
+                    out=tmp_path, backbone=resnet18)
+    for seed in (0, 1):
+        sets = [c["positions"] for c in stub_rounds if c["seed"] == seed]
+        for r, (before, after) in enumerate(zip(sets, sets[1:])):
+            rest = np.setdiff1d(np.arange(192), before)
+            drawn = np.random.default_rng([seed, r]).choice(rest, len(after) - len(before), replace=False)
+            assert after == sorted(before + drawn.tolist())
+
+
+def test_budgets_past_the_pool_are_refused_before_any_round(resnet_cache, resnet18, tmp_path, stub_rounds):
+    from subcache.active import active_learning
+
+    active_learning(resnet_cache, ALConfig(budgets=(2, 192)), out=tmp_path / "all", backbone=resnet18)  # the whole pool
+    with pytest.raises(DataError) as e:
+        active_learning(resnet_cache, ALConfig(budgets=(2, 5, 193)), out=tmp_path / "more", backbone=resnet18)
+    assert str(e.value) == "budget 193 exceeds the pool (192 items)"
+
+
+def test_pool_scores_make_the_folders_they_are_saved_in(tmp_path):
+    _scores().save(tmp_path / "a" / "b" / "s.csv")
+    assert (tmp_path / "a" / "b" / "s.csv").is_file()
+
+
+def test_progress_writes_a_line_for_every_round(resnet_cache, resnet18, tmp_path, stub_rounds, capsys):
+    from subcache.active import active_learning
+
+    active_learning(resnet_cache, ALConfig(budgets=(3, 4, 5, 6, 7, 8), seeds=2, batch_runs="off"), out=tmp_path,
+                    backbone=resnet18, progress=True)
+    assert len(capsys.readouterr().err.splitlines()) == 12
