@@ -32,7 +32,7 @@ class Stub:
         self.val, self.calls, self.fits = val, [], []
 
     def __call__(self, cache, configs, backbone, bank, split, batch_runs="off"):
-        self.batch_runs = batch_runs
+        self.batch_runs, self.given = batch_runs, (cache, backbone)
         self.calls.append([(c.blocks, c.seed, c.epochs) for c in configs])
         self.fits.append(None if split is None else split[0])
         rows = []
@@ -405,6 +405,7 @@ def test_halving_prior_keeps_ranks_best_windows_in_window_order(planted, stub, m
 
     def rank_windows(cache, config, backbone=None):
         seen.append(config)
+        assert isinstance(cache, subcache.store.Cache) and cache.path == planted[0] and backbone is planted[1]
         return type("R", (), {"ranking": [{"window": list(w)} for w in ranking if len(w) in config.widths]})()
 
     monkeypatch.setattr(halving_mod, "rank_windows", rank_windows)
@@ -497,3 +498,16 @@ def test_halving_rows_name_their_window_and_it_is_silent_by_default(planted, stu
     saved = json.loads((tmp_path / "halving.json").read_text())
     assert saved["cache"] == subcache.open_cache(planted[0]).path and saved["out"] == str(tmp_path)
     assert (tmp_path / "halving.csv").read_text().splitlines()[1].startswith("0,1,2-3,2,2,0,")
+
+
+def test_halving_batches_a_window_s_seeds_on_the_given_cache_and_backbone(planted, stub, monkeypatch):
+    banks = []
+    real = halving_mod.shared_bank
+    monkeypatch.setattr(halving_mod, "shared_bank", lambda c, b, *a: banks.append(b) or real(c, b, *a))
+    _, run = _halving(planted, eta=2, seeds=3, epochs=1, widths=(1,), blocks="3-4", batch_runs="2")
+    result = run()
+    assert [[(b, s) for b, s, _ in call] for call in stub.calls] == [
+        [("3", 0), ("3", 1)], [("3", 2)], [("4", 0), ("4", 1)], [("4", 2)]]  # a window's seeds, 2 at a time
+    cache, backbone = stub.given
+    assert cache.path == planted[0] and isinstance(cache, subcache.store.Cache) and backbone is planted[1]
+    assert banks == [planted[1]] and [r["rung"] for r in result.rungs] == [0]
