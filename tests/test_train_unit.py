@@ -340,7 +340,8 @@ def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_e
     scores = iter([0.25, 0.5])
     run, log = fake_run(monkeypatch, steps, epochs=3, score=lambda: next(scores), eval_every=2 + 1)
     # three epochs of 2.5004, 3 and 5 seconds (start, end per epoch)
-    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(10.0, 12.5004, 20.0, 23.0, 30.0, 35.0))
+    clock = Clockwork(10.0, 12.5004, 20.0, 23.0, 30.0, 35.0)
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=clock))
     monkeypatch.setattr(train_mod, "CLOCK", train_mod.Clock(steps=1.0))
     seen = []
     history, seconds = run.fit("run A", on_epoch=seen.append)
@@ -361,12 +362,13 @@ def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_e
 def test_fit_without_a_name_or_progress_writes_bare_lines_to_a_disabled_bar(monkeypatch):
 
     run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=lambda: 0.5, eval_every=0)
-    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(0.0, 0.5))
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=Clockwork(0.0, 0.5)))
     history, _ = run.fit()
     assert log[0] == ("bar", False, "steps/s", None) and "test_accuracy" not in history[0]  # eval_every 0: never
     assert log[-1] == ("line", "epoch 1/1 loss 0.4000 acc 0.0000 10 samples/s")
     run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=None)
-    monkeypatch.setattr(train_mod.time, "perf_counter", Clockwork(0.0, 0.0))  # no time at all: no division by 0
+    # no time at all: no division by 0
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=Clockwork(0.0, 0.0)))
     assert "test_accuracy" not in run.fit(True)[0][0] and log[-1][1].startswith("epoch 1/1 loss 0.4000 acc 0.0000 ")
 
 
@@ -472,7 +474,8 @@ def test_a_run_is_scored_on_held_out_positions_or_the_test_split_with_its_labels
 
     cache, dev, held = subcache.open_cache(int8_store), torch.device("cpu"), np.array([1, 2])
     train_labels = torch.arange(24) % 4
-    assert _scorer("model", cache, TrainConfig(), train_labels, TrainData(eval_positions=held, bank="bank"), dev)() == 0.5
+    held_out = TrainData(eval_positions=held, bank="bank")
+    assert _scorer("model", cache, TrainConfig(), train_labels, held_out, dev)() == 0.5
     _scorer("model", cache, TrainConfig(labels="parity", test_split="train"), train_labels, TrainData(bank="bank"), dev)
     assert _scorer("model", cache, TrainConfig(test_split="val"), train_labels, TrainData(), dev) is None
     (a, b) = recorded_scorers
