@@ -57,17 +57,24 @@ run_module() {
 source_paths = ["subcache"]
 only_mutate = ["subcache/$module.py"]
 also_copy = ["cli/", "subcache/cli/"]  # mutmut walks subcache/ without following the link
-# each mutant's pytest run deletes its temporary folders when it ends (kept, ~1000 runs a module filled 73 GB here)
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "-q", "-o", "tmp_path_retention_policy=none"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow and not gpu", "-q"]
 pytest_add_cli_args_test_selection = [${args%, }]
 timeout_constant = 30.0  # seconds: importing torch in each mutant's worker counts against its CPU limit
 timeout_multiplier = 4.0  # × the tests' own CPU time (default 15): a mutant that loops forever ends in minutes
 EOF
   mkdir "$scratch/mutants"  # before Python starts: a PYTHONPATH folder that does not exist yet is never searched
   echo "== $module: mutating subcache/$module.py, tests: $selection (in $scratch)" >&2
-  mkdir "$scratch/tmp"  # pytest's temporary folders (and anything else a test writes to TMPDIR) go with the scratch
+  # pytest's temporary folders (and anything else a test writes to TMPDIR) go with the scratch. mutmut's forked
+  # workers end without running pytest's clean-up, so every mutant's folders stay: a sweeper removes those older than
+  # 15 minutes (left alone, ~1000 mutants a module filled this machine's 73 GB).
+  mkdir "$scratch/tmp"
+  (while sleep 60; do find "$scratch/tmp" -mindepth 2 -maxdepth 2 -path "*/pytest-of-*/pytest-*" -mmin +15 \
+     -exec rm -rf {} + 2>/dev/null; done) &
+  local sweeper=$!
   (cd "$scratch" && OMP_NUM_THREADS=1 TMPDIR="$scratch/tmp" PYTHONPATH="$scratch/mutants:$scratch" \
-     mutmut run --max-children "${MUTMUT_CHILDREN:-$(nproc)}" >"$scratch/run.log" 2>&1) || { tail -20 "$scratch/run.log" >&2; return 1; }
+     mutmut run --max-children "${MUTMUT_CHILDREN:-$(nproc)}" >"$scratch/run.log" 2>&1) ||
+    { kill $sweeper; tail -20 "$scratch/run.log" >&2; return 1; }
+  kill $sweeper
   mkdir -p "$OUT"
   (cd "$scratch" && mutmut export-cicd-stats >/dev/null && cp mutants/mutmut-cicd-stats.json "$OUT/${module//\//-}.json" &&
      for m in $(mutmut results | awk -F: '/: survived/ {print $1}'); do mutmut show "$m"; echo; done \
