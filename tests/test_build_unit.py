@@ -418,6 +418,8 @@ def test_forwarded_reuses_the_measured_batches_in_order_then_loads_the_rest_on_t
     job = Job(3, lambda a, b: torch.arange(a, b), np.arange(3), np.arange(3), np.arange(3).astype(str), batch=2,
               finish=lambda x: x * 10)
     assert [x for _, x in forwarded(job, [(0, 3)], lambda x: x.tolist(), torch.device("cpu"))] == [[0, 10], [20]]
+    job = Job(4, None, np.arange(4), np.arange(4), np.arange(4).astype(str), batch=2, reuse=lambda a, b: (a, b))
+    assert list(forwarded(job, [(0, 4)], None, torch.device("cpu"))) == [((0, 2), (0, 2)), ((2, 4), (2, 4))]
 
 
 def test_created_and_finished_are_utc_whatever_the_local_time_zone(int8_store, tmp_path, monkeypatch, resnet18):
@@ -438,3 +440,10 @@ def test_created_and_finished_are_utc_whatever_the_local_time_zone(int8_store, t
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_layers_named_by_block_are_recorded_as_indices(tmp_path, npz_path, resnet18):
+    config = tiny(tmp_path / "c.zarr", npz_path, limit=2, splits=("test",), layers=("layer2.0",))
+    subcache.build_cache(config, backbone=resnet18, progress=False)
+    cache = subcache.open_cache(config.out)
+    assert cache.layer == 3 and cache.attrs["build"]["layers"] == ["3"]  # `--layer 3 --resume` resumes it
