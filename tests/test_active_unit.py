@@ -349,7 +349,8 @@ def test_batched_rounds_train_the_seeds_of_a_round_as_one_and_pick_the_same_item
 
     config = ALConfig(budgets=(3, 5), seeds=3, batch_runs="2")
     result = active_learning(resnet_cache, config, out=tmp_path, backbone=resnet18)
-    assert capsys.readouterr().err == "" and all(b is resnet18 for _, b in stub_rounds.given)  # quiet by default
+    assert capsys.readouterr().err == ""  # quiet by default
+    assert all(isinstance(c, Cache) and b is resnet18 for c, b in stub_rounds.given)
     batched = [c for c in stub_rounds if isinstance(c, tuple)]
     # rounds go seed group by seed group: seeds 0 and 1 together round after round, then seed 2 alone
     assert batched == [("batched", 2, [0, 1]), ("batched", 2, [0, 1])]
