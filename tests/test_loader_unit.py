@@ -238,7 +238,7 @@ class _FakeSplit:
 @pytest.fixture(scope="module")
 def bf16_flip_cache():
     split = _FakeSplit()
-    return SimpleNamespace(dtype="bfloat16", split=lambda name: split, decode=lambda x: x.float() * 2)
+    return SimpleNamespace(dtype="bfloat16", split=lambda name: {"train": split}[name], decode=lambda x: x.float() * 2)
 
 
 def _rows(n=22):
@@ -373,3 +373,23 @@ def test_device_loader_decodes_without_mirrored_views(bf16_flip_cache):
     loader = DeviceLoader.from_cache(bf16_flip_cache, "train", np.array([1, 2, 3]), torch.tensor([7, 8, 9]), 3, 0, CPU)
     bx, bf, by = next(loader.epoch(0))
     assert bf is None and torch.equal(bx, _rows()[0][(by - 6).tolist()].float() * 2)
+
+
+def test_image_loader_without_indices_takes_every_image():
+    from subcache.loader import ImageLoader
+
+    class Source:
+        def __len__(self):
+            return 7
+
+    loader = ImageLoader(Source(), None, 2, None, torch.arange(7), 3, seed=0, device=CPU)
+    assert loader.positions.tolist() == list(range(7)) and loader.num_samples == 7 and loader.steps_per_epoch == 2
+
+
+def test_the_stream_reader_is_a_daemon_thread(bf16_flip_cache):
+    loader = StreamLoader(bf16_flip_cache, "train", None, torch.arange(22), 4, 0, CPU)
+    it = loader.epoch(0)
+    next(it)
+    readers = [t for t in threading.enumerate() if t.name.endswith("(_read)")]
+    assert readers and all(t.daemon for t in readers)  # an interrupted run never waits on its reader to exit
+    it.close()
