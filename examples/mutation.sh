@@ -69,12 +69,12 @@ EOF
   # 15 minutes (left alone, ~1000 mutants a module filled this machine's 73 GB).
   mkdir "$scratch/tmp"
   (while sleep 60; do find "$scratch/tmp" -mindepth 2 -maxdepth 2 -path "*/pytest-of-*/pytest-*" -mmin +15 \
-     -exec rm -rf {} + 2>/dev/null; done) &
+     -exec rm -rf {} + 2>/dev/null || true; done) &
   local sweeper=$!
   (cd "$scratch" && OMP_NUM_THREADS=1 TMPDIR="$scratch/tmp" PYTHONPATH="$scratch/mutants:$scratch" \
      mutmut run --max-children "${MUTMUT_CHILDREN:-$(nproc)}" >"$scratch/run.log" 2>&1) ||
-    { kill $sweeper; tail -20 "$scratch/run.log" >&2; return 1; }
-  kill $sweeper
+    { kill $sweeper 2>/dev/null || true; tail -20 "$scratch/run.log" >&2; return 1; }
+  kill $sweeper 2>/dev/null || true
   mkdir -p "$OUT"
   (cd "$scratch" && mutmut export-cicd-stats >/dev/null && cp mutants/mutmut-cicd-stats.json "$OUT/${module//\//-}.json" &&
      for m in $(mutmut results | awk -F: '/: survived/ {print $1}'); do mutmut show "$m"; echo; done \
