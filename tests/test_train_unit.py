@@ -18,6 +18,11 @@ from subcache.train import Best, Run, Trainable, TrainResult, task_record
 train_mod = importlib.import_module("subcache.train")  # `subcache.train` the attribute is the function
 
 
+def clockwork(*values) -> SimpleNamespace:
+    """A stand-in for train's `time` module: each perf_counter() call returns the next scripted value."""
+    return SimpleNamespace(perf_counter=iter(values).__next__)
+
+
 def result(**changes) -> TrainResult:
     return TrainResult(**{"model": None, "test_accuracy": 0.5, "train_accuracy": 0.75, "train_seconds": 1.234567,
                           "trainable_params": 10, "samples_per_second": 123.456, "blocks": (3, 4), "num_samples": 64,
@@ -109,10 +114,8 @@ def test_a_task_on_a_label_set_records_its_classes(int8_store, resnet18):
 
 
 def test_a_task_records_its_pruned_shapes_only_when_pruned_and_the_versions(int8_store, resnet18, monkeypatch):
-    import sys
-
     cache, model = subcache.open_cache(int8_store), SimpleNamespace(tuned=(3,))
-    monkeypatch.setattr(sys.modules["subcache.train"], "pruned_shapes", lambda m: {"of": m.tuned})
+    monkeypatch.setattr(train_mod, "pruned_shapes", lambda m: {"of": m.tuned})
     pruned = task_record(cache, resnet18, model, subcache.TrainConfig(blocks="3", prune=0.5), {}, complete=True)
     plain = task_record(cache, resnet18, model, subcache.TrainConfig(blocks="3"), {}, complete=True)
     assert (pruned["pruned_shapes"], plain["pruned_shapes"]) == ({"of": (3,)}, None)
@@ -158,8 +161,6 @@ def test_a_cache_without_a_test_split_trains_unscored(resnet_cache, resnet18):
 
 
 def test_inside_alone_a_torchrun_rank_trains_as_a_world_of_its_own(monkeypatch):
-    import sys
-
     from subcache.distributed import Dist
     from subcache.train import alone, this_process
 
@@ -167,16 +168,13 @@ def test_inside_alone_a_torchrun_rank_trains_as_a_world_of_its_own(monkeypatch):
     assert this_process() == Dist(3, 4, 1)
     with alone():
         assert this_process() == Dist(0, 1, 1)
-    assert this_process() == Dist(3, 4, 1) and sys.modules["subcache.train"]._ALONE.get() is False
+    assert this_process() == Dist(3, 4, 1) and train_mod._ALONE.get() is False
 
 
 def test_the_clock_sums_the_scoring_seconds_of_every_call(monkeypatch):
-    import sys
-
     from subcache.train import Clock
 
-    now = iter([10.0, 12.5, 20.0, 21.0])
-    monkeypatch.setattr(sys.modules["subcache.train"].time, "perf_counter", lambda: next(now))
+    monkeypatch.setattr(train_mod, "time", clockwork(10.0, 12.5, 20.0, 21.0))
     clock = Clock()
     timed = clock.timed(lambda: 0.75)
     assert clock.timed(None) is None and timed() == 0.75 and timed() == 0.75
@@ -205,8 +203,6 @@ def flip_store(tmp_path, npz_path, resnet18):
 
 
 def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_store, monkeypatch):
-    import sys
-
     from subcache.errors import ConfigError
     from subcache.loader import DeviceLoader, StreamLoader, split_nbytes
     from subcache.train import make_loader
@@ -223,7 +219,7 @@ def test_the_loader_is_the_one_asked_for_with_mirrored_views_only_for_flip(flip_
     assert type(loader("auto")) is DeviceLoader  # 8 items fit
     need = split_nbytes(flip_store, "train", len(labels))
     for budget, chosen in ((2 * need, DeviceLoader), (2 * need - 1, StreamLoader)):  # resident within half the budget
-        monkeypatch.setattr(sys.modules["subcache.train"], "memory_budget", lambda device, b=budget: b)
+        monkeypatch.setattr(train_mod, "memory_budget", lambda device, b=budget: b)
         assert type(loader("auto")) is chosen and type(loader("memory")) is DeviceLoader
     with pytest.raises(ConfigError) as e:
         loader("disk")
@@ -265,16 +261,6 @@ def test_training_applies_the_augmentation_it_is_asked_for(resnet_cache, resnet1
 
 
 # -- Run.fit and Run.epoch with stand-in parts: rows, sums, scores, lines and seconds, exactly ----------------------
-class Clockwork:
-    """time.perf_counter stand-in: each call returns the next scripted value."""
-
-    def __init__(self, *values):
-        self.values = list(values)
-
-    def __call__(self):
-        return self.values.pop(0)
-
-
 class Bar:
     """A progress bar stand-in recording how fit uses it."""
 
@@ -340,8 +326,7 @@ def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_e
     scores = iter([0.25, 0.5])
     run, log = fake_run(monkeypatch, steps, epochs=3, score=lambda: next(scores), eval_every=2 + 1)
     # three epochs of 2.5004, 3 and 5 seconds (start, end per epoch)
-    clock = Clockwork(10.0, 12.5004, 20.0, 23.0, 30.0, 35.0)
-    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(train_mod, "time", clockwork(10.0, 12.5004, 20.0, 23.0, 30.0, 35.0))
     monkeypatch.setattr(train_mod, "CLOCK", train_mod.Clock(steps=1.0))
     seen = []
     history, seconds = run.fit("run A", on_epoch=seen.append)
@@ -362,13 +347,13 @@ def test_fit_keeps_a_row_per_epoch_scores_every_eval_every_and_writes_one_line_e
 def test_fit_without_a_name_or_progress_writes_bare_lines_to_a_disabled_bar(monkeypatch):
 
     run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=lambda: 0.5, eval_every=0)
-    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=Clockwork(0.0, 0.5)))
+    monkeypatch.setattr(train_mod, "time", clockwork(0.0, 0.5))
     history, _ = run.fit()
     assert log[0] == ("bar", False, "steps/s", None) and "test_accuracy" not in history[0]  # eval_every 0: never
     assert log[-1] == ("line", "epoch 1/1 loss 0.4000 acc 0.0000 10 samples/s")
     run, log = fake_run(monkeypatch, [(1.0, 0)] * 2, epochs=1, score=None)
     # no time at all: no division by 0
-    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=Clockwork(0.0, 0.0)))
+    monkeypatch.setattr(train_mod, "time", clockwork(0.0, 0.0))
     assert "test_accuracy" not in run.fit(True)[0][0] and log[-1][1].startswith("epoch 1/1 loss 0.4000 acc 0.0000 ")
 
 
