@@ -214,10 +214,13 @@ def test_compare_strategies_runs_each_strategy_in_its_folder_and_titles_the_plot
     from subcache.plotting import describe_runs
 
     runs, plots = [], []
-    monkeypatch.setattr(active, "active_learning", lambda cache, config, *, out, backbone, progress: runs.append(
-        (config.strategy, out, backbone, progress)) or ALResult([{"budget": 2, "accuracy": 0.5}],
-                                                                 "to_label.csv" if config.strategy == "least-confidence"
-                                                                 else None) if isinstance(cache, Cache) else None)
+    def active_learning(cache, config, *, out, backbone, progress):
+        assert isinstance(cache, Cache)  # opened once, for every strategy
+        runs.append((config.strategy, out, backbone, progress))
+        waiting = "to_label.csv" if config.strategy == "least-confidence" else None
+        return ALResult([{"budget": 2, "accuracy": 0.5}], waiting)
+
+    monkeypatch.setattr(active, "active_learning", active_learning)
     monkeypatch.setattr(active, "plot_curves", lambda curves, path, title: plots.append((curves, path, title)))
     config = ALConfig(budgets=(2, 4), seeds=2)
     compare_strategies(resnet_cache, config, ("margin", "random"), out=tmp_path, backbone=resnet18, progress=True)
