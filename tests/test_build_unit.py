@@ -408,18 +408,18 @@ def test_forwarded_reuses_the_measured_batches_in_order_then_loads_the_rest_on_t
 
     from subcache.build import Job, forwarded
 
+    def job(n, load=None, **kw):  # n items with ids and keys, forwarded 2 at a time
+        return Job(n, load, np.arange(n), np.arange(n), np.arange(n).astype(str), batch=2, **kw)
+
     loads, reused = [], {(0, 2): "acts 0-2", (2, 4): "acts 2-4"}
-    job = Job(7, lambda a, b: loads.append((a, b)) or torch.arange(a, b), np.arange(7), np.arange(7),
-              np.arange(7).astype(str), batch=2, reuse=lambda a, b: reused.get((a, b)))
-    got = list(itertools.islice(forwarded(job, [(0, 7)], lambda x: x.tolist(), torch.device("cpu")), 10))
+    job7 = job(7, lambda a, b: loads.append((a, b)) or torch.arange(a, b), reuse=lambda a, b: reused.get((a, b)))
+    got = list(itertools.islice(forwarded(job7, [(0, 7)], lambda x: x.tolist(), torch.device("cpu")), 10))
     assert got == [((0, 2), "acts 0-2"), ((2, 4), "acts 2-4"), ((4, 6), [4, 5]), ((6, 7), [6])]
     assert loads == [(4, 6), (6, 7)]  # the reused batches are never loaded again
     # a Job without `finish` (build --from) moves each batch to the device; with one, `finish` does it
-    job = Job(3, lambda a, b: torch.arange(a, b), np.arange(3), np.arange(3), np.arange(3).astype(str), batch=2,
-              finish=lambda x: x * 10)
-    assert [x for _, x in forwarded(job, [(0, 3)], lambda x: x.tolist(), torch.device("cpu"))] == [[0, 10], [20]]
-    job = Job(4, None, np.arange(4), np.arange(4), np.arange(4).astype(str), batch=2, reuse=lambda a, b: (a, b))
-    assert list(forwarded(job, [(0, 4)], None, torch.device("cpu"))) == [((0, 2), (0, 2)), ((2, 4), (2, 4))]
+    finished = job(3, lambda a, b: torch.arange(a, b), finish=lambda x: x * 10)
+    assert [x for _, x in forwarded(finished, [(0, 3)], lambda x: x.tolist(), torch.device("cpu"))] == [[0, 10], [20]]
+    assert list(forwarded(job(4, reuse=lambda a, b: (a, b)), [(0, 4)], None, torch.device("cpu"))) == [((0, 2), (0, 2)), ((2, 4), (2, 4))]
 
 
 def test_created_and_finished_are_utc_whatever_the_local_time_zone(int8_store, tmp_path, monkeypatch, resnet18):
